@@ -1,0 +1,195 @@
+//! The command line: one binary for the service, the operator and the
+//! administrative commands the old retry tool had.
+
+mod admin;
+mod serve;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{ConfigError, Manifest};
+use crate::duration::HumanDuration;
+use crate::telemetry::LogFormat;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "txrelay",
+    version,
+    about = "Transactional-outbox relay: PostgreSQL first, then SQS"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct Global {
+    /// TransactionRelay manifest (retry interval, batch size, schema...).
+    #[arg(long, global = true, env = "TXRELAY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// PostgreSQL schema, overriding the manifest's spec.database.schema.
+    #[arg(long, global = true, env = "TXRELAY_SCHEMA")]
+    pub schema: Option<String>,
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "TXRELAY_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
+    /// Database connections per relay.
+    #[arg(long, global = true, default_value_t = 16, env = "DATABASE_POOL_SIZE")]
+    pub db_pool_size: u32,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve one relay without Kubernetes: POST /new plus the relay loop.
+    Run(serve::RunArgs),
+    /// Run the Kubernetes operator for TransactionRelay resources.
+    Operator(OperatorArgs),
+    /// Create the schema and apply pending migrations (or revert / list them).
+    Migrate(admin::MigrateArgs),
+    /// List transactions not sent yet (unsent and dead-lettered).
+    List(admin::ListArgs),
+    /// Counts: total, sent, unsent, failed, by status.
+    Stats(admin::StatsArgs),
+    /// Send one transaction now, reviving it if dead-lettered.
+    Retry(admin::RetryArgs),
+    /// Send every unsent transaction now, ignoring backoff.
+    RetryAll(admin::RetryAllArgs),
+    /// Print the TransactionRelay CustomResourceDefinition.
+    Crd,
+}
+
+#[derive(Debug, Args)]
+pub struct OperatorArgs {
+    /// Watch only this namespace (default: all).
+    #[arg(long, env = "TXRELAY_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// The relay plain POST /new reaches when several are served (ns/name).
+    #[arg(long)]
+    pub default_relay: Option<String>,
+    #[command(flatten)]
+    pub http: HttpArgs,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct HttpArgs {
+    #[arg(long, default_value = "0.0.0.0:8080", env = "TXRELAY_LISTEN")]
+    pub listen: SocketAddr,
+    /// /metrics, /healthz and /readyz, never exposed by the Ingress.
+    #[arg(long, default_value = "0.0.0.0:9090", env = "TXRELAY_METRICS_LISTEN")]
+    pub metrics_listen: SocketAddr,
+    /// Serve /new without bearer tokens. Local development only.
+    #[arg(long)]
+    pub insecure_no_auth: bool,
+    /// Proxy networks whose X-Forwarded-For is trusted (repeatable).
+    #[arg(
+        long = "trusted-proxy",
+        value_name = "CIDR",
+        env = "TXRELAY_TRUSTED_PROXIES",
+        value_delimiter = ','
+    )]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Requests served at once before shedding load with 503.
+    #[arg(long, default_value_t = 1024)]
+    pub max_in_flight: usize,
+    #[arg(long, default_value = "10s")]
+    pub request_timeout: HumanDuration,
+    /// How long SIGTERM waits for in-flight sends before exiting.
+    #[arg(long, default_value = "10s")]
+    pub grace_period: HumanDuration,
+}
+
+impl HttpArgs {
+    pub fn options(&self) -> crate::http::HttpOptions {
+        crate::http::HttpOptions {
+            request_timeout: self.request_timeout.get(),
+            max_in_flight: self.max_in_flight,
+            trusted_proxies: self.trusted_proxies.clone(),
+            insecure_no_auth: self.insecure_no_auth,
+            ..crate::http::HttpOptions::default()
+        }
+    }
+
+    pub fn grace(&self) -> Duration {
+        self.grace_period.get()
+    }
+}
+
+/// Every failure of a command, mapped once to an exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Config(_) => 2,
+            Self::Failed(_) => 1,
+        }
+    }
+
+    pub fn failed(error: impl std::fmt::Display) -> Self {
+        Self::Failed(error.to_string())
+    }
+}
+
+impl From<crate::store::StoreError> for CliError {
+    fn from(error: crate::store::StoreError) -> Self {
+        Self::failed(error)
+    }
+}
+
+impl From<crate::settings::StartError> for CliError {
+    fn from(error: crate::settings::StartError) -> Self {
+        Self::failed(error)
+    }
+}
+
+impl Global {
+    /// The manifest, with `--schema` applied.
+    pub fn manifest(&self) -> Result<Manifest, ConfigError> {
+        let mut manifest = match &self.config {
+            Some(path) => Manifest::load(path)?,
+            None => Manifest::default_relay(),
+        };
+        if let Some(schema) = &self.schema {
+            if !crate::spec::is_schema_name(schema) {
+                return Err(ConfigError::new(
+                    "--schema",
+                    format!("must match {}", crate::spec::SCHEMA_NAME_PATTERN),
+                ));
+            }
+            manifest.spec.database.schema = schema.clone();
+        }
+        Ok(manifest)
+    }
+}
+
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Run(args) => serve::run(&cli.global, args).await,
+        Command::Operator(args) => crate::operator::run(&cli.global, args).await,
+        Command::Migrate(args) => admin::migrate(&cli.global, args).await,
+        Command::List(args) => admin::list(&cli.global, args).await,
+        Command::Stats(args) => admin::stats(&cli.global, args).await,
+        Command::Retry(args) => admin::retry(&cli.global, args).await,
+        Command::RetryAll(args) => admin::retry_all(&cli.global, args).await,
+        Command::Crd => {
+            print!("{}", crate::operator::crd_yaml().map_err(CliError::failed)?);
+            Ok(())
+        }
+    }
+}

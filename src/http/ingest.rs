@@ -1,0 +1,102 @@
+//! `POST /new`: validate, commit, send inline.
+
+use axum::Json;
+use axum::body::to_bytes;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use tracing::debug;
+
+use super::client_ip::client_ip;
+use super::{ApiError, AppState, Target};
+use crate::auth::TokenSet;
+use crate::metrics::Accepted;
+use crate::relay::Submission;
+use crate::transaction::parse_request_body;
+
+pub async fn new_transaction(
+    State(state): State<AppState>,
+    Target(target): Target,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let handle = state.relays.resolve(target.as_ref())?;
+    authorize(&state, &handle.ingest_tokens, request.headers())?;
+    let rejected = |error: ApiError| {
+        handle.relay.metrics().accepted(Accepted::Rejected);
+        debug!(code = error.code(), error = %error, "rejected");
+        error
+    };
+    if !is_json(request.headers()) {
+        return Err(rejected(ApiError::UnsupportedMediaType));
+    }
+    let limit = state.options.max_body_bytes;
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|length| length > limit) {
+        return Err(rejected(ApiError::PayloadTooLarge(limit)));
+    }
+    let peer_ip = client_ip(&request, &state.options.trusted_proxies);
+    let body = to_bytes(request.into_body(), limit)
+        .await
+        .map_err(|_| rejected(ApiError::PayloadTooLarge(limit)))?;
+    let mut transaction = parse_request_body(&body).map_err(|e| rejected(e.into()))?;
+    if transaction.ip_address.is_none() {
+        transaction.ip_address = peer_ip.map(|ip| ip.to_string());
+    }
+    let (status, transaction) = match handle.relay.submit(&transaction).await? {
+        Submission::Sent(tx) => (StatusCode::CREATED, tx),
+        Submission::Queued(tx) => (StatusCode::ACCEPTED, tx),
+        Submission::Replayed(tx) => (StatusCode::OK, tx),
+        Submission::Conflict(conflict) => return Err(ApiError::Conflict(conflict)),
+    };
+    Ok((status, Json(transaction)).into_response())
+}
+
+/// `application/json`, with or without parameters such as a charset.
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// Bearer-token check. Only `--insecure-no-auth` with no tokens configured
+/// lets a request through without one.
+pub fn authorize(state: &AppState, tokens: &TokenSet, headers: &HeaderMap) -> Result<(), ApiError> {
+    if tokens.is_empty() && state.options.insecure_no_auth {
+        return Ok(());
+    }
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if tokens.accepts_header(presented) {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    #[test]
+    fn json_content_types() {
+        let check = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_str(value).unwrap());
+            is_json(&headers)
+        };
+        assert!(check("application/json"));
+        assert!(check("application/json; charset=utf-8"));
+        assert!(check("Application/JSON"));
+        assert!(!check("text/plain"));
+        assert!(!check("application/jsonx"));
+        assert!(!is_json(&HeaderMap::new()));
+    }
+}

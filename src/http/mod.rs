@@ -1,0 +1,165 @@
+//! The HTTP API (axum): ingest on `/new`, reads for operators, and the probes
+//! and metrics on a separate listener.
+
+mod client_ip;
+pub mod error;
+mod ingest;
+pub mod openapi;
+mod probes;
+mod read;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{FromRequestParts, MatchedPath, RawPathParams, Request, State};
+use axum::http::request::Parts;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use ipnet::IpNet;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::metrics::Metrics;
+use crate::relay::RelayId;
+use crate::relay::directory::Relays;
+pub use error::ApiError;
+
+#[derive(Debug, Clone)]
+pub struct HttpOptions {
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
+    /// Requests served at once; more are shed with 503 instead of queued.
+    pub max_in_flight: usize,
+    /// Proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Serve without bearer tokens (local development only).
+    pub insecure_no_auth: bool,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 64 * 1024,
+            request_timeout: Duration::from_secs(10),
+            max_in_flight: 1024,
+            trusted_proxies: Vec::new(),
+            insecure_no_auth: false,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub relays: Arc<Relays>,
+    pub metrics: Metrics,
+    pub options: Arc<HttpOptions>,
+    in_flight: Arc<Semaphore>,
+}
+
+impl AppState {
+    pub fn new(relays: Arc<Relays>, metrics: Metrics, options: HttpOptions) -> Self {
+        let in_flight = Arc::new(Semaphore::new(options.max_in_flight.max(1)));
+        Self {
+            relays,
+            metrics,
+            options: Arc::new(options),
+            in_flight,
+        }
+    }
+}
+
+/// The public API: what the Ingress exposes (`/new` paths) and the reads.
+pub fn api_router(state: AppState) -> Router {
+    let relay_routes = Router::new()
+        .route("/new", post(ingest::new_transaction))
+        .route("/transactions", get(read::list))
+        .route("/transactions/{reference}", get(read::get_one))
+        .route("/health/transactions", get(read::transaction_health));
+    Router::new()
+        .merge(relay_routes.clone())
+        .nest("/relays/{namespace}/{name}", relay_routes)
+        .route("/healthz", get(probes::healthz))
+        .route("/readyz", get(probes::readyz))
+        .route("/openapi.json", get(openapi::serve))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state)
+}
+
+/// Probes and metrics, on their own port that the Ingress never exposes.
+pub fn ops_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(probes::metrics))
+        .route("/healthz", get(probes::healthz))
+        .route("/readyz", get(probes::readyz))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("no such endpoint; see GET /openapi.json".into())
+}
+
+/// Sheds load beyond `max_in_flight`, bounds each request's time, and
+/// records its duration by route and status class.
+async fn guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let response = match state.in_flight.clone().try_acquire_owned() {
+        Err(_) => ApiError::Overloaded.into_response(),
+        Ok(_permit) => {
+            match tokio::time::timeout(state.options.request_timeout, next.run(request)).await {
+                Ok(response) => response,
+                Err(_) => ApiError::Timeout.into_response(),
+            }
+        }
+    };
+    state.metrics.observe_http(
+        &route,
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
+    response
+}
+
+/// Which relay a request is for: named in the path, or the default one.
+pub struct Target(pub Option<RelayId>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Target {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Ok(params) = RawPathParams::from_request_parts(parts, state).await else {
+            return Ok(Self(None));
+        };
+        let find = |key: &str| {
+            params
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| v.to_owned())
+        };
+        Ok(Self(match (find("namespace"), find("name")) {
+            (Some(namespace), Some(name)) => Some(RelayId::new(namespace, name)),
+            _ => None,
+        }))
+    }
+}

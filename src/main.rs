@@ -1,0 +1,20 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use txrelay::cli::{self, Cli};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    // Every TLS client (PostgreSQL, SQS, Kubernetes) shares this provider;
+    // rustls refuses to guess when more than one is compiled in.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let cli = Cli::parse();
+    txrelay::telemetry::init(cli.global.log_format);
+    match cli::run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::from(error.exit_code())
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! Amazon SQS (or anything that speaks its API, such as moto in the tests).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use aws_sdk_sqs::Client;
+use aws_sdk_sqs::config::retry::RetryConfig;
+use aws_sdk_sqs::config::timeout::TimeoutConfig;
+use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_sqs::types::{MessageAttributeValue, QueueAttributeName, SendMessageBatchRequestEntry};
+use futures::future::BoxFuture;
+
+use super::{FailureKind, FailureScope, OutboundMessage, Queue, SendFailure, SendResult};
+use crate::secret::Secret;
+
+/// Where the queue is and how to sign requests to it.
+#[derive(Debug, Clone)]
+pub struct SqsSettings {
+    pub queue_url: String,
+    pub region: String,
+    /// A local SQS-compatible server instead of AWS.
+    pub endpoint_url: Option<String>,
+    /// Static credentials; without them the default AWS chain (environment,
+    /// web identity, instance profile) is used.
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<Secret>,
+    pub delay_seconds: u32,
+    /// Ceiling on one call, so a hung connection cannot outlive a claim lease.
+    pub call_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SqsConfigError {
+    #[error("{0}")]
+    Invalid(&'static str),
+}
+
+pub struct SqsQueue {
+    client: Client,
+    queue_url: String,
+    fifo: bool,
+    delay_seconds: Option<i32>,
+}
+
+impl SqsQueue {
+    pub async fn new(settings: &SqsSettings) -> Result<Self, SqsConfigError> {
+        let fifo = settings.queue_url.ends_with(".fifo");
+        if fifo && settings.delay_seconds > 0 {
+            return Err(SqsConfigError::Invalid(
+                "spec.delaySeconds must be 0 for a FIFO queue (set the delay on the queue instead)",
+            ));
+        }
+        if settings.queue_url.is_empty() {
+            return Err(SqsConfigError::Invalid("the queue URL is empty"));
+        }
+        if settings.region.is_empty() {
+            return Err(SqsConfigError::Invalid("the AWS region is empty"));
+        }
+        // The relay's own loop retries with backoff and knows which rows are
+        // at stake; SDK-level retries would only hide failures and stretch calls.
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .region(Region::new(settings.region.clone()))
+            .retry_config(RetryConfig::standard().with_max_attempts(1))
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(2).min(settings.call_timeout))
+                    .operation_timeout(settings.call_timeout)
+                    .build(),
+            );
+        if let Some(endpoint) = &settings.endpoint_url {
+            loader = loader.endpoint_url(endpoint);
+        }
+        match (&settings.access_key_id, &settings.secret_access_key) {
+            (Some(id), Some(secret)) => {
+                loader = loader.credentials_provider(Credentials::new(
+                    id,
+                    secret.expose(),
+                    None,
+                    None,
+                    "txrelay",
+                ));
+            }
+            (None, None) => {}
+            _ => {
+                return Err(SqsConfigError::Invalid(
+                    "accessKeyId and secretAccessKey must be given together (or neither, for the default AWS chain)",
+                ));
+            }
+        }
+        let config = loader.load().await;
+        Ok(Self {
+            client: Client::new(&config),
+            queue_url: settings.queue_url.clone(),
+            fifo,
+            delay_seconds: (!fifo).then(|| i32::try_from(settings.delay_seconds).unwrap_or(0)),
+        })
+    }
+
+    fn attributes(
+        message: &OutboundMessage,
+    ) -> Result<HashMap<String, MessageAttributeValue>, SendFailure> {
+        let mut attributes = HashMap::with_capacity(3);
+        for (name, value) in [
+            ("idempotency_key", &message.idempotency_key),
+            ("reference", &message.reference),
+            ("source", &message.source),
+        ] {
+            let value = MessageAttributeValue::builder()
+                .data_type("String")
+                .string_value(value)
+                .build()
+                .map_err(|e| SendFailure::permanent(format!("message attribute {name}: {e}")))?;
+            attributes.insert(name.to_owned(), value);
+        }
+        Ok(attributes)
+    }
+
+    async fn send_one(&self, message: &OutboundMessage) -> SendResult {
+        let mut request = self
+            .client
+            .send_message()
+            .queue_url(&self.queue_url)
+            .message_body(&message.body)
+            .set_message_attributes(Some(Self::attributes(message)?))
+            .set_delay_seconds(self.delay_seconds);
+        if self.fifo {
+            request = request
+                .message_group_id(&message.group_id)
+                .message_deduplication_id(&message.idempotency_key);
+        }
+        let output = request.send().await.map_err(classify)?;
+        output
+            .message_id
+            .ok_or_else(|| SendFailure::transient("SendMessage answered without a message id"))
+    }
+
+    async fn send_many(
+        &self,
+        messages: &[OutboundMessage],
+    ) -> Result<Vec<SendResult>, SendFailure> {
+        let mut entries = Vec::with_capacity(messages.len());
+        for message in messages {
+            let mut entry = SendMessageBatchRequestEntry::builder()
+                .id(message.id.to_string())
+                .message_body(&message.body)
+                .set_message_attributes(Some(Self::attributes(message)?))
+                .set_delay_seconds(self.delay_seconds);
+            if self.fifo {
+                entry = entry
+                    .message_group_id(&message.group_id)
+                    .message_deduplication_id(&message.idempotency_key);
+            }
+            entries.push(
+                entry
+                    .build()
+                    .map_err(|e| SendFailure::permanent(format!("batch entry: {e}")))?,
+            );
+        }
+        let output = self
+            .client
+            .send_message_batch()
+            .queue_url(&self.queue_url)
+            .set_entries(Some(entries))
+            .send()
+            .await
+            .map_err(classify)?;
+        let mut results: HashMap<&str, SendResult> = HashMap::with_capacity(messages.len());
+        for ok in output.successful() {
+            results.insert(ok.id(), Ok(ok.message_id().to_owned()));
+        }
+        let entry_ids: Vec<String> = messages.iter().map(|m| m.id.to_string()).collect();
+        for failed in output.failed() {
+            let kind = if failed.sender_fault() {
+                FailureKind::Permanent
+            } else {
+                FailureKind::Transient
+            };
+            results.insert(
+                failed.id(),
+                Err(SendFailure {
+                    kind,
+                    scope: FailureScope::Entry,
+                    code: Some(failed.code().to_owned()),
+                    message: format!(
+                        "{}: {}",
+                        failed.code(),
+                        failed.message().unwrap_or("batch entry failed")
+                    ),
+                }),
+            );
+        }
+        Ok(entry_ids
+            .iter()
+            .map(|id| {
+                results.remove(id.as_str()).unwrap_or_else(|| {
+                    Err(SendFailure::transient(
+                        "SendMessageBatch gave no result for this entry",
+                    ))
+                })
+            })
+            .collect())
+    }
+}
+
+impl Queue for SqsQueue {
+    fn is_fifo(&self) -> bool {
+        self.fifo
+    }
+
+    fn send<'a>(&'a self, message: &'a OutboundMessage) -> BoxFuture<'a, SendResult> {
+        Box::pin(self.send_one(message))
+    }
+
+    fn send_batch<'a>(
+        &'a self,
+        messages: &'a [OutboundMessage],
+    ) -> BoxFuture<'a, Result<Vec<SendResult>, SendFailure>> {
+        Box::pin(self.send_many(messages))
+    }
+
+    fn probe(&self) -> BoxFuture<'_, Result<(), SendFailure>> {
+        Box::pin(async move {
+            self.client
+                .get_queue_attributes()
+                .queue_url(&self.queue_url)
+                .attribute_names(QueueAttributeName::QueueArn)
+                .send()
+                .await
+                .map_err(classify)?;
+            Ok(())
+        })
+    }
+}
+
+/// Error codes meaning the queue is gone or misnamed.
+pub fn is_queue_missing(code: &str) -> bool {
+    matches!(
+        code,
+        "AWS.SimpleQueueService.NonExistentQueue" | "QueueDoesNotExist"
+    )
+}
+
+/// Error codes meaning this message (or request) can never be accepted.
+fn is_permanent_code(code: &str) -> bool {
+    is_queue_missing(code)
+        || matches!(
+            code,
+            "InvalidParameterValue"
+                | "InvalidMessageContents"
+                | "MessageTooLong"
+                | "BatchRequestTooLong"
+                | "InvalidAttributeName"
+                | "InvalidAttributeValue"
+                | "MissingParameter"
+                | "UnsupportedOperation"
+                | "AWS.SimpleQueueService.UnsupportedOperation"
+        )
+}
+
+/// Only what is known to be hopeless is permanent; anything unfamiliar
+/// (credentials, throttling, 5xx, the network) is retried with backoff, since
+/// dead-lettering a good payment is worse than retrying a bad one.
+fn classify<E, R>(error: SdkError<E, R>) -> SendFailure
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug,
+{
+    if let SdkError::ServiceError(service) = &error {
+        let code = service.err().code().map(str::to_owned);
+        let kind = match code.as_deref() {
+            Some(code) if is_permanent_code(code) => FailureKind::Permanent,
+            _ => FailureKind::Transient,
+        };
+        let message = format!(
+            "{}: {}",
+            code.as_deref().unwrap_or("ServiceError"),
+            service.err().message().unwrap_or("no message")
+        );
+        return SendFailure {
+            kind,
+            scope: FailureScope::Request,
+            code,
+            message,
+        };
+    }
+    SendFailure::transient(truncate(DisplayErrorContext(&error).to_string(), 500))
+}
+
+fn truncate(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut cut = max;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_hopeless_codes_are_permanent_and_the_rest_transient() {
+        for code in [
+            "InvalidParameterValue",
+            "InvalidMessageContents",
+            "AWS.SimpleQueueService.NonExistentQueue",
+        ] {
+            assert!(is_permanent_code(code), "{code}");
+        }
+        for code in [
+            "ThrottlingException",
+            "RequestThrottled",
+            "InternalError",
+            "InvalidClientTokenId",
+            "AccessDenied",
+        ] {
+            assert!(!is_permanent_code(code), "{code}");
+        }
+    }
+}

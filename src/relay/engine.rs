@@ -1,0 +1,221 @@
+//! The relay loop: sweep, then sleep until the next row is due (at most
+//! `retryInterval`), waking early when told a row became due, in-process or
+//! through PostgreSQL LISTEN/NOTIFY from another replica.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sqlx::postgres::PgListener;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use super::Relay;
+use crate::store::ClaimMode;
+
+/// While the queue is unreachable, it is probed this often, so delivery
+/// resumes within about this long after it returns.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// Gauges are read from the database at least this often...
+const GAUGE_MAX_AGE: Duration = Duration::from_secs(15);
+/// ...and at most this often while a backlog drains.
+const GAUGE_MIN_AGE: Duration = Duration::from_secs(1);
+const RETENTION_EVERY: Duration = Duration::from_secs(600);
+const RETENTION_BATCH: u32 = 500;
+/// Backoff while the database is unreachable.
+const DB_RETRY_MIN: Duration = Duration::from_millis(250);
+const DB_RETRY_MAX: Duration = Duration::from_secs(30);
+/// Shortest sleep after a sweep that left due rows behind (held by other
+/// processes, or waiting behind an older row of their wallet).
+const MIN_SLEEP: Duration = Duration::from_millis(20);
+
+struct LoopState {
+    db_retry: Duration,
+    gauges_at: Option<Instant>,
+    retention_at: Option<Instant>,
+}
+
+/// Runs until `stop` turns true (or its sender is dropped). A sweep that
+/// has started finishes its in-flight sends and records them first.
+pub async fn run_loop(relay: Arc<Relay>, mut stop: watch::Receiver<bool>) {
+    info!(relay = %relay.id, suspended = relay.config.suspend, "relay loop started");
+    let mut state = LoopState {
+        db_retry: DB_RETRY_MIN,
+        gauges_at: None,
+        retention_at: None,
+    };
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        let sleep = relay.cycle(&stop, &mut state).await;
+        if sleep.is_zero() {
+            tokio::task::yield_now().await;
+            continue;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(sleep) => {}
+            () = relay.wake.notified() => {}
+            changed = stop.changed() => if changed.is_err() { break },
+        }
+    }
+    info!(relay = %relay.id, "relay loop stopped");
+}
+
+impl Relay {
+    /// One turn of the loop; returns how long to sleep.
+    async fn cycle(&self, stop: &watch::Receiver<bool>, state: &mut LoopState) -> Duration {
+        if self.config.suspend {
+            self.refresh_gauges_if_older_than(Duration::ZERO, state)
+                .await;
+            return GAUGE_MAX_AGE;
+        }
+        if !self.queue_is_up() {
+            match self.queue.probe().await {
+                Ok(()) => self.mark_queue(true, None),
+                Err(failure) => {
+                    debug!(relay = %self.id, error = %failure, "queue still unreachable");
+                    self.mark_queue(false, Some(&failure));
+                    self.refresh_gauges_if_older_than(GAUGE_MAX_AGE, state)
+                        .await;
+                    return PROBE_INTERVAL;
+                }
+            }
+        }
+        let report = match self
+            .sweep(ClaimMode::Due, self.config.batch_size, stop)
+            .await
+        {
+            Ok(report) => report,
+            Err(error) => {
+                let wait = state.db_retry;
+                warn!(relay = %self.id, %error, retry_in_ms = wait.as_millis() as u64, "sweep failed; retrying");
+                state.db_retry = (state.db_retry * 2).min(DB_RETRY_MAX);
+                return wait;
+            }
+        };
+        if state.db_retry > DB_RETRY_MIN {
+            info!(relay = %self.id, "database reachable again");
+        }
+        state.db_retry = DB_RETRY_MIN;
+        self.health
+            .send_modify(|h| h.last_sweep = Some(chrono::Utc::now()));
+        self.refresh_gauges_if_older_than(GAUGE_MIN_AGE, state)
+            .await;
+        self.apply_retention(state).await;
+
+        if report.queue_error.is_some() {
+            return PROBE_INTERVAL;
+        }
+        if report.claimed >= self.config.batch_size as usize {
+            return Duration::ZERO;
+        }
+        let ceiling = self.config.retry_interval.min(GAUGE_MAX_AGE);
+        match self.store.next_due_in(self.is_fifo()).await {
+            Ok(Some(due_in)) => due_in.clamp(MIN_SLEEP, ceiling.max(MIN_SLEEP)),
+            Ok(None) => ceiling,
+            Err(error) => {
+                warn!(relay = %self.id, %error, "could not read the next due time");
+                state.db_retry
+            }
+        }
+    }
+
+    async fn refresh_gauges_if_older_than(&self, age: Duration, state: &mut LoopState) {
+        if state.gauges_at.is_some_and(|at| at.elapsed() < age) {
+            return;
+        }
+        match self.refresh_gauges().await {
+            Ok(_) => {
+                state.gauges_at = Some(Instant::now());
+                self.mark_database(None);
+            }
+            Err(error) => {
+                warn!(relay = %self.id, %error, "could not read the backlog");
+                self.mark_database(Some(&error));
+            }
+        }
+    }
+
+    /// Deletes old sent rows in small batches, so the table stays small
+    /// without long locks. Unsent and dead-lettered rows are never deleted.
+    async fn apply_retention(&self, state: &mut LoopState) {
+        let Some(age) = self.config.retention else {
+            return;
+        };
+        if state
+            .retention_at
+            .is_some_and(|at| at.elapsed() < RETENTION_EVERY)
+        {
+            return;
+        }
+        state.retention_at = Some(Instant::now());
+        let mut deleted = 0;
+        for _ in 0..100 {
+            match self
+                .store
+                .delete_sent_older_than(age, RETENTION_BATCH)
+                .await
+            {
+                Ok(count) => {
+                    deleted += count;
+                    if count < u64::from(RETENTION_BATCH) {
+                        break;
+                    }
+                }
+                Err(error) => {
+                    warn!(relay = %self.id, %error, "retention stopped");
+                    break;
+                }
+            }
+        }
+        if deleted > 0 {
+            info!(relay = %self.id, deleted, "retention deleted old sent transactions");
+        }
+    }
+}
+
+/// Wakes the relay whenever another process says rows became due. Keeps
+/// reconnecting while the database is away, and wakes the relay after each
+/// reconnect in case a notification was missed meanwhile.
+pub async fn listen_for_due_rows(relay: Arc<Relay>, mut stop: watch::Receiver<bool>) {
+    let channel = relay.store.due_channel();
+    let mut retry = DB_RETRY_MIN;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let listener = async {
+            let mut listener = PgListener::connect_with(relay.store.pool()).await?;
+            listener.listen(&channel).await?;
+            Ok::<_, sqlx::Error>(listener)
+        };
+        let mut listener = match listener.await {
+            Ok(listener) => listener,
+            Err(error) => {
+                debug!(relay = %relay.id, %error, "LISTEN failed; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(retry) => {}
+                    _ = stop.changed() => return,
+                }
+                retry = (retry * 2).min(DB_RETRY_MAX);
+                continue;
+            }
+        };
+        retry = DB_RETRY_MIN;
+        relay.wake();
+        loop {
+            tokio::select! {
+                received = listener.try_recv() => match received {
+                    Ok(Some(_)) => relay.wake(),
+                    // The connection dropped; the next call reconnects.
+                    Ok(None) => relay.wake(),
+                    Err(error) => {
+                        debug!(relay = %relay.id, %error, "LISTEN connection lost");
+                        break;
+                    }
+                },
+                _ = stop.changed() => return,
+            }
+        }
+    }
+}

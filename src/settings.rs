@@ -1,0 +1,96 @@
+//! Everything needed to start one relay, resolved from wherever it came
+//! from: the environment (standalone) or Kubernetes Secrets (operator).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::auth::TokenSet;
+use crate::metrics::Metrics;
+use crate::queue::sqs::{SqsQueue, SqsSettings};
+use crate::relay::{Relay, RelayConfig, RelayId};
+use crate::secret::Secret;
+use crate::spec::TransactionRelaySpec;
+use crate::store::{Store, StoreOptions};
+
+#[derive(Debug, Clone)]
+pub struct RelaySettings {
+    pub id: RelayId,
+    pub spec: TransactionRelaySpec,
+    pub database_url: Secret,
+    pub database_pool_size: u32,
+    pub queue: QueueSecrets,
+    pub ingest_tokens: TokenSet,
+    pub admin_tokens: TokenSet,
+}
+
+/// The queue Secret's keys (or their environment variables).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueSecrets {
+    pub queue_url: String,
+    pub region: String,
+    pub endpoint_url: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<Secret>,
+    pub ledger_token: Option<Secret>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("queue: {0}")]
+    Queue(#[from] crate::queue::sqs::SqsConfigError),
+}
+
+/// One relay, ready to serve: its store (lazily connected), queue client and
+/// tokens.
+#[derive(Debug, Clone)]
+pub struct RelayHandle {
+    pub relay: Arc<Relay>,
+    pub ingest_tokens: TokenSet,
+    pub admin_tokens: TokenSet,
+}
+
+impl RelaySettings {
+    pub fn store_options(&self) -> StoreOptions {
+        let mut options =
+            StoreOptions::new(self.database_url.clone(), self.spec.database.schema.clone());
+        options.max_connections = self.database_pool_size;
+        options
+    }
+
+    pub fn sqs_settings(&self) -> SqsSettings {
+        let config = RelayConfig::from(&self.spec);
+        SqsSettings {
+            queue_url: self.queue.queue_url.clone(),
+            region: self.queue.region.clone(),
+            endpoint_url: self.queue.endpoint_url.clone(),
+            access_key_id: self.queue.access_key_id.clone(),
+            secret_access_key: self.queue.secret_access_key.clone(),
+            delay_seconds: self.spec.delay_seconds,
+            // Well inside both the claim lease and the shutdown grace period.
+            call_timeout: (config.claim_lease / 4)
+                .clamp(Duration::from_secs(1), Duration::from_secs(5)),
+        }
+    }
+
+    /// Builds the relay without touching the network: a relay whose
+    /// database is down still starts, reports it, and recovers.
+    pub async fn build(&self, metrics: &Metrics) -> Result<RelayHandle, StartError> {
+        let store = Store::connect_lazy(&self.store_options())?;
+        let queue = SqsQueue::new(&self.sqs_settings()).await?;
+        let relay = Relay::new(
+            self.id.clone(),
+            RelayConfig::from(&self.spec),
+            store,
+            Arc::new(queue),
+            self.queue.ledger_token.clone(),
+            metrics.relay(&self.id.to_string()),
+        );
+        Ok(RelayHandle {
+            relay: Arc::new(relay),
+            ingest_tokens: self.ingest_tokens.clone(),
+            admin_tokens: self.admin_tokens.clone(),
+        })
+    }
+}

@@ -1,0 +1,372 @@
+//! The `TransactionRelay` resource: what a relay is asked to do. Both the
+//! standalone `txrelay run` (from a manifest file) and the operator (from the
+//! cluster) read these types, so they depend on neither.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::duration::HumanDuration;
+
+pub const GROUP: &str = "relay.mykobo.io";
+pub const VERSION: &str = "v1alpha1";
+pub const MAX_BATCH_SIZE: u32 = 1000;
+pub const MAX_DELAY_SECONDS: u32 = 900;
+pub const MAX_CONCURRENCY: u32 = 64;
+/// The schema name doubles as a notification channel suffix and a
+/// `search_path` value, so it is restricted to a plain lower-case identifier.
+pub const SCHEMA_NAME_PATTERN: &str = "^[a-z_][a-z0-9_]{0,62}$";
+
+/// Relays ledger transactions from a PostgreSQL outbox table to an SQS queue.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "relay.mykobo.io",
+    version = "v1alpha1",
+    kind = "TransactionRelay",
+    namespaced,
+    shortname = "txr",
+    status = "TransactionRelayStatus",
+    doc = "Relays ledger transactions from a PostgreSQL outbox table to an SQS queue",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(name = "Unsent", type_ = "integer", json_path = ".status.unsent"),
+    printcolumn(name = "Failed", type_ = "integer", json_path = ".status.failed"),
+    printcolumn(
+        name = "Oldest",
+        type_ = "integer",
+        json_path = ".status.oldestUnsentAgeSeconds",
+        description = "Age in seconds of the oldest unsent transaction"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct TransactionRelaySpec {
+    /// Longest sleep between two sweeps, and the cap of the retry backoff.
+    #[serde(default = "defaults::retry_interval")]
+    pub retry_interval: HumanDuration,
+    /// Rows claimed per sweep.
+    #[serde(default = "defaults::batch_size")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub batch_size: u32,
+    /// Failed sends before a row is dead-lettered; 0 retries for ever.
+    #[serde(default = "defaults::max_attempts")]
+    pub max_attempts: u32,
+    /// SQS `DelaySeconds` of every message (standard queues only).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 900))]
+    pub delay_seconds: u32,
+    /// Accept and store transactions, but send nothing.
+    #[serde(default)]
+    pub suspend: bool,
+    /// `/health/transactions` reports `warning` from this many unsent rows on.
+    #[serde(default = "defaults::unsent_warning_threshold")]
+    pub unsent_warning_threshold: u64,
+    /// How long a sweep holds the rows it claimed before another process may take them.
+    #[serde(default = "defaults::claim_lease")]
+    pub claim_lease: HumanDuration,
+    /// `SendMessageBatch` calls in flight per sweep.
+    #[serde(default = "defaults::concurrency")]
+    #[schemars(range(min = 1, max = 64))]
+    pub concurrency: u32,
+    /// How long `/new` waits for the inline send before answering 202.
+    #[serde(default = "defaults::inline_send_timeout")]
+    pub inline_send_timeout: HumanDuration,
+    /// Delete sent rows older than this; unset keeps every row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<HumanDuration>,
+    pub database: DatabaseSpec,
+    pub queue: QueueSpec,
+    /// Bearer tokens accepted on `/new`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingest: Option<TokenSpec>,
+    /// Bearer tokens accepted on the read endpoints (`GET /transactions...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<TokenSpec>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseSpec {
+    /// Secret holding the PostgreSQL URL.
+    pub secret_ref: SecretKeyRef,
+    /// PostgreSQL schema of the `transactions` table.
+    #[serde(default = "defaults::schema")]
+    #[schemars(regex(pattern = "^[a-z_][a-z0-9_]{0,62}$"))]
+    pub schema: String,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueSpec {
+    /// Secret with the keys queueUrl, region and optionally endpointUrl,
+    /// accessKeyId, secretAccessKey and ledgerToken.
+    pub secret_ref: SecretRef,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenSpec {
+    /// Secret whose key holds one or more tokens, separated by commas or new lines.
+    pub token_secret_ref: SecretKeyRef,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct SecretRef {
+    #[schemars(length(min = 1))]
+    pub name: String,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct SecretKeyRef {
+    #[schemars(length(min = 1))]
+    pub name: String,
+    /// Key inside the Secret; `url` for databases, `tokens` for token lists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+impl SecretKeyRef {
+    pub fn key_or<'a>(&'a self, default: &'a str) -> &'a str {
+        self.key.as_deref().unwrap_or(default)
+    }
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TransactionRelayStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unsent: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_unsent_age_seconds: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sweep_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+mod defaults {
+    use crate::duration::HumanDuration;
+
+    pub fn retry_interval() -> HumanDuration {
+        HumanDuration::from_secs(300)
+    }
+    pub fn batch_size() -> u32 {
+        100
+    }
+    pub fn max_attempts() -> u32 {
+        20
+    }
+    pub fn unsent_warning_threshold() -> u64 {
+        100
+    }
+    pub fn claim_lease() -> HumanDuration {
+        HumanDuration::from_secs(60)
+    }
+    pub fn concurrency() -> u32 {
+        4
+    }
+    pub fn inline_send_timeout() -> HumanDuration {
+        HumanDuration::from_secs(2)
+    }
+    pub fn schema() -> String {
+        "dapp".to_owned()
+    }
+}
+
+/// A spec value outside what the relay accepts, named by its path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct SpecError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl TransactionRelaySpec {
+    /// A spec with every default, reading its secrets from the given refs.
+    pub fn with_defaults(database: DatabaseSpec, queue: QueueSpec) -> Self {
+        Self {
+            retry_interval: defaults::retry_interval(),
+            batch_size: defaults::batch_size(),
+            max_attempts: defaults::max_attempts(),
+            delay_seconds: 0,
+            suspend: false,
+            unsent_warning_threshold: defaults::unsent_warning_threshold(),
+            claim_lease: defaults::claim_lease(),
+            concurrency: defaults::concurrency(),
+            inline_send_timeout: defaults::inline_send_timeout(),
+            retention: None,
+            database,
+            queue,
+            ingest: None,
+            admin: None,
+        }
+    }
+
+    /// The same limits as the CRD schema, for manifests that never went
+    /// through an API server (standalone `txrelay run`).
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let fail = |field, message: String| Err(SpecError { field, message });
+        if !(1..=MAX_BATCH_SIZE).contains(&self.batch_size) {
+            return fail(
+                "spec.batchSize",
+                format!(
+                    "must be between 1 and {MAX_BATCH_SIZE}, got {}",
+                    self.batch_size
+                ),
+            );
+        }
+        if self.delay_seconds > MAX_DELAY_SECONDS {
+            return fail(
+                "spec.delaySeconds",
+                format!(
+                    "must be between 0 and {MAX_DELAY_SECONDS}, got {}",
+                    self.delay_seconds
+                ),
+            );
+        }
+        if !(1..=MAX_CONCURRENCY).contains(&self.concurrency) {
+            return fail(
+                "spec.concurrency",
+                format!(
+                    "must be between 1 and {MAX_CONCURRENCY}, got {}",
+                    self.concurrency
+                ),
+            );
+        }
+        if self.retry_interval.get().is_zero() {
+            return fail("spec.retryInterval", "must be longer than 0s".into());
+        }
+        if self.claim_lease.get() < std::time::Duration::from_secs(5) {
+            return fail("spec.claimLease", "must be at least 5s".into());
+        }
+        if self.inline_send_timeout.get().is_zero()
+            || self.inline_send_timeout.get() * 2 >= self.claim_lease.get()
+        {
+            return fail(
+                "spec.inlineSendTimeout",
+                "must be longer than 0s and shorter than half of spec.claimLease".into(),
+            );
+        }
+        if self
+            .retention
+            .is_some_and(|r| r.get() < std::time::Duration::from_secs(3600))
+        {
+            return fail("spec.retention", "must be at least 1h".into());
+        }
+        if !is_schema_name(&self.database.schema) {
+            return fail(
+                "spec.database.schema",
+                format!("must match {SCHEMA_NAME_PATTERN} (a lower-case PostgreSQL identifier)"),
+            );
+        }
+        if self.database.secret_ref.name.is_empty() {
+            return fail("spec.database.secretRef.name", "must not be empty".into());
+        }
+        if self.queue.secret_ref.name.is_empty() {
+            return fail("spec.queue.secretRef.name", "must not be empty".into());
+        }
+        Ok(())
+    }
+}
+
+pub fn is_schema_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    matches!(bytes.next(), Some(b'a'..=b'z' | b'_'))
+        && name.len() <= 63
+        && bytes.all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minimal() -> TransactionRelaySpec {
+        serde_json::from_value(serde_json::json!({
+            "database": {"secretRef": {"name": "db"}},
+            "queue": {"secretRef": {"name": "sqs"}},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn defaults_follow_the_documented_values() {
+        let spec = minimal();
+        assert_eq!(
+            spec,
+            TransactionRelaySpec::with_defaults(
+                DatabaseSpec {
+                    secret_ref: SecretKeyRef {
+                        name: "db".into(),
+                        key: None
+                    },
+                    schema: "dapp".into()
+                },
+                QueueSpec {
+                    secret_ref: SecretRef { name: "sqs".into() }
+                },
+            )
+        );
+        assert_eq!(spec.retry_interval, HumanDuration::from_secs(300));
+        assert_eq!(spec.batch_size, 100);
+        assert_eq!(spec.max_attempts, 20);
+        assert_eq!(spec.delay_seconds, 0);
+        assert!(!spec.suspend);
+        assert_eq!(spec.unsent_warning_threshold, 100);
+        assert_eq!(spec.claim_lease, HumanDuration::from_secs(60));
+        assert_eq!(spec.concurrency, 4);
+        assert_eq!(spec.inline_send_timeout, HumanDuration::from_secs(2));
+        assert_eq!(spec.retention, None);
+        assert_eq!(spec.database.schema, "dapp");
+        assert_eq!(spec.database.secret_ref.key_or("url"), "url");
+        spec.validate().unwrap();
+    }
+
+    #[test]
+    fn validation_names_the_field_at_fault() {
+        let cases: [(fn(&mut TransactionRelaySpec), &str); 6] = [
+            (|s| s.batch_size = 0, "spec.batchSize"),
+            (|s| s.batch_size = 1001, "spec.batchSize"),
+            (|s| s.delay_seconds = 901, "spec.delaySeconds"),
+            (|s| s.concurrency = 0, "spec.concurrency"),
+            (
+                |s| s.database.schema = "Robert'); DROP".into(),
+                "spec.database.schema",
+            ),
+            (
+                |s| s.inline_send_timeout = HumanDuration::from_secs(40),
+                "spec.inlineSendTimeout",
+            ),
+        ];
+        for (mutate, field) in cases {
+            let mut spec = minimal();
+            mutate(&mut spec);
+            assert_eq!(spec.validate().unwrap_err().field, field);
+        }
+    }
+
+    #[test]
+    fn schema_names_are_plain_identifiers() {
+        assert!(is_schema_name("dapp"));
+        assert!(is_schema_name("_t1"));
+        assert!(!is_schema_name("1abc"));
+        assert!(!is_schema_name("Dapp"));
+        assert!(!is_schema_name("a-b"));
+        assert!(!is_schema_name(""));
+        assert!(!is_schema_name(&"a".repeat(64)));
+    }
+}

@@ -1,0 +1,200 @@
+//! PostgreSQL: the outbox table and everything the relay asks of it. All SQL
+//! lives here; the words "unsent", "dead-lettered" and "due" are defined once,
+//! in the fragments below.
+
+mod migrations;
+mod outbox;
+mod transactions;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+pub use migrations::MigrationStatus;
+pub use outbox::{Claim, ClaimMode, ClaimedRow, FailedSend, Gauges, RetryOneError};
+pub use transactions::{Conflict, InsertOutcome, ListFilter, Stats};
+
+use crate::secret::Secret;
+
+/// `unsent`: neither sent nor dead-lettered.
+macro_rules! unsent {
+    ($t:literal) => {
+        concat!($t, ".message_id IS NULL AND ", $t, ".failed_at IS NULL")
+    };
+}
+
+/// On a FIFO queue a row waits while an older row of its wallet (its
+/// MessageGroupId) is unsent, whether pending, claimed or backing off.
+macro_rules! first_of_its_wallet {
+    ($t:literal) => {
+        concat!(
+            "NOT EXISTS (SELECT 1 FROM transactions o WHERE o.wallet_address = ",
+            $t,
+            ".wallet_address AND o.id < ",
+            $t,
+            ".id AND o.message_id IS NULL AND o.failed_at IS NULL)"
+        )
+    };
+}
+
+/// The columns of [`crate::transaction::Transaction`].
+macro_rules! columns {
+    () => {
+        "id, reference, external_reference, idempotency_key, transaction_type, status, incoming_currency, \
+         outgoing_currency, value, fee, payer_id, payee_id, first_name, last_name, wallet_address, source, \
+         instruction_type, ip_address, message_id, queue_sent_at, created_at, updated_at, attempts, last_error, \
+         next_attempt_at, failed_at"
+    };
+}
+
+pub(crate) use {columns, first_of_its_wallet, unsent};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be reached or did not answer in time: worth
+    /// retrying, and a 503 at the HTTP edge.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("database error: {0}")]
+    Query(String),
+    #[error("database URL is not a valid PostgreSQL URL")]
+    InvalidUrl,
+    #[error("migration failed: {0}")]
+    Migration(String),
+    #[error("stored data is inconsistent: {0}")]
+    Inconsistent(String),
+}
+
+impl StoreError {
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        use sqlx::Error as E;
+        match &error {
+            E::Io(_) | E::Tls(_) | E::PoolTimedOut | E::PoolClosed | E::WorkerCrashed => {
+                Self::Unavailable(error.to_string())
+            }
+            E::Database(db) => {
+                let code = db.code().unwrap_or_default();
+                // 08: connection exception; 57P0x: server shutting down or
+                // starting; 57014: statement timeout; 53300: too many connections.
+                if code.starts_with("08")
+                    || code.starts_with("57P0")
+                    || code == "57014"
+                    || code == "53300"
+                {
+                    Self::Unavailable(error.to_string())
+                } else {
+                    Self::Query(error.to_string())
+                }
+            }
+            _ => Self::Query(error.to_string()),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// How to reach the database. The URL stays a [`Secret`]: sqlx's own option
+/// type prints the password in its `Debug` output, so it is built only here.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub url: Secret,
+    pub schema: String,
+    pub max_connections: u32,
+    pub acquire_timeout: Duration,
+    pub statement_timeout: Duration,
+}
+
+impl StoreOptions {
+    pub fn new(url: Secret, schema: impl Into<String>) -> Self {
+        Self {
+            url,
+            schema: schema.into(),
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(3),
+            statement_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: PgPool,
+    schema: String,
+}
+
+impl Store {
+    /// Builds the pool without connecting: a relay starts even while its
+    /// database is down, reports not-ready and recovers by itself.
+    pub fn connect_lazy(options: &StoreOptions) -> Result<Self> {
+        if !crate::spec::is_schema_name(&options.schema) {
+            return Err(StoreError::Query(format!(
+                "invalid schema name {:?}",
+                options.schema
+            )));
+        }
+        let statement_timeout = format!("{}ms", options.statement_timeout.as_millis());
+        let connect = PgConnectOptions::from_str(options.url.expose())
+            .map_err(|_| StoreError::InvalidUrl)?
+            .application_name("txrelay")
+            .options([
+                ("search_path", options.schema.as_str()),
+                ("statement_timeout", statement_timeout.as_str()),
+            ]);
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_connections)
+            .min_connections(1)
+            .acquire_timeout(options.acquire_timeout)
+            .idle_timeout(Duration::from_secs(600))
+            .test_before_acquire(false)
+            .connect_lazy_with(connect);
+        Ok(Self {
+            pool,
+            schema: options.schema.clone(),
+        })
+    }
+
+    /// Connects and checks the database answers.
+    pub async fn connect(options: &StoreOptions) -> Result<Self> {
+        let store = Self::connect_lazy(options)?;
+        store.ping().await?;
+        Ok(store)
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// The LISTEN/NOTIFY channel on which replicas learn that rows became due.
+    pub fn due_channel(&self) -> String {
+        format!("txrelay_due_{}", self.schema)
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Tells every relay listening on this schema to look for due rows.
+    pub async fn notify_due(&self) -> Result<()> {
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(self.due_channel())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}

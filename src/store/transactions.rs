@@ -1,0 +1,257 @@
+//! Storing and reading transactions.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use sqlx::{FromRow, Row};
+
+use super::{Result, Store, StoreError, columns, unsent};
+use crate::transaction::{NewTransaction, Transaction};
+
+/// What happened to a `/new` insert.
+#[derive(Debug)]
+pub enum InsertOutcome {
+    /// A new row, committed. `held_back`: on a FIFO queue an older row of the
+    /// same wallet is still unsent, so this one must wait its turn.
+    Created {
+        transaction: Transaction,
+        held_back: bool,
+    },
+    /// The same idempotency key with the same content: the stored row.
+    Replayed(Transaction),
+    Conflict(Conflict),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Conflict {
+    /// The idempotency key belongs to a transaction with other content.
+    IdempotencyKey,
+    Reference,
+    ExternalReference,
+}
+
+impl Conflict {
+    pub fn field(self) -> &'static str {
+        match self {
+            Self::IdempotencyKey => "ledger_payload.meta_data.idempotency_key",
+            Self::Reference => "ledger_payload.payload.reference",
+            Self::ExternalReference => "ledger_payload.payload.external_reference",
+        }
+    }
+
+    pub fn message(self) -> &'static str {
+        match self {
+            Self::IdempotencyKey => {
+                "idempotency key already used for a transaction with different content"
+            }
+            Self::Reference => "reference already belongs to another transaction",
+            Self::ExternalReference => "external_reference already belongs to another transaction",
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct ListFilter {
+    pub status: Option<String>,
+    pub wallet_address: Option<String>,
+    pub payer_id: Option<String>,
+    pub payee_id: Option<String>,
+    /// Only unsent rows.
+    pub unsent: bool,
+    /// Only dead-lettered rows.
+    pub failed: bool,
+    /// Rows not sent yet, dead-lettered or not (the CLI's `list`).
+    pub not_sent: bool,
+    pub after_id: Option<i64>,
+    pub limit: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    pub total: i64,
+    pub sent: i64,
+    pub unsent: i64,
+    pub failed: i64,
+    pub by_status: BTreeMap<String, i64>,
+}
+
+const INSERT: &str = concat!(
+    "INSERT INTO transactions (reference, external_reference, idempotency_key, transaction_type, status, source, \
+     instruction_type, incoming_currency, outgoing_currency, value, fee, payer_id, payee_id, first_name, last_name, \
+     wallet_address, ip_address, payload, next_attempt_at, claimed_until) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18::json, \
+     now() + $19 * interval '1 millisecond', now() + $19 * interval '1 millisecond') \
+     ON CONFLICT DO NOTHING RETURNING ",
+    columns!(),
+    ", ($20 AND EXISTS (SELECT 1 FROM transactions o WHERE o.wallet_address = $16 AND ",
+    unsent!("o"),
+    ")) AS held_back"
+);
+
+const FIND_CONFLICT: &str = concat!(
+    "SELECT ",
+    columns!(),
+    ", idempotency_key = $1 AS same_key, reference = $2 AS same_reference, \
+     (payload::text = $4 AND wallet_address = $5) AS same_content \
+     FROM transactions WHERE idempotency_key = $1 OR reference = $2 OR external_reference = $3 \
+     ORDER BY (idempotency_key = $1) DESC, (reference = $2) DESC LIMIT 1"
+);
+
+const LIST: &str = concat!(
+    "SELECT ",
+    columns!(),
+    " FROM transactions WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR wallet_address = $2) \
+     AND ($3::text IS NULL OR payer_id = $3) AND ($4::text IS NULL OR payee_id = $4) \
+     AND (NOT $5 OR (",
+    unsent!("transactions"),
+    ")) AND (NOT $6 OR failed_at IS NOT NULL) AND (NOT $7 OR message_id IS NULL) \
+     AND id > $8 ORDER BY id LIMIT $9"
+);
+
+const STATS: &str = concat!(
+    "SELECT count(*) AS total, count(message_id) AS sent, count(*) FILTER (WHERE ",
+    unsent!("transactions"),
+    ") AS unsent, count(failed_at) AS failed FROM transactions"
+);
+
+impl Store {
+    /// Commits a new transaction in one round trip. `inline_lease_ms` is how
+    /// long the row is held for the inline send (0 when there is none), so a
+    /// sweep never races it; if the process dies, the row is swept afterwards.
+    pub async fn insert(
+        &self,
+        tx: &NewTransaction,
+        inline_lease_ms: i64,
+        fifo: bool,
+    ) -> Result<InsertOutcome> {
+        // A conflicting row can vanish between the insert and the lookup
+        // (retention); one more insert settles it.
+        for _ in 0..2 {
+            let row = sqlx::query(INSERT)
+                .bind(&tx.reference)
+                .bind(&tx.external_reference)
+                .bind(&tx.idempotency_key)
+                .bind(tx.transaction_type.as_str())
+                .bind(&tx.status)
+                .bind(&tx.source)
+                .bind(&tx.instruction_type)
+                .bind(&tx.incoming_currency)
+                .bind(&tx.outgoing_currency)
+                .bind(tx.value)
+                .bind(tx.fee)
+                .bind(&tx.payer_id)
+                .bind(&tx.payee_id)
+                .bind(&tx.first_name)
+                .bind(&tx.last_name)
+                .bind(&tx.wallet_address)
+                .bind(&tx.ip_address)
+                .bind(&tx.payload)
+                .bind(inline_lease_ms)
+                .bind(fifo)
+                .fetch_optional(self.pool())
+                .await?;
+            if let Some(row) = row {
+                let transaction = Transaction::from_row(&row)?;
+                let held_back = row
+                    .try_get::<Option<bool>, _>("held_back")?
+                    .unwrap_or(false);
+                return Ok(InsertOutcome::Created {
+                    transaction,
+                    held_back,
+                });
+            }
+            if let Some(outcome) = self.classify_conflict(tx).await? {
+                return Ok(outcome);
+            }
+        }
+        Err(StoreError::Inconsistent(
+            "insert conflicted with a row that no longer exists".into(),
+        ))
+    }
+
+    async fn classify_conflict(&self, tx: &NewTransaction) -> Result<Option<InsertOutcome>> {
+        let Some(row) = sqlx::query(FIND_CONFLICT)
+            .bind(&tx.idempotency_key)
+            .bind(&tx.reference)
+            .bind(&tx.external_reference)
+            .bind(&tx.payload)
+            .bind(&tx.wallet_address)
+            .fetch_optional(self.pool())
+            .await?
+        else {
+            return Ok(None);
+        };
+        let existing = Transaction::from_row(&row)?;
+        let outcome = if row.try_get("same_key")? {
+            if row.try_get("same_content")? {
+                InsertOutcome::Replayed(existing)
+            } else {
+                InsertOutcome::Conflict(Conflict::IdempotencyKey)
+            }
+        } else if row.try_get("same_reference")? {
+            InsertOutcome::Conflict(Conflict::Reference)
+        } else {
+            InsertOutcome::Conflict(Conflict::ExternalReference)
+        };
+        Ok(Some(outcome))
+    }
+
+    pub async fn find_by_reference(&self, reference: &str) -> Result<Option<Transaction>> {
+        let sql = concat!(
+            "SELECT ",
+            columns!(),
+            " FROM transactions WHERE reference = $1"
+        );
+        Ok(sqlx::query_as(sql)
+            .bind(reference)
+            .fetch_optional(self.pool())
+            .await?)
+    }
+
+    pub async fn find_by_id(&self, id: i64) -> Result<Option<Transaction>> {
+        let sql = concat!("SELECT ", columns!(), " FROM transactions WHERE id = $1");
+        Ok(sqlx::query_as(sql)
+            .bind(id)
+            .fetch_optional(self.pool())
+            .await?)
+    }
+
+    /// Keyset pagination by id: rows after `after_id`, oldest first.
+    pub async fn list(&self, filter: &ListFilter) -> Result<Vec<Transaction>> {
+        Ok(sqlx::query_as(LIST)
+            .bind(&filter.status)
+            .bind(&filter.wallet_address)
+            .bind(&filter.payer_id)
+            .bind(&filter.payee_id)
+            .bind(filter.unsent)
+            .bind(filter.failed)
+            .bind(filter.not_sent)
+            .bind(filter.after_id.unwrap_or(0))
+            .bind(filter.limit)
+            .fetch_all(self.pool())
+            .await?)
+    }
+
+    /// Totals without the per-status breakdown (`/health/transactions`).
+    pub async fn counts(&self) -> Result<Stats> {
+        let row = sqlx::query(STATS).fetch_one(self.pool()).await?;
+        Ok(Stats {
+            total: row.try_get("total")?,
+            sent: row.try_get("sent")?,
+            unsent: row.try_get("unsent")?,
+            failed: row.try_get("failed")?,
+            by_status: BTreeMap::new(),
+        })
+    }
+
+    pub async fn stats(&self) -> Result<Stats> {
+        let mut stats = self.counts().await?;
+        let by_status: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT status, count(*) FROM transactions GROUP BY status ORDER BY status",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        stats.by_status = by_status.into_iter().collect();
+        Ok(stats)
+    }
+}

@@ -15,12 +15,7 @@ pub struct TokenSet {
 impl TokenSet {
     /// Tokens separated by commas or new lines; blanks are ignored.
     pub fn parse(text: &str) -> Self {
-        let tokens = text
-            .split([',', '\n'])
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .map(Secret::new)
-            .collect();
+        let tokens = text.split([',', '\n']).map(str::trim).filter(|t| !t.is_empty()).map(Secret::new).collect();
         Self { tokens }
     }
 
@@ -90,9 +85,6 @@ mod tests {
 
     #[test]
     fn debug_does_not_print_tokens() {
-        assert_eq!(
-            format!("{:?}", TokenSet::parse("s3cret")),
-            "TokenSet(1 tokens)"
-        );
+        assert_eq!(format!("{:?}", TokenSet::parse("s3cret")), "TokenSet(1 tokens)");
     }
 }

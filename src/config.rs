@@ -22,10 +22,7 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            message: message.into(),
-        }
+        Self { field: field.into(), message: message.into() }
     }
 }
 
@@ -40,42 +37,28 @@ impl Manifest {
     pub fn default_relay() -> Self {
         let spec = TransactionRelaySpec::with_defaults(
             spec::DatabaseSpec {
-                secret_ref: spec::SecretKeyRef {
-                    name: "environment".into(),
-                    key: None,
-                },
+                secret_ref: spec::SecretKeyRef { name: "environment".into(), key: None },
                 schema: "dapp".into(),
             },
-            spec::QueueSpec {
-                secret_ref: spec::SecretRef {
-                    name: "environment".into(),
-                },
-            },
+            spec::QueueSpec { secret_ref: spec::SecretRef { name: "environment".into() } },
         );
-        Self {
-            id: RelayId::new("default", "txrelay"),
-            spec,
-        }
+        Self { id: RelayId::new("default", "txrelay"), spec }
     }
 
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let field = path.display().to_string();
-        let text =
-            std::fs::read_to_string(path).map_err(|e| ConfigError::new(field, e.to_string()))?;
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::new(field, e.to_string()))?;
         Self::parse(&text)
     }
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let value: Value = serde_saphyr::from_str(text)
-            .map_err(|e| ConfigError::new("manifest", first_line(&e.to_string())))?;
+        let value: Value =
+            serde_saphyr::from_str(text).map_err(|e| ConfigError::new("manifest", first_line(&e.to_string())))?;
         let expected_api = format!("{}/{}", spec::GROUP, spec::VERSION);
         match value.get("apiVersion").and_then(Value::as_str) {
             Some(api) if api == expected_api => {}
             _ => {
-                return Err(ConfigError::new(
-                    "apiVersion",
-                    format!("must be {expected_api}"),
-                ));
+                return Err(ConfigError::new("apiVersion", format!("must be {expected_api}")));
             }
         }
         if value.get("kind").and_then(Value::as_str) != Some("TransactionRelay") {
@@ -86,29 +69,12 @@ impl Manifest {
         }
         let relay: TransactionRelay = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
-            ConfigError::new(
-                if path == "." { "manifest".into() } else { path },
-                first_line(&e.inner().to_string()),
-            )
+            ConfigError::new(if path == "." { "manifest".into() } else { path }, first_line(&e.inner().to_string()))
         })?;
-        relay
-            .spec
-            .validate()
-            .map_err(|e| ConfigError::new(e.field, e.message))?;
-        let namespace = relay
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into());
-        let name = relay
-            .metadata
-            .name
-            .clone()
-            .ok_or_else(|| ConfigError::new("metadata.name", "is required"))?;
-        Ok(Self {
-            id: RelayId::new(namespace, name),
-            spec: relay.spec,
-        })
+        relay.spec.validate().map_err(|e| ConfigError::new(e.field, e.message))?;
+        let namespace = relay.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        let name = relay.metadata.name.clone().ok_or_else(|| ConfigError::new("metadata.name", "is required"))?;
+        Ok(Self { id: RelayId::new(namespace, name), spec: relay.spec })
     }
 }
 
@@ -131,11 +97,7 @@ fn crd_schema() -> Value {
 /// manifest must not silently fall back to a default.
 fn unknown_field(value: &Value, schema: &Value, path: &str) -> Option<String> {
     let join = |key: &str| {
-        if path.is_empty() {
-            key.to_owned()
-        } else {
-            format!("{path}.{key}")
-        }
+        if path.is_empty() { key.to_owned() } else { format!("{path}.{key}") }
     };
     match value {
         Value::Object(map) => {
@@ -157,10 +119,7 @@ fn unknown_field(value: &Value, schema: &Value, path: &str) -> Option<String> {
         }
         Value::Array(items) => {
             let item_schema = schema.get("items")?;
-            items
-                .iter()
-                .enumerate()
-                .find_map(|(i, item)| unknown_field(item, item_schema, &format!("{path}[{i}]")))
+            items.iter().enumerate().find_map(|(i, item)| unknown_field(item, item_schema, &format!("{path}[{i}]")))
         }
         _ => None,
     }
@@ -187,15 +146,11 @@ impl<F: Fn(&str) -> Option<String>> Env for F {
 }
 
 pub fn database_url(env: &dyn Env) -> Result<Secret, ConfigError> {
-    env.var("DATABASE_URL")
-        .map(Secret::new)
-        .ok_or_else(|| ConfigError::new("DATABASE_URL", "is not set"))
+    env.var("DATABASE_URL").map(Secret::new).ok_or_else(|| ConfigError::new("DATABASE_URL", "is not set"))
 }
 
 pub fn queue_secrets(env: &dyn Env) -> Result<QueueSecrets, ConfigError> {
-    let queue_url = env
-        .var("SQS_QUEUE_URL")
-        .ok_or_else(|| ConfigError::new("SQS_QUEUE_URL", "is not set"))?;
+    let queue_url = env.var("SQS_QUEUE_URL").ok_or_else(|| ConfigError::new("SQS_QUEUE_URL", "is not set"))?;
     let region = env
         .var("AWS_REGION")
         .or_else(|| env.var("AWS_DEFAULT_REGION"))
@@ -219,11 +174,7 @@ pub fn queue_secrets(env: &dyn Env) -> Result<QueueSecrets, ConfigError> {
 }
 
 /// Settings for `txrelay run` and the CLI commands that send.
-pub fn relay_settings(
-    manifest: &Manifest,
-    env: &dyn Env,
-    pool_size: u32,
-) -> Result<RelaySettings, ConfigError> {
+pub fn relay_settings(manifest: &Manifest, env: &dyn Env, pool_size: u32) -> Result<RelaySettings, ConfigError> {
     Ok(RelaySettings {
         id: manifest.id.clone(),
         spec: manifest.spec.clone(),
@@ -265,43 +216,16 @@ spec:
     #[test]
     fn errors_name_the_field() {
         let cases = [
+            (MANIFEST.replace("batchSize: 100", "batchSize: 0"), "spec.batchSize"),
+            (MANIFEST.replace("batchSize: 100", "batchSize: lots"), "spec.batchSize"),
+            (MANIFEST.replace("retryInterval: 5m", "retryInterval: 5 minutes"), "spec.retryInterval"),
+            (MANIFEST.replace("retryInterval: 5m", "retryIntervall: 5m"), "spec.retryIntervall"),
+            (MANIFEST.replace("delaySeconds: 0", "delaySeconds: 901"), "spec.delaySeconds"),
+            (MANIFEST.replace("schema: dapp", "schema: \"Dapp; DROP\""), "spec.database.schema"),
+            (MANIFEST.replace("  queue: {secretRef: {name: dapp-sqs}}\n", ""), "spec"),
+            (MANIFEST.replace("kind: TransactionRelay", "kind: Deployment"), "kind"),
             (
-                MANIFEST.replace("batchSize: 100", "batchSize: 0"),
-                "spec.batchSize",
-            ),
-            (
-                MANIFEST.replace("batchSize: 100", "batchSize: lots"),
-                "spec.batchSize",
-            ),
-            (
-                MANIFEST.replace("retryInterval: 5m", "retryInterval: 5 minutes"),
-                "spec.retryInterval",
-            ),
-            (
-                MANIFEST.replace("retryInterval: 5m", "retryIntervall: 5m"),
-                "spec.retryIntervall",
-            ),
-            (
-                MANIFEST.replace("delaySeconds: 0", "delaySeconds: 901"),
-                "spec.delaySeconds",
-            ),
-            (
-                MANIFEST.replace("schema: dapp", "schema: \"Dapp; DROP\""),
-                "spec.database.schema",
-            ),
-            (
-                MANIFEST.replace("  queue: {secretRef: {name: dapp-sqs}}\n", ""),
-                "spec",
-            ),
-            (
-                MANIFEST.replace("kind: TransactionRelay", "kind: Deployment"),
-                "kind",
-            ),
-            (
-                MANIFEST.replace(
-                    "metadata: {name: dapp, namespace: payments}",
-                    "metadata: {namespace: payments}",
-                ),
+                MANIFEST.replace("metadata: {name: dapp, namespace: payments}", "metadata: {namespace: payments}"),
                 "metadata.name",
             ),
         ];
@@ -323,9 +247,7 @@ spec:
         assert_eq!(error.field, "AWS_REGION");
         let no_db = |_: &str| None;
         assert_eq!(database_url(&no_db).unwrap_err().field, "DATABASE_URL");
-        let with_region = |name: &str| {
-            env(name).or_else(|| (name == "AWS_REGION").then(|| "eu-west-1".to_owned()))
-        };
+        let with_region = |name: &str| env(name).or_else(|| (name == "AWS_REGION").then(|| "eu-west-1".to_owned()));
         let settings = relay_settings(&Manifest::default_relay(), &with_region, 4).unwrap();
         assert!(!format!("{settings:?}").contains("hunter2"));
     }

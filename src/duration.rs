@@ -36,9 +36,7 @@ impl From<Duration> for HumanDuration {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "invalid duration {input:?}: expected a number followed by ms, s, m, h or d, such as 60s, 5m or 1h30m"
-)]
+#[error("invalid duration {input:?}: expected a number followed by ms, s, m, h or d, such as 60s, 5m or 1h30m")]
 pub struct ParseDurationError {
     input: String,
 }
@@ -47,9 +45,7 @@ impl FromStr for HumanDuration {
     type Err = ParseDurationError;
 
     fn from_str(input: &str) -> Result<Self, Self::Err> {
-        let fail = || ParseDurationError {
-            input: input.chars().take(64).collect(),
-        };
+        let fail = || ParseDurationError { input: input.chars().take(64).collect() };
         if input.is_empty() {
             return Err(fail());
         }
@@ -89,13 +85,7 @@ impl fmt::Display for HumanDuration {
         if millis == 0 {
             return f.write_str("0s");
         }
-        for (unit, size) in [
-            ("d", 86_400_000),
-            ("h", 3_600_000),
-            ("m", 60_000),
-            ("s", 1_000),
-            ("ms", 1),
-        ] {
+        for (unit, size) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000), ("ms", 1)] {
             if millis >= size {
                 write!(f, "{}{unit}", millis / size)?;
                 millis %= size;
@@ -147,40 +137,17 @@ mod tests {
 
     #[test]
     fn parses_every_unit_and_combinations() {
-        let cases = [
-            ("500ms", 500),
-            ("60s", 60_000),
-            ("5m", 300_000),
-            ("1h30m", 5_400_000),
-            ("30d", 2_592_000_000),
-            ("0s", 0),
-        ];
+        let cases =
+            [("500ms", 500), ("60s", 60_000), ("5m", 300_000), ("1h30m", 5_400_000), ("30d", 2_592_000_000), ("0s", 0)];
         for (text, millis) in cases {
-            assert_eq!(
-                text.parse::<HumanDuration>().unwrap().get(),
-                Duration::from_millis(millis),
-                "{text}"
-            );
+            assert_eq!(text.parse::<HumanDuration>().unwrap().get(), Duration::from_millis(millis), "{text}");
         }
     }
 
     #[test]
     fn rejects_what_the_schema_pattern_rejects() {
-        for text in [
-            "",
-            "5",
-            "m",
-            "5 m",
-            "-5s",
-            "1.5s",
-            "5min",
-            "5M",
-            "99999999999999999999d",
-        ] {
-            assert!(
-                text.parse::<HumanDuration>().is_err(),
-                "{text:?} should be rejected"
-            );
+        for text in ["", "5", "m", "5 m", "-5s", "1.5s", "5min", "5M", "99999999999999999999d"] {
+            assert!(text.parse::<HumanDuration>().is_err(), "{text:?} should be rejected");
         }
     }
 

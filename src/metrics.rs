@@ -3,8 +3,8 @@
 //! and status class, never an error text.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 #[derive(Clone)]
@@ -43,99 +43,61 @@ impl Metrics {
         let relay = &["relay"];
         let metrics = Self {
             unsent: IntGaugeVec::new(
-                Opts::new(
-                    "txrelay_unsent_transactions",
-                    "Transactions neither sent nor dead-lettered",
-                ),
+                Opts::new("txrelay_unsent_transactions", "Transactions neither sent nor dead-lettered"),
                 relay,
             )
             .expect("valid metric"),
             dead_lettered: IntGaugeVec::new(
-                Opts::new(
-                    "txrelay_dead_lettered_transactions",
-                    "Transactions given up on until retried by hand",
-                ),
+                Opts::new("txrelay_dead_lettered_transactions", "Transactions given up on until retried by hand"),
                 relay,
             )
             .expect("valid metric"),
             oldest_unsent_age: prometheus::GaugeVec::new(
-                Opts::new(
-                    "txrelay_oldest_unsent_age_seconds",
-                    "Age of the oldest unsent transaction (0 when none)",
-                ),
+                Opts::new("txrelay_oldest_unsent_age_seconds", "Age of the oldest unsent transaction (0 when none)"),
                 relay,
             )
             .expect("valid metric"),
             accepted: IntCounterVec::new(
-                Opts::new(
-                    "txrelay_transactions_accepted_total",
-                    "POST /new requests by outcome",
-                ),
+                Opts::new("txrelay_transactions_accepted_total", "POST /new requests by outcome"),
                 &["relay", "outcome"],
             )
             .expect("valid metric"),
             sent: IntCounterVec::new(
-                Opts::new(
-                    "txrelay_messages_sent_total",
-                    "Messages accepted by the queue, by path",
-                ),
+                Opts::new("txrelay_messages_sent_total", "Messages accepted by the queue, by path"),
                 &["relay", "path"],
             )
             .expect("valid metric"),
             send_failures: IntCounterVec::new(
-                Opts::new(
-                    "txrelay_send_failures_total",
-                    "Messages the queue did not accept, by kind",
-                ),
+                Opts::new("txrelay_send_failures_total", "Messages the queue did not accept, by kind"),
                 &["relay", "kind"],
             )
             .expect("valid metric"),
             sweep_duration: HistogramVec::new(
-                HistogramOpts::new(
-                    "txrelay_sweep_duration_seconds",
-                    "Duration of one sweep: claim, send, record",
-                )
-                .buckets(vec![
-                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                ]),
+                HistogramOpts::new("txrelay_sweep_duration_seconds", "Duration of one sweep: claim, send, record")
+                    .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
                 relay,
             )
             .expect("valid metric"),
             send_batch_size: HistogramVec::new(
-                HistogramOpts::new(
-                    "txrelay_send_batch_size",
-                    "Entries per SendMessageBatch call",
-                )
-                .buckets(vec![1.0, 2.0, 3.0, 5.0, 8.0, 10.0]),
+                HistogramOpts::new("txrelay_send_batch_size", "Entries per SendMessageBatch call")
+                    .buckets(vec![1.0, 2.0, 3.0, 5.0, 8.0, 10.0]),
                 relay,
             )
             .expect("valid metric"),
             http_duration: HistogramVec::new(
-                HistogramOpts::new(
-                    "txrelay_http_request_duration_seconds",
-                    "HTTP request duration",
-                )
-                .buckets(vec![
-                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                ]),
+                HistogramOpts::new("txrelay_http_request_duration_seconds", "HTTP request duration")
+                    .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
                 &["route", "status_class"],
             )
             .expect("valid metric"),
-            reconcile_total: IntCounter::new(
-                "txrelay_reconcile_total",
-                "Reconciliations of TransactionRelays",
-            )
-            .expect("valid metric"),
+            reconcile_total: IntCounter::new("txrelay_reconcile_total", "Reconciliations of TransactionRelays")
+                .expect("valid metric"),
             reconcile_errors: IntCounterVec::new(
-                Opts::new(
-                    "txrelay_reconcile_errors_total",
-                    "Failed reconciliations, by error",
-                ),
+                Opts::new("txrelay_reconcile_errors_total", "Failed reconciliations, by error"),
                 &["error"],
             )
             .expect("valid metric"),
-            relays: IntGauge::new("txrelay_relays", "TransactionRelays this process runs")
-                .expect("valid metric"),
+            relays: IntGauge::new("txrelay_relays", "TransactionRelays this process runs").expect("valid metric"),
             registry,
         };
         metrics.register_all();
@@ -166,10 +128,7 @@ impl Metrics {
     }
 
     pub fn relay(&self, relay: &str) -> RelayMetrics {
-        RelayMetrics {
-            metrics: self.clone(),
-            relay: relay.to_owned(),
-        }
+        RelayMetrics { metrics: self.clone(), relay: relay.to_owned() }
     }
 
     pub fn observe_http(&self, route: &str, status: u16, seconds: f64) {
@@ -180,9 +139,7 @@ impl Metrics {
             400..=499 => "4xx",
             _ => "5xx",
         };
-        self.http_duration
-            .with_label_values(&[route, class])
-            .observe(seconds);
+        self.http_duration.with_label_values(&[route, class]).observe(seconds);
     }
 
     /// The text exposition format.
@@ -212,12 +169,8 @@ impl RelayMetrics {
     pub fn set_backlog(&self, unsent: i64, dead_lettered: i64, oldest_unsent_age_seconds: f64) {
         let m = &self.metrics;
         m.unsent.with_label_values(&[&self.relay]).set(unsent);
-        m.dead_lettered
-            .with_label_values(&[&self.relay])
-            .set(dead_lettered);
-        m.oldest_unsent_age
-            .with_label_values(&[&self.relay])
-            .set(oldest_unsent_age_seconds);
+        m.dead_lettered.with_label_values(&[&self.relay]).set(dead_lettered);
+        m.oldest_unsent_age.with_label_values(&[&self.relay]).set(oldest_unsent_age_seconds);
     }
 
     pub fn accepted(&self, outcome: Accepted) {
@@ -226,10 +179,7 @@ impl RelayMetrics {
             Accepted::Replayed => "replayed",
             Accepted::Rejected => "rejected",
         };
-        self.metrics
-            .accepted
-            .with_label_values(&[self.relay.as_str(), label])
-            .inc();
+        self.metrics.accepted.with_label_values(&[self.relay.as_str(), label]).inc();
     }
 
     pub fn sent(&self, path: SendPath, count: usize) {
@@ -237,31 +187,20 @@ impl RelayMetrics {
             SendPath::Inline => "inline",
             SendPath::Sweep => "sweep",
         };
-        self.metrics
-            .sent
-            .with_label_values(&[self.relay.as_str(), label])
-            .inc_by(count as u64);
+        self.metrics.sent.with_label_values(&[self.relay.as_str(), label]).inc_by(count as u64);
     }
 
     pub fn send_failures(&self, permanent: bool, count: usize) {
         let label = if permanent { "permanent" } else { "transient" };
-        self.metrics
-            .send_failures
-            .with_label_values(&[self.relay.as_str(), label])
-            .inc_by(count as u64);
+        self.metrics.send_failures.with_label_values(&[self.relay.as_str(), label]).inc_by(count as u64);
     }
 
     pub fn sweep_duration(&self) -> Histogram {
-        self.metrics
-            .sweep_duration
-            .with_label_values(&[&self.relay])
+        self.metrics.sweep_duration.with_label_values(&[&self.relay])
     }
 
     pub fn send_batch_size(&self, entries: usize) {
-        self.metrics
-            .send_batch_size
-            .with_label_values(&[&self.relay])
-            .observe(entries as f64);
+        self.metrics.send_batch_size.with_label_values(&[&self.relay]).observe(entries as f64);
     }
 
     /// Forgets this relay's series (the relay was deleted).
@@ -274,17 +213,13 @@ impl RelayMetrics {
         let _ = m.sweep_duration.remove_label_values(&relay);
         let _ = m.send_batch_size.remove_label_values(&relay);
         for outcome in ["created", "replayed", "rejected"] {
-            let _ = m
-                .accepted
-                .remove_label_values(&[self.relay.as_str(), outcome]);
+            let _ = m.accepted.remove_label_values(&[self.relay.as_str(), outcome]);
         }
         for path in ["inline", "sweep"] {
             let _ = m.sent.remove_label_values(&[self.relay.as_str(), path]);
         }
         for kind in ["transient", "permanent"] {
-            let _ = m
-                .send_failures
-                .remove_label_values(&[self.relay.as_str(), kind]);
+            let _ = m.send_failures.remove_label_values(&[self.relay.as_str(), kind]);
         }
     }
 }

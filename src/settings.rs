@@ -53,8 +53,7 @@ pub struct RelayHandle {
 
 impl RelaySettings {
     pub fn store_options(&self) -> StoreOptions {
-        let mut options =
-            StoreOptions::new(self.database_url.clone(), self.spec.database.schema.clone());
+        let mut options = StoreOptions::new(self.database_url.clone(), self.spec.database.schema.clone());
         options.max_connections = self.database_pool_size;
         options
     }
@@ -68,9 +67,8 @@ impl RelaySettings {
             access_key_id: self.queue.access_key_id.clone(),
             secret_access_key: self.queue.secret_access_key.clone(),
             delay_seconds: self.spec.delay_seconds,
-            // Well inside both the claim lease and the shutdown grace period.
-            call_timeout: (config.claim_lease / 4)
-                .clamp(Duration::from_secs(1), Duration::from_secs(5)),
+            // Well inside the claim lease, and no longer than the default shutdown grace period.
+            call_timeout: (config.claim_lease / 4).clamp(Duration::from_secs(1), Duration::from_secs(10)),
         }
     }
 

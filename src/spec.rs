@@ -19,6 +19,8 @@ pub const MAX_CONCURRENCY: u32 = 64;
 pub const SCHEMA_NAME_PATTERN: &str = "^[a-z_][a-z0-9_]{0,62}$";
 
 /// Relays ledger transactions from a PostgreSQL outbox table to an SQS queue.
+// Several printer columns share a type; clippy reads that as a repeated attribute.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "relay.mykobo.io",
@@ -28,11 +30,7 @@ pub const SCHEMA_NAME_PATTERN: &str = "^[a-z_][a-z0-9_]{0,62}$";
     shortname = "txr",
     status = "TransactionRelayStatus",
     doc = "Relays ledger transactions from a PostgreSQL outbox table to an SQS queue",
-    printcolumn(
-        name = "Ready",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
-    ),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(name = "Unsent", type_ = "integer", json_path = ".status.unsent"),
     printcolumn(name = "Failed", type_ = "integer", json_path = ".status.failed"),
     printcolumn(
@@ -41,11 +39,7 @@ pub const SCHEMA_NAME_PATTERN: &str = "^[a-z_][a-z0-9_]{0,62}$";
         json_path = ".status.oldestUnsentAgeSeconds",
         description = "Age in seconds of the oldest unsent transaction"
     ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct TransactionRelaySpec {
@@ -222,30 +216,18 @@ impl TransactionRelaySpec {
     pub fn validate(&self) -> Result<(), SpecError> {
         let fail = |field, message: String| Err(SpecError { field, message });
         if !(1..=MAX_BATCH_SIZE).contains(&self.batch_size) {
-            return fail(
-                "spec.batchSize",
-                format!(
-                    "must be between 1 and {MAX_BATCH_SIZE}, got {}",
-                    self.batch_size
-                ),
-            );
+            return fail("spec.batchSize", format!("must be between 1 and {MAX_BATCH_SIZE}, got {}", self.batch_size));
         }
         if self.delay_seconds > MAX_DELAY_SECONDS {
             return fail(
                 "spec.delaySeconds",
-                format!(
-                    "must be between 0 and {MAX_DELAY_SECONDS}, got {}",
-                    self.delay_seconds
-                ),
+                format!("must be between 0 and {MAX_DELAY_SECONDS}, got {}", self.delay_seconds),
             );
         }
         if !(1..=MAX_CONCURRENCY).contains(&self.concurrency) {
             return fail(
                 "spec.concurrency",
-                format!(
-                    "must be between 1 and {MAX_CONCURRENCY}, got {}",
-                    self.concurrency
-                ),
+                format!("must be between 1 and {MAX_CONCURRENCY}, got {}", self.concurrency),
             );
         }
         if self.retry_interval.get().is_zero() {
@@ -254,18 +236,13 @@ impl TransactionRelaySpec {
         if self.claim_lease.get() < std::time::Duration::from_secs(5) {
             return fail("spec.claimLease", "must be at least 5s".into());
         }
-        if self.inline_send_timeout.get().is_zero()
-            || self.inline_send_timeout.get() * 2 >= self.claim_lease.get()
-        {
+        if self.inline_send_timeout.get().is_zero() || self.inline_send_timeout.get() * 2 >= self.claim_lease.get() {
             return fail(
                 "spec.inlineSendTimeout",
                 "must be longer than 0s and shorter than half of spec.claimLease".into(),
             );
         }
-        if self
-            .retention
-            .is_some_and(|r| r.get() < std::time::Duration::from_secs(3600))
-        {
+        if self.retention.is_some_and(|r| r.get() < std::time::Duration::from_secs(3600)) {
             return fail("spec.retention", "must be at least 1h".into());
         }
         if !is_schema_name(&self.database.schema) {
@@ -309,16 +286,8 @@ mod tests {
         assert_eq!(
             spec,
             TransactionRelaySpec::with_defaults(
-                DatabaseSpec {
-                    secret_ref: SecretKeyRef {
-                        name: "db".into(),
-                        key: None
-                    },
-                    schema: "dapp".into()
-                },
-                QueueSpec {
-                    secret_ref: SecretRef { name: "sqs".into() }
-                },
+                DatabaseSpec { secret_ref: SecretKeyRef { name: "db".into(), key: None }, schema: "dapp".into() },
+                QueueSpec { secret_ref: SecretRef { name: "sqs".into() } },
             )
         );
         assert_eq!(spec.retry_interval, HumanDuration::from_secs(300));
@@ -338,19 +307,14 @@ mod tests {
 
     #[test]
     fn validation_names_the_field_at_fault() {
-        let cases: [(fn(&mut TransactionRelaySpec), &str); 6] = [
+        type Case = (fn(&mut TransactionRelaySpec), &'static str);
+        let cases: [Case; 6] = [
             (|s| s.batch_size = 0, "spec.batchSize"),
             (|s| s.batch_size = 1001, "spec.batchSize"),
             (|s| s.delay_seconds = 901, "spec.delaySeconds"),
             (|s| s.concurrency = 0, "spec.concurrency"),
-            (
-                |s| s.database.schema = "Robert'); DROP".into(),
-                "spec.database.schema",
-            ),
-            (
-                |s| s.inline_send_timeout = HumanDuration::from_secs(40),
-                "spec.inlineSendTimeout",
-            ),
+            (|s| s.database.schema = "Robert'); DROP".into(), "spec.database.schema"),
+            (|s| s.inline_send_timeout = HumanDuration::from_secs(40), "spec.inlineSendTimeout"),
         ];
         for (mutate, field) in cases {
             let mut spec = minimal();

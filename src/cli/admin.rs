@@ -59,10 +59,7 @@ pub struct RetryAllArgs {
 
 async fn store(global: &Global) -> Result<Store, CliError> {
     let manifest = global.manifest()?;
-    let mut options = StoreOptions::new(
-        config::database_url(&ProcessEnv)?,
-        manifest.spec.database.schema,
-    );
+    let mut options = StoreOptions::new(config::database_url(&ProcessEnv)?, manifest.spec.database.schema);
     options.max_connections = 2;
     Ok(Store::connect(&options).await?)
 }
@@ -79,14 +76,10 @@ pub async fn migrate(global: &Global, args: MigrateArgs) -> Result<(), CliError>
     let store = store(global).await?;
     if args.status {
         for migration in store.status().await? {
-            let state = migration.installed_on.map_or_else(
-                || "pending".to_owned(),
-                |at| format!("applied {}", at.to_rfc3339()),
-            );
-            println!(
-                "{:<16} {:<40} {state}",
-                migration.version, migration.description
-            );
+            let state = migration
+                .installed_on
+                .map_or_else(|| "pending".to_owned(), |at| format!("applied {}", at.to_rfc3339()));
+            println!("{:<16} {:<40} {state}", migration.version, migration.description);
         }
     } else if args.revert {
         match store.revert_last_migration().await? {
@@ -95,16 +88,8 @@ pub async fn migrate(global: &Global, args: MigrateArgs) -> Result<(), CliError>
         }
     } else {
         store.migrate().await?;
-        let applied = store
-            .status()
-            .await?
-            .iter()
-            .filter(|m| m.installed_on.is_some())
-            .count();
-        println!(
-            "schema {} is up to date ({applied} migrations applied)",
-            store.schema()
-        );
+        let applied = store.status().await?.iter().filter(|m| m.installed_on.is_some()).count();
+        println!("schema {} is up to date ({applied} migrations applied)", store.schema());
     }
     Ok(())
 }
@@ -119,27 +104,14 @@ pub async fn list(global: &Global, args: ListArgs) -> Result<(), CliError> {
     };
     let transactions = store.list(&filter).await?;
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&transactions).map_err(CliError::failed)?
-        );
+        println!("{}", serde_json::to_string_pretty(&transactions).map_err(CliError::failed)?);
         return Ok(());
     }
     if transactions.is_empty() {
-        println!(
-            "no {} transactions",
-            if args.failed {
-                "dead-lettered"
-            } else {
-                "unsent"
-            }
-        );
+        println!("no {} transactions", if args.failed { "dead-lettered" } else { "unsent" });
         return Ok(());
     }
-    println!(
-        "{:>8}  {:<24} {:<8} {:>8}  {:<25} LAST ERROR",
-        "ID", "REFERENCE", "STATE", "ATTEMPTS", "NEXT ATTEMPT"
-    );
+    println!("{:>8}  {:<24} {:<8} {:>8}  {:<25} LAST ERROR", "ID", "REFERENCE", "STATE", "ATTEMPTS", "NEXT ATTEMPT");
     for tx in &transactions {
         println!("{}", list_row(tx));
     }
@@ -147,11 +119,7 @@ pub async fn list(global: &Global, args: ListArgs) -> Result<(), CliError> {
 }
 
 fn list_row(tx: &Transaction) -> String {
-    let next = if tx.failed_at.is_some() {
-        "-".to_owned()
-    } else {
-        tx.next_attempt_at.to_rfc3339()
-    };
+    let next = if tx.failed_at.is_some() { "-".to_owned() } else { tx.next_attempt_at.to_rfc3339() };
     format!(
         "{:>8}  {:<24} {:<8} {:>8}  {:<25} {}",
         tx.id,
@@ -166,16 +134,10 @@ fn list_row(tx: &Transaction) -> String {
 pub async fn stats(global: &Global, args: StatsArgs) -> Result<(), CliError> {
     let stats = store(global).await?.stats().await?;
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&stats).map_err(CliError::failed)?
-        );
+        println!("{}", serde_json::to_string_pretty(&stats).map_err(CliError::failed)?);
         return Ok(());
     }
-    println!(
-        "total:  {}\nsent:   {}\nunsent: {}\nfailed: {}",
-        stats.total, stats.sent, stats.unsent, stats.failed
-    );
+    println!("total:  {}\nsent:   {}\nunsent: {}\nfailed: {}", stats.total, stats.sent, stats.unsent, stats.failed);
     if !stats.by_status.is_empty() {
         println!("by status:");
         for (status, count) in &stats.by_status {
@@ -195,29 +157,22 @@ pub async fn retry(global: &Global, args: RetryArgs) -> Result<(), CliError> {
 pub async fn retry_all(global: &Global, args: RetryAllArgs) -> Result<(), CliError> {
     let relay = relay(global).await?;
     let counts = relay.store().counts().await?;
-    let expected =
-        (counts.unsent + if args.include_dead { counts.failed } else { 0 }).max(0) as u64;
+    let expected = (counts.unsent + if args.include_dead { counts.failed } else { 0 }).max(0) as u64;
     let expected = args.limit.map_or(expected, |limit| limit.min(expected));
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = indicatif::ProgressBar::new(expected);
-        if let Ok(style) =
-            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} sent, {msg}")
-        {
+        if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} sent, {msg}") {
             bar.set_style(style);
         }
         bar
     });
     let report = relay
-        .retry_all(
-            args.limit,
-            args.include_dead,
-            |progress: &RetryAllReport| {
-                if let Some(bar) = &bar {
-                    bar.set_position(progress.total as u64);
-                    bar.set_message(format!("{} failed", progress.failed));
-                }
-            },
-        )
+        .retry_all(args.limit, args.include_dead, |progress: &RetryAllReport| {
+            if let Some(bar) = &bar {
+                bar.set_position(progress.total as u64);
+                bar.set_message(format!("{} failed", progress.failed));
+            }
+        })
         .await?;
     if let Some(bar) = bar {
         bar.finish_and_clear();
@@ -225,18 +180,12 @@ pub async fn retry_all(global: &Global, args: RetryAllArgs) -> Result<(), CliErr
     if args.include_dead {
         println!("revived: {}", report.revived);
     }
-    println!(
-        "total: {}\nsucceeded: {}\nfailed: {}",
-        report.total, report.succeeded, report.failed
-    );
+    println!("total: {}\nsucceeded: {}\nfailed: {}", report.total, report.succeeded, report.failed);
     if let Some(reason) = &report.stopped {
         return Err(CliError::Failed(format!("stopped early: {reason}")));
     }
     if report.failed > 0 {
-        return Err(CliError::Failed(format!(
-            "{} transactions could not be sent; see `txrelay list`",
-            report.failed
-        )));
+        return Err(CliError::Failed(format!("{} transactions could not be sent; see `txrelay list`", report.failed)));
     }
     Ok(())
 }

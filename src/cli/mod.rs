@@ -15,11 +15,7 @@ use crate::duration::HumanDuration;
 use crate::telemetry::LogFormat;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "txrelay",
-    version,
-    about = "Transactional-outbox relay: PostgreSQL first, then SQS"
-)]
+#[command(name = "txrelay", version, about = "Transactional-outbox relay: PostgreSQL first, then SQS")]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
@@ -35,13 +31,7 @@ pub struct Global {
     /// PostgreSQL schema, overriding the manifest's spec.database.schema.
     #[arg(long, global = true, env = "TXRELAY_SCHEMA")]
     pub schema: Option<String>,
-    #[arg(
-        long,
-        global = true,
-        value_enum,
-        default_value = "text",
-        env = "TXRELAY_LOG_FORMAT"
-    )]
+    #[arg(long, global = true, value_enum, default_value = "text", env = "TXRELAY_LOG_FORMAT")]
     pub log_format: LogFormat,
     /// Database connections per relay.
     #[arg(long, global = true, default_value_t = 16, env = "DATABASE_POOL_SIZE")]
@@ -91,12 +81,7 @@ pub struct HttpArgs {
     #[arg(long)]
     pub insecure_no_auth: bool,
     /// Proxy networks whose X-Forwarded-For is trusted (repeatable).
-    #[arg(
-        long = "trusted-proxy",
-        value_name = "CIDR",
-        env = "TXRELAY_TRUSTED_PROXIES",
-        value_delimiter = ','
-    )]
+    #[arg(long = "trusted-proxy", value_name = "CIDR", env = "TXRELAY_TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Requests served at once before shedding load with 503.
     #[arg(long, default_value_t = 1024)]
@@ -167,10 +152,7 @@ impl Global {
         };
         if let Some(schema) = &self.schema {
             if !crate::spec::is_schema_name(schema) {
-                return Err(ConfigError::new(
-                    "--schema",
-                    format!("must match {}", crate::spec::SCHEMA_NAME_PATTERN),
-                ));
+                return Err(ConfigError::new("--schema", format!("must match {}", crate::spec::SCHEMA_NAME_PATTERN)));
             }
             manifest.spec.database.schema = schema.clone();
         }

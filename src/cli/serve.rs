@@ -34,9 +34,7 @@ pub async fn run(global: &Global, args: RunArgs) -> Result<(), CliError> {
             )
             .into());
         }
-        warn!(
-            "--insecure-no-auth: POST /new accepts requests without a bearer token; never do this in production"
-        );
+        warn!("--insecure-no-auth: POST /new accepts requests without a bearer token; never do this in production");
     }
     let metrics = Metrics::new();
     let handle = settings.build(&metrics).await?;
@@ -55,16 +53,8 @@ pub async fn run(global: &Global, args: RunArgs) -> Result<(), CliError> {
     let (stop, stopped) = watch::channel(false);
     let engine = tokio::spawn(run_loop(relay.clone(), stopped.clone()));
     let listener = tokio::spawn(listen_for_due_rows(relay.clone(), stopped.clone()));
-    let api = tokio::spawn(http::serve(
-        api_listener,
-        http::api_router(state.clone()),
-        wait_for(stopped.clone()),
-    ));
-    let ops = tokio::spawn(http::serve(
-        ops_listener,
-        http::ops_router(state),
-        wait_for(stopped.clone()),
-    ));
+    let api = tokio::spawn(http::serve(api_listener, http::api_router(state.clone()), wait_for(stopped.clone())));
+    let ops = tokio::spawn(http::serve(ops_listener, http::ops_router(state), wait_for(stopped.clone())));
     info!(relay = %relay.id(), api = %args.http.listen, metrics = %args.http.metrics_listen, "txrelay running");
 
     shutdown_signal().await;
@@ -77,10 +67,7 @@ pub async fn run(global: &Global, args: RunArgs) -> Result<(), CliError> {
     })
     .await;
     if finished.is_err() {
-        warn!(
-            grace_ms = grace.as_millis() as u64,
-            "grace period over; releasing rows still in flight"
-        );
+        warn!(grace_ms = grace.as_millis() as u64, "grace period over; releasing rows still in flight");
         match relay.release_in_flight().await {
             Ok(released) => info!(released, "released claimed rows for other replicas"),
             Err(error) => {
@@ -96,9 +83,7 @@ pub async fn run(global: &Global, args: RunArgs) -> Result<(), CliError> {
 }
 
 async fn bind(address: std::net::SocketAddr) -> Result<TcpListener, CliError> {
-    TcpListener::bind(address)
-        .await
-        .map_err(|e| CliError::Failed(format!("cannot listen on {address}: {e}")))
+    TcpListener::bind(address).await.map_err(|e| CliError::Failed(format!("cannot listen on {address}: {e}")))
 }
 
 async fn wait_for(mut stopped: watch::Receiver<bool>) {

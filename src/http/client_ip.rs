@@ -11,10 +11,7 @@ use ipnet::IpNet;
 /// trusted proxies; the first untrusted address is the client. Without a
 /// trusted peer the header is ignored: anyone can write it.
 pub fn client_ip<B>(request: &Request<B>, trusted: &[IpNet]) -> Option<IpAddr> {
-    let peer = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip())?;
+    let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip())?;
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
     if !is_trusted(&peer) {
         return Some(peer);
@@ -47,9 +44,7 @@ mod tests {
             builder = builder.header("x-forwarded-for", *value);
         }
         let mut request = builder.body(()).unwrap();
-        request.extensions_mut().insert(ConnectInfo(
-            format!("{peer}:1234").parse::<SocketAddr>().unwrap(),
-        ));
+        request.extensions_mut().insert(ConnectInfo(format!("{peer}:1234").parse::<SocketAddr>().unwrap()));
         request
     }
 
@@ -59,20 +54,14 @@ mod tests {
 
     #[test]
     fn untrusted_peers_cannot_forge_the_client_address() {
-        let ip = client_ip(
-            &request("198.51.100.9", &["203.0.113.7"]),
-            &nets(&["10.0.0.0/8"]),
-        );
+        let ip = client_ip(&request("198.51.100.9", &["203.0.113.7"]), &nets(&["10.0.0.0/8"]));
         assert_eq!(ip, Some("198.51.100.9".parse().unwrap()));
     }
 
     #[test]
     fn trusted_proxies_are_skipped_from_the_right() {
         let trusted = nets(&["10.0.0.0/8"]);
-        let ip = client_ip(
-            &request("10.0.0.5", &["1.2.3.4, 203.0.113.7, 10.0.0.9"]),
-            &trusted,
-        );
+        let ip = client_ip(&request("10.0.0.5", &["1.2.3.4, 203.0.113.7, 10.0.0.9"]), &trusted);
         assert_eq!(ip, Some("203.0.113.7".parse().unwrap()));
         let ip = client_ip(&request("10.0.0.5", &[]), &trusted);
         assert_eq!(ip, Some("10.0.0.5".parse().unwrap()));

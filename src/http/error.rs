@@ -20,10 +20,7 @@ pub enum ApiError {
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
     #[error("{message}")]
-    Invalid {
-        field: Option<String>,
-        message: String,
-    },
+    Invalid { field: Option<String>, message: String },
     #[error("{}", .0.message())]
     Conflict(Conflict),
     #[error("{0}")]
@@ -81,10 +78,7 @@ impl ApiError {
     }
 
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self::Invalid {
-            field: Some(field.into()),
-            message: message.into(),
-        }
+        Self::Invalid { field: Some(field.into()), message: message.into() }
     }
 }
 
@@ -96,14 +90,10 @@ impl IntoResponse for ApiError {
         }
         let mut response = (self.status(), Json(json!({ "error": body }))).into_response();
         if self.status() == StatusCode::SERVICE_UNAVAILABLE {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if matches!(self, Self::Unauthorized) {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }
@@ -112,13 +102,8 @@ impl IntoResponse for ApiError {
 impl From<IngestError> for ApiError {
     fn from(error: IngestError) -> Self {
         match error {
-            IngestError::Syntax(message) => {
-                Self::InvalidJson(format!("request body is not valid JSON: {message}"))
-            }
-            IngestError::Invalid(e) => Self::Invalid {
-                field: e.field,
-                message: e.message,
-            },
+            IngestError::Syntax(message) => Self::InvalidJson(format!("request body is not valid JSON: {message}")),
+            IngestError::Invalid(e) => Self::Invalid { field: e.field, message: e.message },
         }
     }
 }

@@ -39,9 +39,7 @@ pub async fn new_transaction(
         return Err(rejected(ApiError::PayloadTooLarge(limit)));
     }
     let peer_ip = client_ip(&request, &state.options.trusted_proxies);
-    let body = to_bytes(request.into_body(), limit)
-        .await
-        .map_err(|_| rejected(ApiError::PayloadTooLarge(limit)))?;
+    let body = to_bytes(request.into_body(), limit).await.map_err(|_| rejected(ApiError::PayloadTooLarge(limit)))?;
     let mut transaction = parse_request_body(&body).map_err(|e| rejected(e.into()))?;
     if transaction.ip_address.is_none() {
         transaction.ip_address = peer_ip.map(|ip| ip.to_string());
@@ -70,14 +68,8 @@ pub fn authorize(state: &AppState, tokens: &TokenSet, headers: &HeaderMap) -> Re
     if tokens.is_empty() && state.options.insecure_no_auth {
         return Ok(());
     }
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    if tokens.accepts_header(presented) {
-        Ok(())
-    } else {
-        Err(ApiError::Unauthorized)
-    }
+    let presented = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if tokens.accepts_header(presented) { Ok(()) } else { Err(ApiError::Unauthorized) }
 }
 
 #[cfg(test)]

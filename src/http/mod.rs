@@ -62,12 +62,7 @@ pub struct AppState {
 impl AppState {
     pub fn new(relays: Arc<Relays>, metrics: Metrics, options: HttpOptions) -> Self {
         let in_flight = Arc::new(Semaphore::new(options.max_in_flight.max(1)));
-        Self {
-            relays,
-            metrics,
-            options: Arc::new(options),
-            in_flight,
-        }
+        Self { relays, metrics, options: Arc::new(options), in_flight }
     }
 }
 
@@ -104,12 +99,9 @@ pub async fn serve(
     router: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 async fn not_found() -> ApiError {
@@ -120,24 +112,16 @@ async fn not_found() -> ApiError {
 /// records its duration by route and status class.
 async fn guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let route =
+        request.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let response = match state.in_flight.clone().try_acquire_owned() {
         Err(_) => ApiError::Overloaded.into_response(),
-        Ok(_permit) => {
-            match tokio::time::timeout(state.options.request_timeout, next.run(request)).await {
-                Ok(response) => response,
-                Err(_) => ApiError::Timeout.into_response(),
-            }
-        }
+        Ok(_permit) => match tokio::time::timeout(state.options.request_timeout, next.run(request)).await {
+            Ok(response) => response,
+            Err(_) => ApiError::Timeout.into_response(),
+        },
     };
-    state.metrics.observe_http(
-        &route,
-        response.status().as_u16(),
-        started.elapsed().as_secs_f64(),
-    );
+    state.metrics.observe_http(&route, response.status().as_u16(), started.elapsed().as_secs_f64());
     response
 }
 
@@ -151,12 +135,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Target {
         let Ok(params) = RawPathParams::from_request_parts(parts, state).await else {
             return Ok(Self(None));
         };
-        let find = |key: &str| {
-            params
-                .iter()
-                .find(|(k, _)| *k == key)
-                .map(|(_, v)| v.to_owned())
-        };
+        let find = |key: &str| params.iter().find(|(k, _)| *k == key).map(|(_, v)| v.to_owned());
         Ok(Self(match (find("namespace"), find("name")) {
             (Some(namespace), Some(name)) => Some(RelayId::new(namespace, name)),
             _ => None,

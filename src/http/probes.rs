@@ -19,27 +19,13 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     for handle in state.relays.all() {
         let reachable = handle.relay.store().ping().await.is_ok();
         ready &= reachable;
-        relays.insert(
-            handle.relay.id().to_string(),
-            json!({"database": if reachable { "ok" } else { "unreachable" }}),
-        );
+        relays.insert(handle.relay.id().to_string(), json!({"database": if reachable { "ok" } else { "unreachable" }}));
     }
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let body = json!({"status": if ready { "ready" } else { "not ready" }, "relays": relays});
     (status, Json(body)).into_response()
 }
 
 pub async fn metrics(State(state): State<AppState>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        state.metrics.render(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render()).into_response()
 }

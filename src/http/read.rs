@@ -33,11 +33,7 @@ pub async fn get_one(
     headers: HeaderMap,
 ) -> Result<Json<Transaction>, ApiError> {
     let handle = admin(&state, target.as_ref(), &headers)?;
-    let reference = params
-        .iter()
-        .find(|(k, _)| *k == "reference")
-        .map(|(_, v)| v)
-        .unwrap_or_default();
+    let reference = params.iter().find(|(k, _)| *k == "reference").map(|(_, v)| v).unwrap_or_default();
     handle
         .relay
         .store()
@@ -75,16 +71,10 @@ pub async fn list(
     query: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Json<Page>, ApiError> {
     let handle = admin(&state, target.as_ref(), &headers)?;
-    let Query(params) = query.map_err(|e| ApiError::Invalid {
-        field: None,
-        message: e.body_text(),
-    })?;
+    let Query(params) = query.map_err(|e| ApiError::Invalid { field: None, message: e.body_text() })?;
     let limit = params.limit.unwrap_or(DEFAULT_PAGE);
     if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::invalid(
-            "limit",
-            format!("must be between 1 and {MAX_PAGE}"),
-        ));
+        return Err(ApiError::invalid("limit", format!("must be between 1 and {MAX_PAGE}")));
     }
     if params.after_id.is_some_and(|id| id < 0) {
         return Err(ApiError::invalid("after_id", "must not be negative"));
@@ -101,15 +91,8 @@ pub async fn list(
         limit,
     };
     let transactions = handle.relay.store().list(&filter).await?;
-    let next_after_id = if transactions.len() as i64 == limit {
-        transactions.last().map(|t| t.id)
-    } else {
-        None
-    };
-    Ok(Json(Page {
-        transactions,
-        next_after_id,
-    }))
+    let next_after_id = if transactions.len() as i64 == limit { transactions.last().map(|t| t.id) } else { None };
+    Ok(Json(Page { transactions, next_after_id }))
 }
 
 #[derive(Debug, Serialize)]
@@ -127,14 +110,9 @@ pub async fn transaction_health(
 ) -> Result<Json<TransactionHealth>, ApiError> {
     let handle = admin(&state, target.as_ref(), &headers)?;
     let counts = handle.relay.store().counts().await?;
-    let threshold =
-        i64::try_from(handle.relay.config().unsent_warning_threshold).unwrap_or(i64::MAX);
+    let threshold = i64::try_from(handle.relay.config().unsent_warning_threshold).unwrap_or(i64::MAX);
     Ok(Json(TransactionHealth {
-        status: if counts.unsent >= threshold {
-            "warning"
-        } else {
-            "healthy"
-        },
+        status: if counts.unsent >= threshold { "warning" } else { "healthy" },
         unsent_count: counts.unsent,
         failed_count: counts.failed,
         total_count: counts.total,

@@ -68,21 +68,11 @@ pub struct SendFailure {
 
 impl SendFailure {
     pub fn transient(message: impl Into<String>) -> Self {
-        Self {
-            kind: FailureKind::Transient,
-            scope: FailureScope::Request,
-            code: None,
-            message: message.into(),
-        }
+        Self { kind: FailureKind::Transient, scope: FailureScope::Request, code: None, message: message.into() }
     }
 
     pub fn permanent(message: impl Into<String>) -> Self {
-        Self {
-            kind: FailureKind::Permanent,
-            scope: FailureScope::Request,
-            code: None,
-            message: message.into(),
-        }
+        Self { kind: FailureKind::Permanent, scope: FailureScope::Request, code: None, message: message.into() }
     }
 
     pub fn is_permanent(&self) -> bool {
@@ -109,10 +99,8 @@ pub trait Queue: Send + Sync + 'static {
     /// Sends up to [`MAX_BATCH_ENTRIES`] messages in one call. `Ok` holds one
     /// result per message, in the order given; `Err` means the call failed as
     /// a whole.
-    fn send_batch<'a>(
-        &'a self,
-        messages: &'a [OutboundMessage],
-    ) -> BoxFuture<'a, Result<Vec<SendResult>, SendFailure>>;
+    fn send_batch<'a>(&'a self, messages: &'a [OutboundMessage])
+    -> BoxFuture<'a, Result<Vec<SendResult>, SendFailure>>;
 
     /// A cheap call that succeeds when the queue can be reached.
     fn probe(&self) -> BoxFuture<'_, Result<(), SendFailure>>;
@@ -125,9 +113,7 @@ pub fn batches(messages: Vec<OutboundMessage>) -> Vec<Vec<OutboundMessage>> {
     let mut current_bytes = 0;
     for message in messages {
         let size = message.size();
-        if !current.is_empty()
-            && (current.len() == MAX_BATCH_ENTRIES || current_bytes + size > MAX_BATCH_BYTES)
-        {
+        if !current.is_empty() && (current.len() == MAX_BATCH_ENTRIES || current_bytes + size > MAX_BATCH_BYTES) {
             batches.push(std::mem::take(&mut current));
             current_bytes = 0;
         }
@@ -157,29 +143,20 @@ mod tests {
 
     #[test]
     fn batches_hold_at_most_ten_entries() {
-        let sizes: Vec<usize> = batches((0..25).map(|i| message(i, 10)).collect())
-            .iter()
-            .map(Vec::len)
-            .collect();
+        let sizes: Vec<usize> = batches((0..25).map(|i| message(i, 10)).collect()).iter().map(Vec::len).collect();
         assert_eq!(sizes, [10, 10, 5]);
     }
 
     #[test]
     fn batches_stay_under_the_byte_limit() {
-        let sizes: Vec<usize> = batches((0..6).map(|i| message(i, 60 * 1024)).collect())
-            .iter()
-            .map(Vec::len)
-            .collect();
+        let sizes: Vec<usize> = batches((0..6).map(|i| message(i, 60 * 1024)).collect()).iter().map(Vec::len).collect();
         assert_eq!(sizes, [4, 2]);
     }
 
     #[test]
     fn batches_keep_the_order() {
-        let ids: Vec<i64> = batches((0..12).map(|i| message(i, 1)).collect())
-            .concat()
-            .into_iter()
-            .map(|m| m.id)
-            .collect();
+        let ids: Vec<i64> =
+            batches((0..12).map(|i| message(i, 1)).collect()).concat().into_iter().map(|m| m.id).collect();
         assert_eq!(ids, (0..12).collect::<Vec<i64>>());
     }
 }

@@ -73,13 +73,7 @@ impl SqsQueue {
         }
         match (&settings.access_key_id, &settings.secret_access_key) {
             (Some(id), Some(secret)) => {
-                loader = loader.credentials_provider(Credentials::new(
-                    id,
-                    secret.expose(),
-                    None,
-                    None,
-                    "txrelay",
-                ));
+                loader = loader.credentials_provider(Credentials::new(id, secret.expose(), None, None, "txrelay"));
             }
             (None, None) => {}
             _ => {
@@ -97,9 +91,7 @@ impl SqsQueue {
         })
     }
 
-    fn attributes(
-        message: &OutboundMessage,
-    ) -> Result<HashMap<String, MessageAttributeValue>, SendFailure> {
+    fn attributes(message: &OutboundMessage) -> Result<HashMap<String, MessageAttributeValue>, SendFailure> {
         let mut attributes = HashMap::with_capacity(3);
         for (name, value) in [
             ("idempotency_key", &message.idempotency_key),
@@ -125,20 +117,13 @@ impl SqsQueue {
             .set_message_attributes(Some(Self::attributes(message)?))
             .set_delay_seconds(self.delay_seconds);
         if self.fifo {
-            request = request
-                .message_group_id(&message.group_id)
-                .message_deduplication_id(&message.idempotency_key);
+            request = request.message_group_id(&message.group_id).message_deduplication_id(&message.idempotency_key);
         }
         let output = request.send().await.map_err(classify)?;
-        output
-            .message_id
-            .ok_or_else(|| SendFailure::transient("SendMessage answered without a message id"))
+        output.message_id.ok_or_else(|| SendFailure::transient("SendMessage answered without a message id"))
     }
 
-    async fn send_many(
-        &self,
-        messages: &[OutboundMessage],
-    ) -> Result<Vec<SendResult>, SendFailure> {
+    async fn send_many(&self, messages: &[OutboundMessage]) -> Result<Vec<SendResult>, SendFailure> {
         let mut entries = Vec::with_capacity(messages.len());
         for message in messages {
             let mut entry = SendMessageBatchRequestEntry::builder()
@@ -147,15 +132,9 @@ impl SqsQueue {
                 .set_message_attributes(Some(Self::attributes(message)?))
                 .set_delay_seconds(self.delay_seconds);
             if self.fifo {
-                entry = entry
-                    .message_group_id(&message.group_id)
-                    .message_deduplication_id(&message.idempotency_key);
+                entry = entry.message_group_id(&message.group_id).message_deduplication_id(&message.idempotency_key);
             }
-            entries.push(
-                entry
-                    .build()
-                    .map_err(|e| SendFailure::permanent(format!("batch entry: {e}")))?,
-            );
+            entries.push(entry.build().map_err(|e| SendFailure::permanent(format!("batch entry: {e}")))?);
         }
         let output = self
             .client
@@ -171,33 +150,23 @@ impl SqsQueue {
         }
         let entry_ids: Vec<String> = messages.iter().map(|m| m.id.to_string()).collect();
         for failed in output.failed() {
-            let kind = if failed.sender_fault() {
-                FailureKind::Permanent
-            } else {
-                FailureKind::Transient
-            };
+            let kind = if failed.sender_fault() { FailureKind::Permanent } else { FailureKind::Transient };
             results.insert(
                 failed.id(),
                 Err(SendFailure {
                     kind,
                     scope: FailureScope::Entry,
                     code: Some(failed.code().to_owned()),
-                    message: format!(
-                        "{}: {}",
-                        failed.code(),
-                        failed.message().unwrap_or("batch entry failed")
-                    ),
+                    message: format!("{}: {}", failed.code(), failed.message().unwrap_or("batch entry failed")),
                 }),
             );
         }
         Ok(entry_ids
             .iter()
             .map(|id| {
-                results.remove(id.as_str()).unwrap_or_else(|| {
-                    Err(SendFailure::transient(
-                        "SendMessageBatch gave no result for this entry",
-                    ))
-                })
+                results
+                    .remove(id.as_str())
+                    .unwrap_or_else(|| Err(SendFailure::transient("SendMessageBatch gave no result for this entry")))
             })
             .collect())
     }
@@ -235,10 +204,7 @@ impl Queue for SqsQueue {
 
 /// Error codes meaning the queue is gone or misnamed.
 pub fn is_queue_missing(code: &str) -> bool {
-    matches!(
-        code,
-        "AWS.SimpleQueueService.NonExistentQueue" | "QueueDoesNotExist"
-    )
+    matches!(code, "AWS.SimpleQueueService.NonExistentQueue" | "QueueDoesNotExist")
 }
 
 /// Error codes meaning this message (or request) can never be accepted.
@@ -277,12 +243,7 @@ where
             code.as_deref().unwrap_or("ServiceError"),
             service.err().message().unwrap_or("no message")
         );
-        return SendFailure {
-            kind,
-            scope: FailureScope::Request,
-            code,
-            message,
-        };
+        return SendFailure { kind, scope: FailureScope::Request, code, message };
     }
     SendFailure::transient(truncate(DisplayErrorContext(&error).to_string(), 500))
 }
@@ -304,20 +265,11 @@ mod tests {
 
     #[test]
     fn known_hopeless_codes_are_permanent_and_the_rest_transient() {
-        for code in [
-            "InvalidParameterValue",
-            "InvalidMessageContents",
-            "AWS.SimpleQueueService.NonExistentQueue",
-        ] {
+        for code in ["InvalidParameterValue", "InvalidMessageContents", "AWS.SimpleQueueService.NonExistentQueue"] {
             assert!(is_permanent_code(code), "{code}");
         }
-        for code in [
-            "ThrottlingException",
-            "RequestThrottled",
-            "InternalError",
-            "InvalidClientTokenId",
-            "AccessDenied",
-        ] {
+        for code in ["ThrottlingException", "RequestThrottled", "InternalError", "InvalidClientTokenId", "AccessDenied"]
+        {
             assert!(!is_permanent_code(code), "{code}");
         }
     }

@@ -15,18 +15,13 @@ impl Backoff {
     pub const BASE: Duration = Duration::from_secs(1);
 
     pub fn new(cap: Duration) -> Self {
-        Self {
-            base: Self::BASE,
-            cap: cap.max(Duration::from_millis(1)),
-        }
+        Self { base: Self::BASE, cap: cap.max(Duration::from_millis(1)) }
     }
 
     /// The upper bound of the wait after `attempts` failed attempts (1-based).
     pub fn ceiling(&self, attempts: u32) -> Duration {
         let exponent = attempts.saturating_sub(1).min(32);
-        self.base
-            .saturating_mul(1u32 << exponent.min(31))
-            .min(self.cap)
+        self.base.saturating_mul(1u32 << exponent.min(31)).min(self.cap)
     }
 
     pub fn delay(&self, attempts: u32, rng: &mut fastrand::Rng) -> Duration {
@@ -53,9 +48,7 @@ mod tests {
         let backoff = Backoff::new(Duration::from_secs(60));
         let schedule = |seed| {
             let mut rng = fastrand::Rng::with_seed(seed);
-            (1..=8)
-                .map(|n| backoff.delay(n, &mut rng))
-                .collect::<Vec<_>>()
+            (1..=8).map(|n| backoff.delay(n, &mut rng)).collect::<Vec<_>>()
         };
         let first = schedule(42);
         assert_eq!(first, schedule(42), "same seed, same schedule");

@@ -38,11 +38,7 @@ struct LoopState {
 /// has started finishes its in-flight sends and records them first.
 pub async fn run_loop(relay: Arc<Relay>, mut stop: watch::Receiver<bool>) {
     info!(relay = %relay.id, suspended = relay.config.suspend, "relay loop started");
-    let mut state = LoopState {
-        db_retry: DB_RETRY_MIN,
-        gauges_at: None,
-        retention_at: None,
-    };
+    let mut state = LoopState { db_retry: DB_RETRY_MIN, gauges_at: None, retention_at: None };
     loop {
         if *stop.borrow() {
             break;
@@ -65,8 +61,7 @@ impl Relay {
     /// One turn of the loop; returns how long to sleep.
     async fn cycle(&self, stop: &watch::Receiver<bool>, state: &mut LoopState) -> Duration {
         if self.config.suspend {
-            self.refresh_gauges_if_older_than(Duration::ZERO, state)
-                .await;
+            self.refresh_gauges_if_older_than(Duration::ZERO, state).await;
             return GAUGE_MAX_AGE;
         }
         if !self.queue_is_up() {
@@ -75,16 +70,12 @@ impl Relay {
                 Err(failure) => {
                     debug!(relay = %self.id, error = %failure, "queue still unreachable");
                     self.mark_queue(false, Some(&failure));
-                    self.refresh_gauges_if_older_than(GAUGE_MAX_AGE, state)
-                        .await;
+                    self.refresh_gauges_if_older_than(GAUGE_MAX_AGE, state).await;
                     return PROBE_INTERVAL;
                 }
             }
         }
-        let report = match self
-            .sweep(ClaimMode::Due, self.config.batch_size, stop)
-            .await
-        {
+        let report = match self.sweep(ClaimMode::Due, self.config.batch_size, stop).await {
             Ok(report) => report,
             Err(error) => {
                 let wait = state.db_retry;
@@ -97,10 +88,8 @@ impl Relay {
             info!(relay = %self.id, "database reachable again");
         }
         state.db_retry = DB_RETRY_MIN;
-        self.health
-            .send_modify(|h| h.last_sweep = Some(chrono::Utc::now()));
-        self.refresh_gauges_if_older_than(GAUGE_MIN_AGE, state)
-            .await;
+        self.health.send_modify(|h| h.last_sweep = Some(chrono::Utc::now()));
+        self.refresh_gauges_if_older_than(GAUGE_MIN_AGE, state).await;
         self.apply_retention(state).await;
 
         if report.queue_error.is_some() {
@@ -142,20 +131,13 @@ impl Relay {
         let Some(age) = self.config.retention else {
             return;
         };
-        if state
-            .retention_at
-            .is_some_and(|at| at.elapsed() < RETENTION_EVERY)
-        {
+        if state.retention_at.is_some_and(|at| at.elapsed() < RETENTION_EVERY) {
             return;
         }
         state.retention_at = Some(Instant::now());
         let mut deleted = 0;
         for _ in 0..100 {
-            match self
-                .store
-                .delete_sent_older_than(age, RETENTION_BATCH)
-                .await
-            {
+            match self.store.delete_sent_older_than(age, RETENTION_BATCH).await {
                 Ok(count) => {
                     deleted += count;
                     if count < u64::from(RETENTION_BATCH) {

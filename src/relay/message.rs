@@ -7,10 +7,7 @@ use crate::secret::Secret;
 use crate::store::ClaimedRow;
 use crate::transaction::raw_json::{RawObject, push_json_string};
 
-pub fn outbound(
-    row: &ClaimedRow,
-    ledger_token: Option<&Secret>,
-) -> Result<OutboundMessage, String> {
+pub fn outbound(row: &ClaimedRow, ledger_token: Option<&Secret>) -> Result<OutboundMessage, String> {
     Ok(OutboundMessage {
         id: row.id,
         body: body(&row.payload, ledger_token)?,
@@ -26,19 +23,11 @@ pub fn body(payload: &str, ledger_token: Option<&Secret>) -> Result<String, Stri
     let Some(token) = ledger_token else {
         return Ok(payload.to_owned());
     };
-    let root =
-        RawObject::parse(payload).map_err(|_| "stored payload is not a JSON object".to_owned())?;
-    let meta = root
-        .get("meta_data")
-        .ok_or_else(|| "stored payload has no meta_data".to_owned())?;
-    let meta = RawObject::parse(meta.get())
-        .map_err(|_| "stored meta_data is not a JSON object".to_owned())?;
-    let mut meta_text = String::with_capacity(
-        meta.members()
-            .map(|(k, v)| k.len() + v.get().len() + 4)
-            .sum::<usize>()
-            + 64,
-    );
+    let root = RawObject::parse(payload).map_err(|_| "stored payload is not a JSON object".to_owned())?;
+    let meta = root.get("meta_data").ok_or_else(|| "stored payload has no meta_data".to_owned())?;
+    let meta = RawObject::parse(meta.get()).map_err(|_| "stored meta_data is not a JSON object".to_owned())?;
+    let mut meta_text =
+        String::with_capacity(meta.members().map(|(k, v)| k.len() + v.get().len() + 4).sum::<usize>() + 64);
     // Drop any token that found its way into the stored payload: only the
     // relay's own is ever sent.
     meta.write(&mut meta_text, |key| (key == "token").then_some(None));
@@ -56,8 +45,7 @@ pub fn body(payload: &str, ledger_token: Option<&Secret>) -> Result<String, Stri
 mod tests {
     use super::*;
 
-    const STORED: &str =
-        r#"{"meta_data":{"idempotency_key":"k","n":1.10},"payload":{"value":"1.00"}}"#;
+    const STORED: &str = r#"{"meta_data":{"idempotency_key":"k","n":1.10},"payload":{"value":"1.00"}}"#;
 
     #[test]
     fn without_a_token_the_stored_payload_is_sent_verbatim() {
@@ -72,11 +60,7 @@ mod tests {
             sent,
             r#"{"meta_data":{"idempotency_key":"k","n":1.10,"token":"ledger \"svc\" token"},"payload":{"value":"1.00"}}"#
         );
-        assert_eq!(
-            body(STORED, Some(&token)).unwrap(),
-            sent,
-            "same bytes every time"
-        );
+        assert_eq!(body(STORED, Some(&token)).unwrap(), sent, "same bytes every time");
     }
 
     #[test]

@@ -37,10 +37,7 @@ pub struct RelayId {
 
 impl RelayId {
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        Self {
-            namespace: namespace.into(),
-            name: name.into(),
-        }
+        Self { namespace: namespace.into(), name: name.into() }
     }
 }
 
@@ -130,10 +127,7 @@ pub struct Relay {
 
 impl fmt::Debug for Relay {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Relay")
-            .field("id", &self.id)
-            .field("config", &self.config)
-            .finish_non_exhaustive()
+        f.debug_struct("Relay").field("id", &self.id).field("config", &self.config).finish_non_exhaustive()
     }
 }
 
@@ -228,9 +222,7 @@ impl Relay {
     }
 
     fn failed_send(&self, id: i64, attempts_before: i32, failure: &SendFailure) -> FailedSend {
-        let attempts = u32::try_from(attempts_before)
-            .unwrap_or(0)
-            .saturating_add(1);
+        let attempts = u32::try_from(attempts_before).unwrap_or(0).saturating_add(1);
         FailedSend {
             id,
             error: failure.message.clone(),
@@ -245,32 +237,19 @@ impl Relay {
     #[tracing::instrument(skip_all, fields(relay = %self.id, reference = %tx.reference, idempotency_key = %tx.idempotency_key))]
     pub async fn submit(&self, tx: &NewTransaction) -> Result<Submission, StoreError> {
         let inline = !self.config.suspend && self.queue_is_up();
-        let lease_ms = if inline {
-            millis(self.config.inline_lease())
-        } else {
-            0
-        };
+        let lease_ms = if inline { millis(self.config.inline_lease()) } else { 0 };
         let outcome = self.store.insert(tx, lease_ms, self.is_fifo()).await;
         self.mark_database(outcome.as_ref().err().filter(|e| e.is_unavailable()));
         let (transaction, held_back) = match outcome? {
-            InsertOutcome::Created {
-                transaction,
-                held_back,
-            } => (transaction, held_back),
+            InsertOutcome::Created { transaction, held_back } => (transaction, held_back),
             InsertOutcome::Replayed(existing) => {
                 self.metrics.accepted(Accepted::Replayed);
-                info!(
-                    id = existing.id,
-                    "replayed: same idempotency key and content"
-                );
+                info!(id = existing.id, "replayed: same idempotency key and content");
                 return Ok(Submission::Replayed(existing));
             }
             InsertOutcome::Conflict(conflict) => {
                 self.metrics.accepted(Accepted::Rejected);
-                info!(
-                    field = conflict.field(),
-                    "conflict with a stored transaction"
-                );
+                info!(field = conflict.field(), "conflict with a stored transaction");
                 return Ok(Submission::Conflict(conflict));
             }
         };
@@ -284,10 +263,7 @@ impl Relay {
             // FIFO: an older row of this wallet is still unsent; this one
             // goes after it, through the loop.
             self.store.release(&[transaction.id]).await?;
-            info!(
-                id = transaction.id,
-                "held back behind an older unsent transaction of the same wallet"
-            );
+            info!(id = transaction.id, "held back behind an older unsent transaction of the same wallet");
             return Ok(Submission::Queued(transaction));
         }
         Ok(self.send_inline(transaction, &tx.payload).await)
@@ -304,13 +280,10 @@ impl Relay {
                 group_id: transaction.wallet_address.clone(),
             },
             Err(error) => {
-                return self
-                    .inline_failed(transaction, SendFailure::permanent(error))
-                    .await;
+                return self.inline_failed(transaction, SendFailure::permanent(error)).await;
             }
         };
-        let sent =
-            tokio::time::timeout(self.config.inline_send_timeout, self.queue.send(&message)).await;
+        let sent = tokio::time::timeout(self.config.inline_send_timeout, self.queue.send(&message)).await;
         let message_id = match sent {
             Ok(Ok(message_id)) => message_id,
             Ok(Err(failure)) => return self.inline_failed(transaction, failure).await,
@@ -325,10 +298,7 @@ impl Relay {
         self.mark_queue(true, None);
         self.metrics.sent(SendPath::Inline, 1);
         info!(id = transaction.id, message_id = %message_id, "sent inline");
-        match self
-            .record_with_retry(|| self.store.record_inline_sent(transaction.id, &message_id))
-            .await
-        {
+        match self.record_with_retry(|| self.store.record_inline_sent(transaction.id, &message_id)).await {
             Ok(Some(updated)) => Submission::Sent(updated),
             // Already recorded by someone else: nothing more to do.
             Ok(None) => Submission::Sent(transaction),
@@ -349,10 +319,7 @@ impl Relay {
         warn!(id = transaction.id, error = %failure, permanent = failure.is_permanent(), "inline send failed; the relay will retry");
         let failed = self.failed_send(transaction.id, transaction.attempts, &failure);
         let recorded = self
-            .record_with_retry(|| {
-                self.store
-                    .record_failures(std::slice::from_ref(&failed), self.config.max_attempts)
-            })
+            .record_with_retry(|| self.store.record_failures(std::slice::from_ref(&failed), self.config.max_attempts))
             .await;
         self.wake();
         let store = self.store.clone();
@@ -393,10 +360,7 @@ impl Relay {
     }
 
     fn track(&self, ids: impl IntoIterator<Item = i64>) {
-        self.in_flight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(ids);
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).extend(ids);
     }
 
     fn untrack(&self, ids: &[i64]) {
@@ -409,23 +373,14 @@ impl Relay {
     /// Releases every row this process still holds. Called when shutdown
     /// cannot wait any longer for in-flight sends.
     pub async fn release_in_flight(&self) -> Result<u64, StoreError> {
-        let ids: Vec<i64> = self
-            .in_flight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain()
-            .collect();
+        let ids: Vec<i64> = self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).drain().collect();
         self.store.release(&ids).await
     }
 
     /// Reads the backlog from the database and publishes it as metrics.
     pub async fn refresh_gauges(&self) -> Result<Gauges, StoreError> {
         let gauges = self.store.gauges().await?;
-        self.metrics.set_backlog(
-            gauges.unsent,
-            gauges.failed,
-            gauges.oldest_unsent_age_seconds,
-        );
+        self.metrics.set_backlog(gauges.unsent, gauges.failed, gauges.oldest_unsent_age_seconds);
         self.health.send_modify(|h| h.gauges = Some(gauges));
         Ok(gauges)
     }

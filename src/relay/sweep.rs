@@ -54,10 +54,7 @@ pub enum RetryError {
     #[error(transparent)]
     Claim(#[from] RetryOneError),
     #[error("send failed{}: {failure}", if *.dead_lettered { " (dead-lettered)" } else { "" })]
-    Send {
-        failure: SendFailure,
-        dead_lettered: bool,
-    },
+    Send { failure: SendFailure, dead_lettered: bool },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -76,26 +73,16 @@ impl Relay {
         stop: &watch::Receiver<bool>,
     ) -> Result<SweepReport, StoreError> {
         let started = Instant::now();
-        let claim = self
-            .store
-            .claim(mode, limit, self.config.claim_lease, self.is_fifo())
-            .await;
+        let claim = self.store.claim(mode, limit, self.config.claim_lease, self.is_fifo()).await;
         self.mark_database(claim.as_ref().err());
         let claim = claim?;
-        let mut report = SweepReport {
-            claimed: claim.rows.len(),
-            ..SweepReport::default()
-        };
+        let mut report = SweepReport { claimed: claim.rows.len(), ..SweepReport::default() };
         if claim.rows.is_empty() {
             return Ok(report);
         }
         let claimed_ids: Vec<i64> = claim.rows.iter().map(|r| r.id).collect();
         self.track(claimed_ids.iter().copied());
-        let send_until = started
-            + claim
-                .lease
-                .saturating_sub(LEASE_MARGIN)
-                .max(claim.lease / 2);
+        let send_until = started + claim.lease.saturating_sub(LEASE_MARGIN).max(claim.lease / 2);
         let attempts: HashMap<i64, i32> = claim.rows.iter().map(|r| (r.id, r.attempts)).collect();
 
         let mut messages = Vec::with_capacity(claim.rows.len());
@@ -107,10 +94,7 @@ impl Relay {
             }
         }
         if !unbuildable.is_empty() {
-            let failures = unbuildable
-                .iter()
-                .map(|(id, f)| self.failed_send(*id, 0, f))
-                .collect();
+            let failures = unbuildable.iter().map(|(id, f)| self.failed_send(*id, 0, f)).collect();
             report.absorb(self.record(Vec::new(), failures).await);
         }
 
@@ -126,24 +110,15 @@ impl Relay {
 
         let leftover: Vec<i64> = {
             let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-            claimed_ids
-                .iter()
-                .copied()
-                .filter(|id| in_flight.remove(id))
-                .collect()
+            claimed_ids.iter().copied().filter(|id| in_flight.remove(id)).collect()
         };
         if !leftover.is_empty() {
             self.store.release(&leftover).await?;
             report.released = leftover.len();
             report.released_ids = leftover;
         }
-        report.queue_error = queue_down
-            .into_inner()
-            .unwrap_or_else(|e| e.into_inner())
-            .map(|f| f.message);
-        self.metrics
-            .sweep_duration()
-            .observe(started.elapsed().as_secs_f64());
+        report.queue_error = queue_down.into_inner().unwrap_or_else(|e| e.into_inner()).map(|f| f.message);
+        self.metrics.sweep_duration().observe(started.elapsed().as_secs_f64());
         info!(
             relay = %self.id,
             claimed = report.claimed,
@@ -166,10 +141,7 @@ impl Relay {
         stop: &watch::Receiver<bool>,
         queue_down: &Mutex<Option<SendFailure>>,
     ) -> SweepReport {
-        let already_down = queue_down
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some();
+        let already_down = queue_down.lock().unwrap_or_else(|e| e.into_inner()).is_some();
         if *stop.borrow() || already_down || Instant::now() >= send_until {
             // Left tracked: the sweep releases these rows untouched.
             return SweepReport::default();
@@ -223,10 +195,7 @@ impl Relay {
     async fn record(&self, sent: Vec<(i64, String)>, failures: Vec<FailedSend>) -> SweepReport {
         let mut report = SweepReport::default();
         if !sent.is_empty() {
-            match self
-                .record_with_retry(|| self.store.record_sent(&sent))
-                .await
-            {
+            match self.record_with_retry(|| self.store.record_sent(&sent)).await {
                 Ok(_) => {
                     report.sent = sent.len();
                     self.metrics.sent(SendPath::Sweep, sent.len());
@@ -239,15 +208,8 @@ impl Relay {
         if !failures.is_empty() {
             let permanent = failures.iter().filter(|f| f.permanent).count();
             self.metrics.send_failures(true, permanent);
-            self.metrics
-                .send_failures(false, failures.len() - permanent);
-            match self
-                .record_with_retry(|| {
-                    self.store
-                        .record_failures(&failures, self.config.max_attempts)
-                })
-                .await
-            {
+            self.metrics.send_failures(false, failures.len() - permanent);
+            match self.record_with_retry(|| self.store.record_failures(&failures, self.config.max_attempts)).await {
                 Ok(rows) => {
                     for row in rows.iter().filter(|r| r.failed_at.is_some()) {
                         error!(relay = %self.id, reference = %row.reference, idempotency_key = %row.idempotency_key,
@@ -263,11 +225,7 @@ impl Relay {
                 }
             }
         }
-        let ids: Vec<i64> = sent
-            .iter()
-            .map(|(id, _)| *id)
-            .chain(failures.iter().map(|f| f.id))
-            .collect();
+        let ids: Vec<i64> = sent.iter().map(|(id, _)| *id).chain(failures.iter().map(|f| f.id)).collect();
         self.untrack(&ids);
         report
     }
@@ -283,19 +241,13 @@ impl Relay {
         let limit = limit.unwrap_or(u64::MAX);
         let mut report = RetryAllReport::default();
         if include_dead {
-            report.revived = self
-                .store
-                .revive_dead_lettered(i64::try_from(limit).unwrap_or(i64::MAX))
-                .await?;
+            report.revived = self.store.revive_dead_lettered(i64::try_from(limit).unwrap_or(i64::MAX)).await?;
         }
         let (_keep_open, never) = watch::channel(false);
         let mut skip: Vec<i64> = Vec::new();
         while (report.total as u64) < limit {
-            let round =
-                (limit - report.total as u64).min(u64::from(self.config.batch_size.max(10))) as u32;
-            let sweep = self
-                .sweep(ClaimMode::Force { skip: &skip }, round, &never)
-                .await?;
+            let round = (limit - report.total as u64).min(u64::from(self.config.batch_size.max(10))) as u32;
+            let sweep = self.sweep(ClaimMode::Force { skip: &skip }, round, &never).await?;
             if sweep.claimed == 0 {
                 break;
             }
@@ -315,10 +267,7 @@ impl Relay {
 
     /// Sends one row now (`txrelay retry ID`), reviving it if dead-lettered.
     pub async fn retry_one(&self, id: i64) -> Result<String, RetryError> {
-        let row = self
-            .store
-            .claim_one(id, self.config.claim_lease, self.is_fifo())
-            .await?;
+        let row = self.store.claim_one(id, self.config.claim_lease, self.is_fifo()).await?;
         self.track([row.id]);
         let sent = match message::outbound(&row, self.ledger_token.as_ref()) {
             Ok(message) => self.queue.send(&message).await,
@@ -326,24 +275,16 @@ impl Relay {
         };
         let result = match sent {
             Ok(message_id) => {
-                self.store
-                    .record_sent(&[(row.id, message_id.clone())])
-                    .await?;
+                self.store.record_sent(&[(row.id, message_id.clone())]).await?;
                 self.metrics.sent(SendPath::Sweep, 1);
                 Ok(message_id)
             }
             Err(failure) => {
                 self.metrics.send_failures(failure.is_permanent(), 1);
                 let failed = self.failed_send(row.id, row.attempts, &failure);
-                let rows = self
-                    .store
-                    .record_failures(&[failed], self.config.max_attempts)
-                    .await?;
+                let rows = self.store.record_failures(&[failed], self.config.max_attempts).await?;
                 let dead_lettered = rows.iter().any(|r| r.failed_at.is_some());
-                Err(RetryError::Send {
-                    failure,
-                    dead_lettered,
-                })
+                Err(RetryError::Send { failure, dead_lettered })
             }
         };
         self.untrack(&[row.id]);

@@ -21,43 +21,29 @@ impl Store {
     /// advisory lock.
     pub async fn migrate(&self) -> Result<()> {
         self.create_schema().await?;
-        MIGRATOR
-            .run(self.pool())
-            .await
-            .map_err(|e| StoreError::Migration(e.to_string()))
+        MIGRATOR.run(self.pool()).await.map_err(|e| StoreError::Migration(e.to_string()))
     }
 
     /// Reverts the most recently applied migration; returns its version.
     pub async fn revert_last_migration(&self) -> Result<Option<i64>> {
-        let applied: Vec<i64> = self
-            .status()
-            .await?
-            .into_iter()
-            .filter_map(|m| m.installed_on.map(|_| m.version))
-            .collect();
+        let applied: Vec<i64> =
+            self.status().await?.into_iter().filter_map(|m| m.installed_on.map(|_| m.version)).collect();
         let Some((&last, earlier)) = applied.split_last() else {
             return Ok(None);
         };
         let target = earlier.last().copied().unwrap_or(0);
-        MIGRATOR
-            .undo(self.pool(), target)
-            .await
-            .map_err(|e| StoreError::Migration(e.to_string()))?;
+        MIGRATOR.undo(self.pool(), target).await.map_err(|e| StoreError::Migration(e.to_string()))?;
         Ok(Some(last))
     }
 
     /// Every known migration with the time it was applied, if it was.
     pub async fn status(&self) -> Result<Vec<MigrationStatus>> {
         let table_exists: bool =
-            sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
-                .fetch_one(self.pool())
-                .await?;
+            sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL").fetch_one(self.pool()).await?;
         let applied: Vec<(i64, DateTime<Utc>)> = if table_exists {
-            sqlx::query_as(
-                "SELECT version, installed_on FROM _sqlx_migrations WHERE success ORDER BY version",
-            )
-            .fetch_all(self.pool())
-            .await?
+            sqlx::query_as("SELECT version, installed_on FROM _sqlx_migrations WHERE success ORDER BY version")
+                .fetch_all(self.pool())
+                .await?
         } else {
             Vec::new()
         };
@@ -67,10 +53,7 @@ impl Store {
             .map(|m| MigrationStatus {
                 version: m.version,
                 description: m.description.to_string(),
-                installed_on: applied
-                    .iter()
-                    .find(|(v, _)| *v == m.version)
-                    .map(|(_, at)| *at),
+                installed_on: applied.iter().find(|(v, _)| *v == m.version).map(|(_, at)| *at),
             })
             .collect())
     }
@@ -78,18 +61,14 @@ impl Store {
     async fn create_schema(&self) -> Result<()> {
         // The name is a validated identifier (spec::is_schema_name), so quoting it is enough.
         let sql = format!("CREATE SCHEMA IF NOT EXISTS \"{}\"", self.schema());
-        sqlx::query(sqlx::AssertSqlSafe(sql))
-            .execute(self.pool())
-            .await?;
+        sqlx::query(sqlx::AssertSqlSafe(sql)).execute(self.pool()).await?;
         Ok(())
     }
 
     /// Drops the schema and everything in it. Tests use it to clean up.
     pub async fn drop_schema(&self) -> Result<()> {
         let sql = format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.schema());
-        sqlx::query(sqlx::AssertSqlSafe(sql))
-            .execute(self.pool())
-            .await?;
+        sqlx::query(sqlx::AssertSqlSafe(sql)).execute(self.pool()).await?;
         Ok(())
     }
 }

@@ -83,11 +83,7 @@ impl From<sqlx::Error> for StoreError {
                 let code = db.code().unwrap_or_default();
                 // 08: connection exception; 57P0x: server shutting down or
                 // starting; 57014: statement timeout; 53300: too many connections.
-                if code.starts_with("08")
-                    || code.starts_with("57P0")
-                    || code == "57014"
-                    || code == "53300"
-                {
+                if code.starts_with("08") || code.starts_with("57P0") || code == "57014" || code == "53300" {
                     Self::Unavailable(error.to_string())
                 } else {
                     Self::Query(error.to_string())
@@ -134,19 +130,13 @@ impl Store {
     /// database is down, reports not-ready and recovers by itself.
     pub fn connect_lazy(options: &StoreOptions) -> Result<Self> {
         if !crate::spec::is_schema_name(&options.schema) {
-            return Err(StoreError::Query(format!(
-                "invalid schema name {:?}",
-                options.schema
-            )));
+            return Err(StoreError::Query(format!("invalid schema name {:?}", options.schema)));
         }
         let statement_timeout = format!("{}ms", options.statement_timeout.as_millis());
         let connect = PgConnectOptions::from_str(options.url.expose())
             .map_err(|_| StoreError::InvalidUrl)?
             .application_name("txrelay")
-            .options([
-                ("search_path", options.schema.as_str()),
-                ("statement_timeout", statement_timeout.as_str()),
-            ]);
+            .options([("search_path", options.schema.as_str()), ("statement_timeout", statement_timeout.as_str())]);
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
             .min_connections(1)
@@ -154,10 +144,7 @@ impl Store {
             .idle_timeout(Duration::from_secs(600))
             .test_before_acquire(false)
             .connect_lazy_with(connect);
-        Ok(Self {
-            pool,
-            schema: options.schema.clone(),
-        })
+        Ok(Self { pool, schema: options.schema.clone() })
     }
 
     /// Connects and checks the database answers.
@@ -187,10 +174,7 @@ impl Store {
 
     /// Tells every relay listening on this schema to look for due rows.
     pub async fn notify_due(&self) -> Result<()> {
-        sqlx::query("SELECT pg_notify($1, '')")
-            .bind(self.due_channel())
-            .execute(&self.pool)
-            .await?;
+        sqlx::query("SELECT pg_notify($1, '')").bind(self.due_channel()).execute(&self.pool).await?;
         Ok(())
     }
 

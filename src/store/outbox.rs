@@ -61,13 +61,9 @@ pub enum RetryOneError {
     NotFound(i64),
     #[error("transaction {id} was already sent (message id {message_id})")]
     AlreadySent { id: i64, message_id: String },
-    #[error(
-        "transaction {id} is being sent by a running relay until {until}; try again after that"
-    )]
+    #[error("transaction {id} is being sent by a running relay until {until}; try again after that")]
     Held { id: i64, until: DateTime<Utc> },
-    #[error(
-        "transaction {id} must wait for the older unsent transaction {older} of the same wallet (FIFO order)"
-    )]
+    #[error("transaction {id} must wait for the older unsent transaction {older} of the same wallet (FIFO order)")]
     WaitsForOlder { id: i64, older: i64 },
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -107,15 +103,9 @@ macro_rules! not_held_nor_skipped {
 }
 
 const CLAIM_DUE: &str = claim_sql!(due!(), "t.next_attempt_at, t.id");
-const CLAIM_DUE_FIFO: &str = claim_sql!(
-    concat!(due!(), " AND ", first_of_its_wallet!("t")),
-    "t.next_attempt_at, t.id"
-);
+const CLAIM_DUE_FIFO: &str = claim_sql!(concat!(due!(), " AND ", first_of_its_wallet!("t")), "t.next_attempt_at, t.id");
 const CLAIM_FORCE: &str = claim_sql!(not_held_nor_skipped!(), "t.id");
-const CLAIM_FORCE_FIFO: &str = claim_sql!(
-    concat!(not_held_nor_skipped!(), " AND ", first_of_its_wallet!("t")),
-    "t.id"
-);
+const CLAIM_FORCE_FIFO: &str = claim_sql!(concat!(not_held_nor_skipped!(), " AND ", first_of_its_wallet!("t")), "t.id");
 
 const RECORD_SENT: &str = "UPDATE transactions t SET message_id = s.message_id, queue_sent_at = now(), \
      attempts = t.attempts + 1, claimed_until = NULL, failed_at = NULL \
@@ -123,11 +113,11 @@ const RECORD_SENT: &str = "UPDATE transactions t SET message_id = s.message_id, 
      WHERE t.id = s.id AND t.message_id IS NULL";
 
 const RECORD_FAILURES: &str = concat!(
-    "UPDATE transactions SET attempts = transactions.attempts + 1, last_error = f.error, \
+    "UPDATE transactions SET attempts = transactions.attempts + 1, last_error = f.failure, \
      next_attempt_at = now() + f.delay_ms * interval '1 millisecond', claimed_until = NULL, \
      failed_at = CASE WHEN f.permanent OR ($5 > 0 AND transactions.attempts + 1 >= $5) THEN now() END \
-     FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bool[]) AS f(id, error, delay_ms, permanent) \
-     WHERE transactions.id = f.id AND transactions.message_id IS NULL RETURNING ",
+     FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bool[]) AS f(failed_id, failure, delay_ms, permanent) \
+     WHERE transactions.id = f.failed_id AND transactions.message_id IS NULL RETURNING ",
     columns!()
 );
 
@@ -156,13 +146,7 @@ const NEXT_DUE_FIFO: &str = next_due_sql!(concat!(" AND ", first_of_its_wallet!(
 impl Store {
     /// Claims up to `limit` rows in one short transaction, skipping rows other
     /// processes hold, and holds them for `lease`.
-    pub async fn claim(
-        &self,
-        mode: ClaimMode<'_>,
-        limit: u32,
-        lease: Duration,
-        fifo: bool,
-    ) -> Result<Claim> {
+    pub async fn claim(&self, mode: ClaimMode<'_>, limit: u32, lease: Duration, fifo: bool) -> Result<Claim> {
         let lease_ms = millis(lease);
         let query = match (mode, fifo) {
             (ClaimMode::Due, false) => sqlx::query_as(CLAIM_DUE),
@@ -184,24 +168,15 @@ impl Store {
         if sent.is_empty() {
             return Ok(0);
         }
-        let (ids, message_ids): (Vec<i64>, Vec<&str>) =
-            sent.iter().map(|(id, m)| (*id, m.as_str())).unzip();
-        let result = sqlx::query(RECORD_SENT)
-            .bind(&ids)
-            .bind(&message_ids)
-            .execute(self.pool())
-            .await?;
+        let (ids, message_ids): (Vec<i64>, Vec<&str>) = sent.iter().map(|(id, m)| (*id, m.as_str())).unzip();
+        let result = sqlx::query(RECORD_SENT).bind(&ids).bind(&message_ids).execute(self.pool()).await?;
         Ok(result.rows_affected())
     }
 
     /// Records failed sends with a single UPDATE and returns the rows as they
     /// now are: `failed_at` is set on those dead-lettered (permanent error, or
     /// `max_attempts` reached).
-    pub async fn record_failures(
-        &self,
-        failures: &[FailedSend],
-        max_attempts: u32,
-    ) -> Result<Vec<Transaction>> {
+    pub async fn record_failures(&self, failures: &[FailedSend], max_attempts: u32) -> Result<Vec<Transaction>> {
         if failures.is_empty() {
             return Ok(Vec::new());
         }
@@ -236,21 +211,13 @@ impl Store {
     }
 
     /// Records a successful inline send and returns the updated row.
-    pub async fn record_inline_sent(
-        &self,
-        id: i64,
-        message_id: &str,
-    ) -> Result<Option<Transaction>> {
+    pub async fn record_inline_sent(&self, id: i64, message_id: &str) -> Result<Option<Transaction>> {
         let sql = concat!(
             "UPDATE transactions SET message_id = $2, queue_sent_at = now(), attempts = attempts + 1, \
              claimed_until = NULL, failed_at = NULL WHERE id = $1 AND message_id IS NULL RETURNING ",
             columns!()
         );
-        Ok(sqlx::query_as(sql)
-            .bind(id)
-            .bind(message_id)
-            .fetch_optional(self.pool())
-            .await?)
+        Ok(sqlx::query_as(sql).bind(id).bind(message_id).fetch_optional(self.pool()).await?)
     }
 
     /// Unsent rows, dead-lettered rows and the age of the oldest unsent row.
@@ -298,7 +265,9 @@ impl Store {
             "UPDATE transactions SET failed_at = NULL, next_attempt_at = now() + $2 * interval '1 millisecond', \
              claimed_until = now() + $2 * interval '1 millisecond' \
              WHERE id = $1 AND message_id IS NULL AND (claimed_until IS NULL OR claimed_until <= now()) \
-             AND (NOT $3 OR ", first_of_its_wallet!("transactions"), ") \
+             AND (NOT $3 OR ",
+            first_of_its_wallet!("transactions"),
+            ") \
              RETURNING id, reference, idempotency_key, wallet_address, source, attempts, payload::text AS payload",
         ))
         .bind(id)
@@ -327,10 +296,7 @@ impl Store {
         .map_err(StoreError::from)?;
         match older {
             Some(older) if fifo => Err(RetryOneError::WaitsForOlder { id, older }),
-            _ => Err(RetryOneError::Held {
-                id,
-                until: existing.next_attempt_at,
-            }),
+            _ => Err(RetryOneError::Held { id, until: existing.next_attempt_at }),
         }
     }
 

@@ -41,9 +41,7 @@ impl Conflict {
 
     pub fn message(self) -> &'static str {
         match self {
-            Self::IdempotencyKey => {
-                "idempotency key already used for a transaction with different content"
-            }
+            Self::IdempotencyKey => "idempotency key already used for a transaction with different content",
             Self::Reference => "reference already belongs to another transaction",
             Self::ExternalReference => "external_reference already belongs to another transaction",
         }
@@ -118,12 +116,7 @@ impl Store {
     /// Commits a new transaction in one round trip. `inline_lease_ms` is how
     /// long the row is held for the inline send (0 when there is none), so a
     /// sweep never races it; if the process dies, the row is swept afterwards.
-    pub async fn insert(
-        &self,
-        tx: &NewTransaction,
-        inline_lease_ms: i64,
-        fifo: bool,
-    ) -> Result<InsertOutcome> {
+    pub async fn insert(&self, tx: &NewTransaction, inline_lease_ms: i64, fifo: bool) -> Result<InsertOutcome> {
         // A conflicting row can vanish between the insert and the lookup
         // (retention); one more insert settles it.
         for _ in 0..2 {
@@ -152,21 +145,14 @@ impl Store {
                 .await?;
             if let Some(row) = row {
                 let transaction = Transaction::from_row(&row)?;
-                let held_back = row
-                    .try_get::<Option<bool>, _>("held_back")?
-                    .unwrap_or(false);
-                return Ok(InsertOutcome::Created {
-                    transaction,
-                    held_back,
-                });
+                let held_back = row.try_get::<Option<bool>, _>("held_back")?.unwrap_or(false);
+                return Ok(InsertOutcome::Created { transaction, held_back });
             }
             if let Some(outcome) = self.classify_conflict(tx).await? {
                 return Ok(outcome);
             }
         }
-        Err(StoreError::Inconsistent(
-            "insert conflicted with a row that no longer exists".into(),
-        ))
+        Err(StoreError::Inconsistent("insert conflicted with a row that no longer exists".into()))
     }
 
     async fn classify_conflict(&self, tx: &NewTransaction) -> Result<Option<InsertOutcome>> {
@@ -197,23 +183,13 @@ impl Store {
     }
 
     pub async fn find_by_reference(&self, reference: &str) -> Result<Option<Transaction>> {
-        let sql = concat!(
-            "SELECT ",
-            columns!(),
-            " FROM transactions WHERE reference = $1"
-        );
-        Ok(sqlx::query_as(sql)
-            .bind(reference)
-            .fetch_optional(self.pool())
-            .await?)
+        let sql = concat!("SELECT ", columns!(), " FROM transactions WHERE reference = $1");
+        Ok(sqlx::query_as(sql).bind(reference).fetch_optional(self.pool()).await?)
     }
 
     pub async fn find_by_id(&self, id: i64) -> Result<Option<Transaction>> {
         let sql = concat!("SELECT ", columns!(), " FROM transactions WHERE id = $1");
-        Ok(sqlx::query_as(sql)
-            .bind(id)
-            .fetch_optional(self.pool())
-            .await?)
+        Ok(sqlx::query_as(sql).bind(id).fetch_optional(self.pool()).await?)
     }
 
     /// Keyset pagination by id: rows after `after_id`, oldest first.
@@ -246,11 +222,10 @@ impl Store {
 
     pub async fn stats(&self) -> Result<Stats> {
         let mut stats = self.counts().await?;
-        let by_status: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT status, count(*) FROM transactions GROUP BY status ORDER BY status",
-        )
-        .fetch_all(self.pool())
-        .await?;
+        let by_status: Vec<(String, i64)> =
+            sqlx::query_as("SELECT status, count(*) FROM transactions GROUP BY status ORDER BY status")
+                .fetch_all(self.pool())
+                .await?;
         stats.by_status = by_status.into_iter().collect();
         Ok(stats)
     }

@@ -31,17 +31,11 @@ pub struct FieldError {
 
 impl IngestError {
     fn at(field: String, message: impl Into<String>) -> Self {
-        Self::Invalid(FieldError {
-            field: Some(field),
-            message: message.into(),
-        })
+        Self::Invalid(FieldError { field: Some(field), message: message.into() })
     }
 
     fn body(message: impl Into<String>) -> Self {
-        Self::Invalid(FieldError {
-            field: None,
-            message: message.into(),
-        })
+        Self::Invalid(FieldError { field: None, message: message.into() })
     }
 
     pub fn field(&self) -> Option<&str> {
@@ -56,13 +50,9 @@ type Result<T> = std::result::Result<T, IngestError>;
 
 /// Parses the full `/new` body: `{"wallet_address": ..., "ledger_payload": {...}}`.
 pub fn parse_request_body(body: &[u8]) -> Result<NewTransaction> {
-    let text = std::str::from_utf8(body)
-        .map_err(|_| IngestError::Syntax("body is not valid UTF-8".into()))?;
+    let text = std::str::from_utf8(body).map_err(|_| IngestError::Syntax("body is not valid UTF-8".into()))?;
     if raw_json::nesting_depth_exceeds(body, raw_json::MAX_DEPTH) {
-        return Err(IngestError::body(format!(
-            "JSON nesting is deeper than {} levels",
-            raw_json::MAX_DEPTH
-        )));
+        return Err(IngestError::body(format!("JSON nesting is deeper than {} levels", raw_json::MAX_DEPTH)));
     }
     let top = RawObject::parse(text).map_err(|e| {
         if e.is_data() {
@@ -72,56 +62,35 @@ pub fn parse_request_body(body: &[u8]) -> Result<NewTransaction> {
         }
     })?;
     let top = Fields::new(top, "")?;
-    let wallet_address =
-        top.required_str("wallet_address", limits::WALLET_ADDRESS, Rule::Identifier)?;
+    let wallet_address = top.required_str("wallet_address", limits::WALLET_ADDRESS, Rule::Identifier)?;
     let ledger_payload = top.required("ledger_payload")?;
     from_ledger_payload(ledger_payload, wallet_address)
 }
 
 /// Maps a ledger payload and its wallet address to a transaction, like the old
 /// service's `Transaction.from_ledger_payload`.
-pub fn from_ledger_payload(
-    ledger_payload: &RawValue,
-    wallet_address: String,
-) -> Result<NewTransaction> {
+pub fn from_ledger_payload(ledger_payload: &RawValue, wallet_address: String) -> Result<NewTransaction> {
     let root = Fields::object(ledger_payload, "ledger_payload".into())?;
     let meta = Fields::object(root.required("meta_data")?, root.path("meta_data"))?;
     let body = Fields::object(root.required("payload")?, root.path("payload"))?;
 
-    let idempotency_key =
-        meta.required_str("idempotency_key", limits::IDEMPOTENCY_KEY, Rule::Identifier)?;
-    let instruction_type = meta.required_str(
-        "instruction_type",
-        limits::INSTRUCTION_TYPE,
-        Rule::Identifier,
-    )?;
+    let idempotency_key = meta.required_str("idempotency_key", limits::IDEMPOTENCY_KEY, Rule::Identifier)?;
+    let instruction_type = meta.required_str("instruction_type", limits::INSTRUCTION_TYPE, Rule::Identifier)?;
     let ip_address = meta
         .optional_str("ip_address", limits::IP_ADDRESS, Rule::Identifier)?
         .map(|ip| match IpAddr::from_str(&ip) {
             Ok(_) => Ok(ip),
-            Err(_) => Err(IngestError::at(
-                meta.path("ip_address"),
-                "must be an IPv4 or IPv6 address",
-            )),
+            Err(_) => Err(IngestError::at(meta.path("ip_address"), "must be an IPv4 or IPv6 address")),
         })
         .transpose()?;
 
-    let transaction_type_text = body.required_str(
-        "transaction_type",
-        limits::TRANSACTION_TYPE,
-        Rule::Identifier,
-    )?;
-    let transaction_type = TransactionType::parse(&transaction_type_text).ok_or_else(|| {
-        IngestError::at(body.path("transaction_type"), "must be DEPOSIT or WITHDRAW")
-    })?;
+    let transaction_type_text = body.required_str("transaction_type", limits::TRANSACTION_TYPE, Rule::Identifier)?;
+    let transaction_type = TransactionType::parse(&transaction_type_text)
+        .ok_or_else(|| IngestError::at(body.path("transaction_type"), "must be DEPOSIT or WITHDRAW"))?;
 
     let transaction = NewTransaction {
         reference: body.required_str("reference", limits::REFERENCE, Rule::Identifier)?,
-        external_reference: body.required_str(
-            "external_reference",
-            limits::EXTERNAL_REFERENCE,
-            Rule::Identifier,
-        )?,
+        external_reference: body.required_str("external_reference", limits::EXTERNAL_REFERENCE, Rule::Identifier)?,
         idempotency_key,
         transaction_type,
         status: body.required_str("status", limits::STATUS, Rule::Identifier)?,
@@ -168,10 +137,7 @@ struct Fields<'a> {
 
 impl<'a> Fields<'a> {
     fn new(object: RawObject<'a>, prefix: impl Into<String>) -> Result<Self> {
-        let fields = Self {
-            object,
-            prefix: prefix.into(),
-        };
+        let fields = Self { object, prefix: prefix.into() };
         if let Some(key) = fields.object.duplicate_key() {
             return Err(IngestError::at(fields.path(key), "appears more than once"));
         }
@@ -181,45 +147,31 @@ impl<'a> Fields<'a> {
     fn object(raw: &'a RawValue, path: String) -> Result<Self> {
         let kind = Kind::of(raw);
         if kind != Kind::Object {
-            return Err(IngestError::at(
-                path,
-                format!("must be an object, got {}", kind.article_name()),
-            ));
+            return Err(IngestError::at(path, format!("must be an object, got {}", kind.article_name())));
         }
-        let object = RawObject::parse(raw.get())
-            .map_err(|_| IngestError::at(path.clone(), "must be an object"))?;
+        let object = RawObject::parse(raw.get()).map_err(|_| IngestError::at(path.clone(), "must be an object"))?;
         Self::new(object, path)
     }
 
     fn path(&self, key: &str) -> String {
-        if self.prefix.is_empty() {
-            key.to_owned()
-        } else {
-            format!("{}.{key}", self.prefix)
-        }
+        if self.prefix.is_empty() { key.to_owned() } else { format!("{}.{key}", self.prefix) }
     }
 
     fn present(&self, key: &str) -> Option<&'a RawValue> {
-        self.object
-            .get(key)
-            .filter(|raw| Kind::of(raw) != Kind::Null)
+        self.object.get(key).filter(|raw| Kind::of(raw) != Kind::Null)
     }
 
     fn required(&self, key: &str) -> Result<&'a RawValue> {
-        self.present(key)
-            .ok_or_else(|| IngestError::at(self.path(key), "is required"))
+        self.present(key).ok_or_else(|| IngestError::at(self.path(key), "is required"))
     }
 
     fn string(&self, key: &str, raw: &RawValue, max_chars: usize, rule: Rule) -> Result<String> {
         let kind = Kind::of(raw);
         if kind != Kind::String {
-            return Err(IngestError::at(
-                self.path(key),
-                format!("must be a string, got {}", kind.article_name()),
-            ));
+            return Err(IngestError::at(self.path(key), format!("must be a string, got {}", kind.article_name())));
         }
-        let value: String = serde_json::from_str(raw.get())
-            .map_err(|_| IngestError::at(self.path(key), "must be a valid string"))?;
+        let value: String =
+            serde_json::from_str(raw.get()).map_err(|_| IngestError::at(self.path(key), "must be a valid string"))?;
         let fail = |message: &str| Err(IngestError::at(self.path(key), message));
         if value.trim().is_empty() {
             return fail("must not be empty");
@@ -231,9 +183,7 @@ impl<'a> Fields<'a> {
             return fail("must not contain control characters");
         }
         match rule {
-            Rule::Identifier | Rule::Code if value.trim() != value => {
-                fail("must not start or end with whitespace")
-            }
+            Rule::Identifier | Rule::Code if value.trim() != value => fail("must not start or end with whitespace"),
             Rule::Code if !value.bytes().all(|b| b.is_ascii_alphanumeric()) => {
                 fail("must contain only letters and digits")
             }
@@ -247,9 +197,7 @@ impl<'a> Fields<'a> {
     }
 
     fn optional_str(&self, key: &str, max_chars: usize, rule: Rule) -> Result<Option<String>> {
-        self.present(key)
-            .map(|raw| self.string(key, raw, max_chars, rule))
-            .transpose()
+        self.present(key).map(|raw| self.string(key, raw, max_chars, rule)).transpose()
     }
 
     /// A money amount: a decimal string or JSON number, read from its exact
@@ -262,10 +210,7 @@ impl<'a> Fields<'a> {
             other => {
                 return Err(IngestError::at(
                     self.path(key),
-                    format!(
-                        "must be a decimal string or number, got {}",
-                        other.article_name()
-                    ),
+                    format!("must be a decimal string or number, got {}", other.article_name()),
                 ));
             }
         };
@@ -289,19 +234,12 @@ pub fn parse_amount(text: &str) -> std::result::Result<Decimal, String> {
     }
     let significant_integer_digits = integer.trim_start_matches('0').len();
     if significant_integer_digits > limits::AMOUNT_INTEGER_DIGITS {
-        return Err(format!(
-            "must have at most {} digits before the decimal point",
-            limits::AMOUNT_INTEGER_DIGITS
-        ));
+        return Err(format!("must have at most {} digits before the decimal point", limits::AMOUNT_INTEGER_DIGITS));
     }
     if fraction.is_some_and(|f| f.len() > limits::AMOUNT_SCALE) {
-        return Err(format!(
-            "must have at most {} decimal places",
-            limits::AMOUNT_SCALE
-        ));
+        return Err(format!("must have at most {} decimal places", limits::AMOUNT_SCALE));
     }
-    Decimal::from_str_exact(text)
-        .map_err(|_| "must be a plain decimal number such as \"100.50\"".into())
+    Decimal::from_str_exact(text).map_err(|_| "must be a plain decimal number such as \"100.50\"".into())
 }
 
 #[cfg(test)]
@@ -365,17 +303,9 @@ mod tests {
 
     #[test]
     fn required_fields_are_named_when_missing() {
-        let cases = [
-            ("wallet_address", "wallet_address"),
-            ("ledger_payload", "ledger_payload"),
-        ];
+        let cases = [("wallet_address", "wallet_address"), ("ledger_payload", "ledger_payload")];
         for (key, field) in cases {
-            assert_eq!(
-                field_of(parse_request_body(&body(|v| drop(
-                    v.as_object_mut().unwrap().remove(key)
-                )))),
-                field
-            );
+            assert_eq!(field_of(parse_request_body(&body(|v| drop(v.as_object_mut().unwrap().remove(key))))), field);
         }
         for key in [
             "reference",
@@ -388,84 +318,36 @@ mod tests {
             "fee",
             "source",
         ] {
-            let bytes = body(|v| {
-                drop(
-                    v["ledger_payload"]["payload"]
-                        .as_object_mut()
-                        .unwrap()
-                        .remove(key),
-                )
-            });
-            assert_eq!(
-                field_of(parse_request_body(&bytes)),
-                format!("ledger_payload.payload.{key}")
-            );
+            let bytes = body(|v| drop(v["ledger_payload"]["payload"].as_object_mut().unwrap().remove(key)));
+            assert_eq!(field_of(parse_request_body(&bytes)), format!("ledger_payload.payload.{key}"));
         }
         for key in ["idempotency_key", "instruction_type"] {
-            let bytes = body(|v| {
-                drop(
-                    v["ledger_payload"]["meta_data"]
-                        .as_object_mut()
-                        .unwrap()
-                        .remove(key),
-                )
-            });
-            assert_eq!(
-                field_of(parse_request_body(&bytes)),
-                format!("ledger_payload.meta_data.{key}")
-            );
+            let bytes = body(|v| drop(v["ledger_payload"]["meta_data"].as_object_mut().unwrap().remove(key)));
+            assert_eq!(field_of(parse_request_body(&bytes)), format!("ledger_payload.meta_data.{key}"));
         }
     }
 
     #[test]
     fn amounts_are_exact_non_negative_and_bounded() {
-        for good in [
-            "0",
-            "100",
-            "100.5",
-            "0.000001",
-            "99999999999999.999999",
-            "00012.10",
-        ] {
+        for good in ["0", "100", "100.5", "0.000001", "99999999999999.999999", "00012.10"] {
             assert!(parse_amount(good).is_ok(), "{good}");
         }
-        for bad in [
-            "-1",
-            "-0",
-            "1e3",
-            "1.",
-            ".5",
-            "1.0000001",
-            "100000000000000",
-            "",
-            " 1",
-            "+1",
-            "NaN",
-            "1,5",
-            "0x10",
-        ] {
+        for bad in ["-1", "-0", "1e3", "1.", ".5", "1.0000001", "100000000000000", "", " 1", "+1", "NaN", "1,5", "0x10"]
+        {
             assert!(parse_amount(bad).is_err(), "{bad:?} should be rejected");
         }
         let as_number = br#"{"wallet_address":"w","ledger_payload":{"meta_data":{"idempotency_key":"k","instruction_type":"T"},"payload":{"reference":"r","external_reference":"e","source":"S","transaction_type":"DEPOSIT","status":"P","incoming_currency":"EUR","outgoing_currency":"EUR","value":0.1,"fee":1e2}}}"#;
-        assert_eq!(
-            field_of(parse_request_body(as_number)),
-            "ledger_payload.payload.fee"
-        );
+        assert_eq!(field_of(parse_request_body(as_number)), "ledger_payload.payload.fee");
         let bytes = body(|v| v["ledger_payload"]["payload"]["value"] = json!(-5));
-        assert_eq!(
-            field_of(parse_request_body(&bytes)),
-            "ledger_payload.payload.value"
-        );
+        assert_eq!(field_of(parse_request_body(&bytes)), "ledger_payload.payload.value");
         let bytes = body(|v| v["ledger_payload"]["payload"]["fee"] = json!(true));
-        assert_eq!(
-            field_of(parse_request_body(&bytes)),
-            "ledger_payload.payload.fee"
-        );
+        assert_eq!(field_of(parse_request_body(&bytes)), "ledger_payload.payload.fee");
     }
 
     #[test]
     fn enums_strings_and_addresses_are_checked() {
-        let cases: Vec<(Box<dyn Fn(&mut Value)>, &str)> = vec![
+        type Mutation = Box<dyn Fn(&mut Value)>;
+        let cases: Vec<(Mutation, &str)> = vec![
             (
                 Box::new(|v| v["ledger_payload"]["payload"]["transaction_type"] = json!("REFUND")),
                 "ledger_payload.payload.transaction_type",
@@ -474,10 +356,7 @@ mod tests {
                 Box::new(|v| v["ledger_payload"]["meta_data"]["ip_address"] = json!("999.1.1.1")),
                 "ledger_payload.meta_data.ip_address",
             ),
-            (
-                Box::new(|v| v["ledger_payload"]["payload"]["reference"] = json!(42)),
-                "ledger_payload.payload.reference",
-            ),
+            (Box::new(|v| v["ledger_payload"]["payload"]["reference"] = json!(42)), "ledger_payload.payload.reference"),
             (
                 Box::new(|v| v["ledger_payload"]["payload"]["reference"] = json!("a".repeat(256))),
                 "ledger_payload.payload.reference",
@@ -490,79 +369,46 @@ mod tests {
                 Box::new(|v| v["ledger_payload"]["payload"]["reference"] = json!(" ref")),
                 "ledger_payload.payload.reference",
             ),
-            (
-                Box::new(|v| v["ledger_payload"]["payload"]["reference"] = json!("")),
-                "ledger_payload.payload.reference",
-            ),
+            (Box::new(|v| v["ledger_payload"]["payload"]["reference"] = json!("")), "ledger_payload.payload.reference"),
             (
                 Box::new(|v| v["ledger_payload"]["payload"]["incoming_currency"] = json!("EU R")),
                 "ledger_payload.payload.incoming_currency",
             ),
             (
-                Box::new(|v| {
-                    v["ledger_payload"]["payload"]["incoming_currency"] = json!("EUROSTABLECOIN")
-                }),
+                Box::new(|v| v["ledger_payload"]["payload"]["incoming_currency"] = json!("EUROSTABLECOIN")),
                 "ledger_payload.payload.incoming_currency",
             ),
             (
                 Box::new(|v| v["ledger_payload"]["payload"]["first_name"] = json!("A\nB")),
                 "ledger_payload.payload.first_name",
             ),
-            (
-                Box::new(|v| v["ledger_payload"]["payload"]["payer"] = json!(7)),
-                "ledger_payload.payload.payer",
-            ),
-            (
-                Box::new(|v| v["ledger_payload"]["payload"] = json!([])),
-                "ledger_payload.payload",
-            ),
-            (
-                Box::new(|v| v["ledger_payload"]["meta_data"] = json!("x")),
-                "ledger_payload.meta_data",
-            ),
-            (
-                Box::new(|v| v["wallet_address"] = json!(["w"])),
-                "wallet_address",
-            ),
+            (Box::new(|v| v["ledger_payload"]["payload"]["payer"] = json!(7)), "ledger_payload.payload.payer"),
+            (Box::new(|v| v["ledger_payload"]["payload"] = json!([])), "ledger_payload.payload"),
+            (Box::new(|v| v["ledger_payload"]["meta_data"] = json!("x")), "ledger_payload.meta_data"),
+            (Box::new(|v| v["wallet_address"] = json!(["w"])), "wallet_address"),
         ];
         for (mutate, field) in cases {
             assert_eq!(field_of(parse_request_body(&body(mutate))), field);
         }
-        let tx = parse_request_body(&body(|v| {
-            v["ledger_payload"]["meta_data"]["ip_address"] = json!("2001:db8::1")
-        }))
-        .unwrap();
+        let tx = parse_request_body(&body(|v| v["ledger_payload"]["meta_data"]["ip_address"] = json!("2001:db8::1")))
+            .unwrap();
         assert_eq!(tx.ip_address.as_deref(), Some("2001:db8::1"));
-        let tx = parse_request_body(&body(|v| {
-            v["ledger_payload"]["payload"]["transaction_type"] = json!("Withdraw")
-        }))
-        .unwrap();
+        let tx = parse_request_body(&body(|v| v["ledger_payload"]["payload"]["transaction_type"] = json!("Withdraw")))
+            .unwrap();
         assert_eq!(tx.transaction_type, TransactionType::Withdraw);
     }
 
     #[test]
     fn duplicate_keys_are_refused() {
         let input = br#"{"wallet_address":"w","ledger_payload":{"meta_data":{"idempotency_key":"k","instruction_type":"T"},"payload":{"reference":"r","external_reference":"e","source":"S","transaction_type":"DEPOSIT","status":"P","incoming_currency":"EUR","outgoing_currency":"EUR","value":"1","value":"1000","fee":"0"}}}"#;
-        assert_eq!(
-            field_of(parse_request_body(input)),
-            "ledger_payload.payload.value"
-        );
+        assert_eq!(field_of(parse_request_body(input)), "ledger_payload.payload.value");
     }
 
     #[test]
     fn syntax_errors_and_shapes_are_told_apart() {
-        assert!(matches!(
-            parse_request_body(b"{not json"),
-            Err(IngestError::Syntax(_))
-        ));
-        assert!(matches!(
-            parse_request_body(b"\xff\xfe"),
-            Err(IngestError::Syntax(_))
-        ));
-        assert!(matches!(
-            parse_request_body(b"[1,2]"),
-            Err(IngestError::Invalid(FieldError { field: None, .. }))
-        ));
+        assert!(matches!(parse_request_body(b"{not json"), Err(IngestError::Syntax(_))));
+        assert!(matches!(parse_request_body(b"\xff\xfe"), Err(IngestError::Syntax(_))));
+        assert!(matches!(parse_request_body(b"[1,2]"), Err(IngestError::Invalid(FieldError { field: None, .. }))));
         let deep = format!("{}{}", "[".repeat(40), "]".repeat(40));
         let nested = format!(r#"{{"wallet_address":"w","ledger_payload":{deep}}}"#);
         assert!(matches!(
@@ -573,9 +419,7 @@ mod tests {
 
     #[test]
     fn error_messages_never_echo_values() {
-        let bytes = body(|v| {
-            v["ledger_payload"]["payload"]["reference"] = json!({"token": "client-secret-token"})
-        });
+        let bytes = body(|v| v["ledger_payload"]["payload"]["reference"] = json!({"token": "client-secret-token"}));
         let err = parse_request_body(&bytes).unwrap_err();
         assert!(!err.to_string().contains("client-secret-token"), "{err}");
     }

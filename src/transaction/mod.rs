@@ -195,9 +195,7 @@ mod tests {
     use std::str::FromStr;
 
     pub(crate) fn sample() -> Transaction {
-        let at = DateTime::parse_from_rfc3339("2026-11-26T10:00:00Z")
-            .unwrap()
-            .with_timezone(&Utc);
+        let at = DateTime::parse_from_rfc3339("2026-11-26T10:00:00Z").unwrap().with_timezone(&Utc);
         Transaction {
             id: 7,
             reference: "MYK-000123".into(),
@@ -231,12 +229,7 @@ mod tests {
     #[test]
     fn json_form_uses_the_old_to_dict_keys_and_string_amounts() {
         let json = serde_json::to_value(sample()).unwrap();
-        let keys: Vec<&str> = json
-            .as_object()
-            .unwrap()
-            .keys()
-            .map(String::as_str)
-            .collect();
+        let keys: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
         for key in [
             "id",
             "reference",
@@ -275,10 +268,7 @@ mod tests {
     #[test]
     fn display_string_names_the_transaction_and_its_delivery() {
         let mut tx = sample();
-        assert_eq!(
-            tx.to_string(),
-            "Transaction #7 MYK-000123 DEPOSIT 100.000000 EUR->EURC [PENDING_PAYER] unsent"
-        );
+        assert_eq!(tx.to_string(), "Transaction #7 MYK-000123 DEPOSIT 100.000000 EUR->EURC [PENDING_PAYER] unsent");
         tx.message_id = Some("m-1".into());
         assert!(tx.to_string().ends_with(" sent"));
         tx.message_id = None;

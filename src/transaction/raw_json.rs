@@ -35,10 +35,7 @@ impl<'a> RawObject<'a> {
     /// one field is refused rather than guessed at.
     pub fn duplicate_key(&self) -> Option<&str> {
         let mut seen = std::collections::HashSet::with_capacity(self.members.len());
-        self.members
-            .iter()
-            .map(|(k, _)| k.as_str())
-            .find(|k| !seen.insert(*k))
+        self.members.iter().map(|(k, _)| k.as_str()).find(|k| !seen.insert(*k))
     }
 
     /// Writes the object back compactly; `replace` may substitute a member's
@@ -70,12 +67,7 @@ impl<'a> RawObject<'a> {
     where
         F: FnMut(&str) -> Option<Option<String>>,
     {
-        let mut out = String::with_capacity(
-            self.members
-                .iter()
-                .map(|(k, v)| k.len() + v.get().len() + 4)
-                .sum(),
-        );
+        let mut out = String::with_capacity(self.members.iter().map(|(k, v)| k.len() + v.get().len() + 4).sum());
         self.write(&mut out, replace);
         out
     }
@@ -206,26 +198,14 @@ mod tests {
             _ => None,
         });
         assert_eq!(out, r#"{"k":1,"m":[]}"#);
-        let only_dropped = RawObject::parse(r#"{"token":"t"}"#)
-            .unwrap()
-            .to_json_with(|_| Some(None));
+        let only_dropped = RawObject::parse(r#"{"token":"t"}"#).unwrap().to_json_with(|_| Some(None));
         assert_eq!(only_dropped, "{}");
     }
 
     #[test]
     fn finds_duplicate_keys() {
-        assert_eq!(
-            RawObject::parse(r#"{"a":1,"b":2,"a":3}"#)
-                .unwrap()
-                .duplicate_key(),
-            Some("a")
-        );
-        assert_eq!(
-            RawObject::parse(r#"{"a":1,"b":2}"#)
-                .unwrap()
-                .duplicate_key(),
-            None
-        );
+        assert_eq!(RawObject::parse(r#"{"a":1,"b":2,"a":3}"#).unwrap().duplicate_key(), Some("a"));
+        assert_eq!(RawObject::parse(r#"{"a":1,"b":2}"#).unwrap().duplicate_key(), None);
     }
 
     #[test]
@@ -236,10 +216,7 @@ mod tests {
 
     #[test]
     fn depth_counts_only_structure_outside_strings() {
-        assert!(!nesting_depth_exceeds(
-            br#"{"a":"[[[[[[[[[[[[[[[[[[[["}"#,
-            2
-        ));
+        assert!(!nesting_depth_exceeds(br#"{"a":"[[[[[[[[[[[[[[[[[[[["}"#, 2));
         assert!(!nesting_depth_exceeds(br#"{"a":{"b":[1]}}"#, 3));
         assert!(nesting_depth_exceeds(br#"{"a":{"b":[1]}}"#, 2));
         assert!(!nesting_depth_exceeds(br#"{"a":"\"[[["}"#, 1));
@@ -247,19 +224,8 @@ mod tests {
 
     #[test]
     fn kind_of_raw_values() {
-        let object =
-            RawObject::parse(r#"{"n":null,"b":true,"x":-1,"s":"","a":[],"o":{}}"#).unwrap();
+        let object = RawObject::parse(r#"{"n":null,"b":true,"x":-1,"s":"","a":[],"o":{}}"#).unwrap();
         let kinds: Vec<_> = object.members().map(|(_, v)| Kind::of(v)).collect();
-        assert_eq!(
-            kinds,
-            [
-                Kind::Null,
-                Kind::Bool,
-                Kind::Number,
-                Kind::String,
-                Kind::Array,
-                Kind::Object
-            ]
-        );
+        assert_eq!(kinds, [Kind::Null, Kind::Bool, Kind::Number, Kind::String, Kind::Array, Kind::Object]);
     }
 }

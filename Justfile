@@ -1,0 +1,37 @@
+# txrelay: `just dev` runs a local relay, `just test` runs every test.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# One build directory outside the clone, shared by every recipe, so tests and
+# the binary share artefacts and later clones reuse them.
+export CARGO_TARGET_DIR := env_var_or_default("CARGO_TARGET_DIR", home_directory() / ".cache/txrelay/target")
+export DATABASE_URL := env_var_or_default("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/txrelay")
+
+# List the recipes.
+default:
+    @just --list
+
+# Start moto, create the database and queue, and run a relay on :8080.
+dev:
+    scripts/dev.sh
+
+# Run the whole test suite (starts what it needs).
+test *ARGS:
+    scripts/test.sh {{ARGS}}
+
+# Format the code.
+fmt:
+    cargo fmt --all
+
+# Formatting and clippy, as CI checks them.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --all-targets --locked -- -D warnings
+
+# Regenerate the checked-in CRD and OpenAPI document.
+generate:
+    cargo run --quiet -- crd > crds/transactionrelays.relay.mykobo.io.yaml
+
+# Build the release binary.
+build:
+    cargo build --release --locked

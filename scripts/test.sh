@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The whole suite: unit tests, integration tests against the local
+# PostgreSQL and a private moto server, and the alert-rule tests.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+scripts/setup.sh
+
+admin_url="${TXRELAY_TEST_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+test_db="${TXRELAY_TEST_DATABASE:-txrelay_test}"
+psql -q -v ON_ERROR_STOP=1 "$admin_url" -c "DROP DATABASE IF EXISTS $test_db WITH (FORCE)" -c "CREATE DATABASE $test_db"
+export TXRELAY_TEST_DATABASE_URL="${admin_url%/*}/$test_db"
+
+moto_port="${TXRELAY_TEST_MOTO_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
+scripts/moto.sh start "$moto_port"
+trap 'scripts/moto.sh stop "$moto_port"' EXIT
+export TXRELAY_TEST_SQS_ENDPOINT="http://127.0.0.1:$moto_port"
+
+cargo test --all-targets --locked -- "$@"

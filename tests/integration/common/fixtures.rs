@@ -1,0 +1,364 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use txrelay::auth::TokenSet;
+use txrelay::duration::HumanDuration;
+use txrelay::http::{self, AppState, HttpOptions};
+use txrelay::metrics::Metrics;
+use txrelay::relay::directory::Relays;
+use txrelay::relay::{Relay, RelayId, listen_for_due_rows, run_loop};
+use txrelay::secret::Secret;
+use txrelay::settings::{QueueSecrets, RelayHandle, RelaySettings};
+use txrelay::spec::{DatabaseSpec, QueueSpec, SecretKeyRef, SecretRef, TransactionRelaySpec};
+
+use super::sqs::{ACCESS_KEY, REGION, SECRET_KEY};
+use super::{TestDb, TestQueue};
+
+pub const INGEST_TOKEN: &str = "test-ingest-token";
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+pub const CLIENT_TOKEN: &str = "client-secret-token-42";
+
+/// A `/new` body; `n` makes reference, external reference and key unique.
+pub fn body(n: u64, wallet: &str) -> Value {
+    json!({
+        "wallet_address": wallet,
+        "ledger_payload": {
+            "meta_data": {"source": "DAPP", "instruction_type": "Transaction", "created_at": "2026-11-26T10:00:00Z",
+                          "token": CLIENT_TOKEN, "idempotency_key": format!("idem-{n}"), "ip_address": "203.0.113.7"},
+            "payload": {"external_reference": format!("ext-{n}"), "source": "ANCHOR_SOLANA", "reference": format!("MYK-{n:06}"),
+                        "first_name": "Ada", "last_name": "Lovelace", "transaction_type": "DEPOSIT", "status": "PENDING_PAYER",
+                        "incoming_currency": "EUR", "outgoing_currency": "EURC", "value": "100.00", "fee": "1.50",
+                        "payer": "user-1", "payee": null}
+        }
+    })
+}
+
+/// A unique number per call, so tests never share references.
+pub fn unique() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) * 1_000 + u64::from(fastrand::u16(..1000))
+}
+
+pub fn spec(schema: &str) -> TransactionRelaySpec {
+    TransactionRelaySpec::with_defaults(
+        DatabaseSpec { secret_ref: SecretKeyRef { name: "db".into(), key: None }, schema: schema.into() },
+        QueueSpec { secret_ref: SecretRef { name: "sqs".into() } },
+    )
+}
+
+pub fn secs(n: u64) -> HumanDuration {
+    HumanDuration::from_secs(n)
+}
+
+/// Builds relays against a test schema and queue.
+pub struct RelayBuilder {
+    pub database_url: String,
+    pub queue_url: String,
+    pub endpoint: String,
+    pub spec: TransactionRelaySpec,
+    pub ledger_token: Option<String>,
+    pub seed: Option<u64>,
+    pub id: RelayId,
+}
+
+impl RelayBuilder {
+    pub fn new(db: &TestDb, queue: &TestQueue) -> Self {
+        Self {
+            database_url: db.url.clone(),
+            queue_url: queue.url.clone(),
+            endpoint: queue.endpoint.clone(),
+            spec: spec(&db.schema),
+            ledger_token: None,
+            seed: None,
+            id: RelayId::new("test", db.schema.clone()),
+        }
+    }
+
+    pub fn endpoint(mut self, endpoint: &str) -> Self {
+        self.endpoint = endpoint.to_owned();
+        self
+    }
+
+    pub fn database_url(mut self, url: String) -> Self {
+        self.database_url = url;
+        self
+    }
+
+    pub fn spec(mut self, change: impl FnOnce(&mut TransactionRelaySpec)) -> Self {
+        change(&mut self.spec);
+        self
+    }
+
+    pub fn ledger_token(mut self, token: &str) -> Self {
+        self.ledger_token = Some(token.to_owned());
+        self
+    }
+
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    pub fn settings(&self) -> RelaySettings {
+        RelaySettings {
+            id: self.id.clone(),
+            spec: self.spec.clone(),
+            database_url: Secret::new(&self.database_url),
+            database_pool_size: 8,
+            queue: QueueSecrets {
+                queue_url: self.queue_url.clone(),
+                region: REGION.into(),
+                endpoint_url: Some(self.endpoint.clone()),
+                access_key_id: Some(ACCESS_KEY.into()),
+                secret_access_key: Some(Secret::new(SECRET_KEY)),
+                ledger_token: self.ledger_token.as_deref().map(Secret::new),
+            },
+            ingest_tokens: TokenSet::parse(INGEST_TOKEN),
+            admin_tokens: TokenSet::parse(ADMIN_TOKEN),
+        }
+    }
+
+    pub async fn handle(&self, metrics: &Metrics) -> RelayHandle {
+        let mut handle = self.settings().build(metrics).await.expect("relay builds");
+        if let Some(seed) = self.seed {
+            let relay = Arc::try_unwrap(handle.relay).expect("fresh relay");
+            handle.relay = Arc::new(relay.with_seed(seed));
+        }
+        handle
+    }
+
+    pub async fn build(&self) -> Arc<Relay> {
+        self.handle(&Metrics::new()).await.relay
+    }
+}
+
+/// The HTTP API of one relay, driven without a socket.
+pub struct TestApp {
+    pub router: Router,
+    pub relay: Arc<Relay>,
+    pub metrics: Metrics,
+}
+
+impl TestApp {
+    pub async fn new(builder: &RelayBuilder) -> Self {
+        let metrics = Metrics::new();
+        let handle = builder.handle(&metrics).await;
+        let relay = handle.relay.clone();
+        let relays = Arc::new(Relays::new(None));
+        relays.insert(handle);
+        let router = http::api_router(AppState::new(relays, metrics.clone(), HttpOptions::default()));
+        Self { router, relay, metrics }
+    }
+
+    pub async fn post_new(&self, body: &Value) -> (StatusCode, Value) {
+        self.request("POST", "/new", Some(INGEST_TOKEN), "application/json", serde_json::to_vec(body).unwrap()).await
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.request("GET", path, Some(ADMIN_TOKEN), "application/json", Vec::new()).await
+    }
+
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> (StatusCode, Value) {
+        let mut request = Request::builder().method(method).uri(path).header("content-type", content_type);
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let response = tower::ServiceExt::oneshot(self.router.clone(), request.body(Body::from(body)).unwrap())
+            .await
+            .expect("router answers");
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let value =
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+        (status, value)
+    }
+}
+
+/// A relay loop (and its LISTEN task) running in this process; stopped on drop.
+pub struct RunningLoop {
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningLoop {
+    pub fn start(relay: &Arc<Relay>) -> Self {
+        let (stop, stopped) = watch::channel(false);
+        let tasks = vec![
+            tokio::spawn(run_loop(relay.clone(), stopped.clone())),
+            tokio::spawn(listen_for_due_rows(relay.clone(), stopped)),
+        ];
+        Self { stop, tasks }
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for RunningLoop {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_txrelay"))
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `txrelay` as a child process against a test schema and queue.
+pub fn command(db_url: &str, schema: &str, queue_url: &str, endpoint: &str) -> Command {
+    let mut command = Command::new(binary());
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", db_url)
+        .env("TXRELAY_SCHEMA", schema)
+        .env("SQS_QUEUE_URL", queue_url)
+        .env("AWS_REGION", REGION)
+        .env("AWS_ENDPOINT_URL", endpoint)
+        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        .env("RELAY_API_TOKENS", INGEST_TOKEN)
+        .env("RELAY_ADMIN_TOKENS", ADMIN_TOKEN)
+        .env("RUST_LOG", "info")
+        .kill_on_drop(true);
+    command
+}
+
+/// A running `txrelay run`.
+pub struct RelayProcess {
+    pub child: Child,
+    pub api: SocketAddr,
+    pub metrics: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl RelayProcess {
+    pub async fn start(mut command: Command, config: Option<&std::path::Path>) -> Self {
+        let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let log = std::env::temp_dir().join(format!("txrelay-test-{}-{}.log", std::process::id(), fastrand::u64(..)));
+        let file = std::fs::File::create(&log).unwrap();
+        command.arg("run").arg("--listen").arg(api.to_string()).arg("--metrics-listen").arg(metrics.to_string());
+        if let Some(config) = config {
+            command.arg("--config").arg(config);
+        }
+        let child = command.stdout(Stdio::null()).stderr(file).spawn().expect("txrelay starts");
+        let process = Self { child, api, metrics, log };
+        let address = process.metrics;
+        super::wait_until(Duration::from_secs(20), "txrelay answers /healthz", || async move {
+            tokio::net::TcpStream::connect(address).await.is_ok()
+        })
+        .await;
+        process
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// One HTTP/1.1 request to the API or the metrics listener.
+    pub async fn http(
+        &self,
+        address: SocketAddr,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: &Value,
+    ) -> (StatusCode, String) {
+        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+        let mut request = hyper::Request::builder()
+            .method(method)
+            .uri(format!("http://{address}{path}"))
+            .header("content-type", "application/json");
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let bytes = if body.is_null() { Vec::new() } else { serde_json::to_vec(body).unwrap() };
+        let response =
+            client.request(request.body(http_body_util::Full::new(bytes::Bytes::from(bytes))).unwrap()).await.unwrap();
+        let status = response.status();
+        let text = response.into_body().collect().await.unwrap().to_bytes();
+        (StatusCode::from_u16(status.as_u16()).unwrap(), String::from_utf8_lossy(&text).into_owned())
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("running").to_string();
+        let status = std::process::Command::new("kill").arg(format!("-{signal}")).arg(pid).status().unwrap();
+        assert!(status.success());
+    }
+}
+
+/// Writes a TransactionRelay manifest for a process test.
+pub fn manifest_file(spec: &TransactionRelaySpec) -> tempfile_path::TempPath {
+    let manifest = json!({
+        "apiVersion": "relay.mykobo.io/v1alpha1",
+        "kind": "TransactionRelay",
+        "metadata": {"name": "test", "namespace": "test"},
+        "spec": spec,
+    });
+    tempfile_path::TempPath::with_contents(&serde_json::to_string_pretty(&manifest).unwrap())
+}
+
+pub mod tempfile_path {
+    use std::path::{Path, PathBuf};
+
+    /// A file deleted on drop.
+    pub struct TempPath(PathBuf);
+
+    impl TempPath {
+        pub fn with_contents(text: &str) -> Self {
+            let path = std::env::temp_dir().join(format!("txrelay-{}-{}.yaml", std::process::id(), fastrand::u64(..)));
+            std::fs::write(&path, text).unwrap();
+            Self(path)
+        }
+    }
+
+    impl std::ops::Deref for TempPath {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+/// Host and port of the test database, for the TCP proxy.
+pub fn database_address(url: &str) -> SocketAddr {
+    let rest = url.split_once('@').map_or(url, |(_, r)| r);
+    let host_port = rest.split('/').next().unwrap();
+    host_port.parse().expect("the test database URL names host:port as an IP address")
+}

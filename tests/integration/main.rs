@@ -1,0 +1,11 @@
+//! Integration tests against the real PostgreSQL and the real moto SQS
+//! server. Run them with `just test`, which starts both.
+
+mod common;
+
+mod cli;
+mod engine;
+mod ingest;
+mod metrics;
+mod processes;
+mod store;

@@ -1,0 +1,167 @@
+//! `txrelay run` as real processes: several replicas, SIGKILL, SIGTERM.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use txrelay::store::InsertOutcome;
+use txrelay::transaction::parse_request_body;
+
+use crate::common::proxy::{SqsMode, SqsProxy};
+use crate::common::sqs::attribute;
+use crate::common::*;
+
+async fn backlog(db: &TestDb, rows: usize) {
+    let mut pending = Vec::new();
+    for _ in 0..rows {
+        let tx = parse_request_body(&serde_json::to_vec(&body(unique(), &format!("w{}", fastrand::u8(..)))).unwrap())
+            .unwrap();
+        let store = db.store.clone();
+        pending.push(tokio::spawn(async move {
+            assert!(matches!(store.insert(&tx, 0, false).await.unwrap(), InsertOutcome::Created { .. }));
+        }));
+        if pending.len() == 16 {
+            for task in pending.drain(..) {
+                task.await.unwrap();
+            }
+        }
+    }
+    for task in pending {
+        task.await.unwrap();
+    }
+}
+
+async fn sent(db: &TestDb) -> i64 {
+    db.scalar_i64("SELECT count(*) FROM transactions WHERE message_id IS NOT NULL").await
+}
+
+fn manifest(db: &TestDb, change: impl FnOnce(&mut txrelay::spec::TransactionRelaySpec)) -> tempfile_path::TempPath {
+    let mut spec = spec(&db.schema);
+    change(&mut spec);
+    manifest_file(&spec)
+}
+
+#[tokio::test]
+async fn two_replicas_drain_one_backlog_sending_every_row_exactly_once() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    backlog(&db, 2000).await;
+    let config = manifest(&db, |s| s.batch_size = 100);
+    let start = || RelayProcess::start(command(&db.url, &db.schema, &queue.url, &queue.endpoint), Some(&config));
+    let (first, second) = tokio::join!(start(), start());
+    let messages = queue.receive(2000, Duration::from_secs(240)).await;
+    let mut per_key: HashMap<String, usize> = HashMap::new();
+    for message in &messages {
+        *per_key.entry(attribute(message, "idempotency_key").expect("key attribute")).or_default() += 1;
+    }
+    let duplicates: Vec<_> = per_key.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(duplicates.is_empty(), "sent twice: {duplicates:?}");
+    assert_eq!(per_key.len(), 2000, "every row delivered");
+    wait_until(Duration::from_secs(10), "all recorded as sent", || async { sent(&db).await == 2000 }).await;
+    assert!(queue.receive(1, Duration::from_secs(2)).await.is_empty(), "nothing more arrives");
+    let (first_logs, second_logs) = (first.logs(), second.logs());
+    assert!(first_logs.contains("sweep") && second_logs.contains("sweep"), "both replicas swept");
+}
+
+#[tokio::test]
+async fn rows_claimed_by_a_killed_replica_are_delivered_after_the_lease() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let proxy = SqsProxy::start(&queue.endpoint).await;
+    proxy.set(SqsMode::Delay(Duration::from_millis(300)));
+    backlog(&db, 300).await;
+    let config = manifest(&db, |s| {
+        s.claim_lease = secs(5);
+        s.batch_size = 100;
+    });
+    let mut victim =
+        RelayProcess::start(command(&db.url, &db.schema, &queue.url, &proxy.endpoint), Some(&config)).await;
+    wait_until(Duration::from_secs(30), "the first replica is mid-drain", || async {
+        let sent = sent(&db).await;
+        sent > 0 && sent < 250
+    })
+    .await;
+    victim.child.start_kill().unwrap();
+    victim.child.wait().await.unwrap();
+    let held =
+        db.scalar_i64("SELECT count(*) FROM transactions WHERE message_id IS NULL AND claimed_until > now()").await;
+    assert!(held > 0, "the killed replica left claimed rows behind");
+
+    proxy.set(SqsMode::Forward);
+    let _survivor = RelayProcess::start(command(&db.url, &db.schema, &queue.url, &proxy.endpoint), Some(&config)).await;
+    wait_until(Duration::from_secs(60), "every row sent", || async { sent(&db).await == 300 }).await;
+    let messages = queue.drain().await;
+    let keys: std::collections::HashSet<String> =
+        messages.iter().filter_map(|m| attribute(m, "idempotency_key")).collect();
+    assert_eq!(keys.len(), 300, "every row delivered at least once");
+    let duplicates = messages.len() - keys.len();
+    assert!(duplicates <= 100, "duplicates bounded by what was in flight: {duplicates}");
+}
+
+#[tokio::test]
+async fn sigterm_finishes_in_flight_sends_records_them_and_exits_zero() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let proxy = SqsProxy::start(&queue.endpoint).await;
+    proxy.set(SqsMode::Delay(Duration::from_millis(400)));
+    backlog(&db, 400).await;
+    let config = manifest(&db, |s| s.batch_size = 100);
+    let mut process =
+        RelayProcess::start(command(&db.url, &db.schema, &queue.url, &proxy.endpoint), Some(&config)).await;
+    wait_until(Duration::from_secs(30), "mid-drain", || async { sent(&db).await > 0 }).await;
+    process.signal("TERM");
+    let status = tokio::time::timeout(Duration::from_secs(15), process.child.wait())
+        .await
+        .expect("exits within the grace period")
+        .unwrap();
+    assert!(status.success(), "exit code {status:?}\n{}", process.logs());
+    let claimed =
+        db.scalar_i64("SELECT count(*) FROM transactions WHERE message_id IS NULL AND claimed_until > now()").await;
+    assert_eq!(claimed, 0, "no claimed row left unrecorded");
+    let delivered = queue.drain().await.len() as i64;
+    assert_eq!(delivered, sent(&db).await, "every message that went out is recorded");
+    assert!(delivered < 400, "it stopped mid-drain");
+}
+
+#[tokio::test]
+async fn a_bad_manifest_is_a_one_line_error_naming_the_field_with_exit_code_2() {
+    let db = TestDb::new().await;
+    let config = tempfile_path::TempPath::with_contents(
+        "apiVersion: relay.mykobo.io/v1alpha1\nkind: TransactionRelay\nmetadata: {name: x}\nspec:\n  batchSize: 5000\n  database: {secretRef: {name: d}}\n  queue: {secretRef: {name: q}}\n",
+    );
+    let output = command(&db.url, &db.schema, "http://127.0.0.1:9/q", "http://127.0.0.1:9")
+        .arg("run")
+        .arg("--config")
+        .arg(&*config)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let error = stderr.lines().last().unwrap_or_default();
+    assert!(error.starts_with("error: spec.batchSize:"), "{stderr}");
+
+    let output = command(&db.url, &db.schema, "http://127.0.0.1:9/q", "http://127.0.0.1:9")
+        .env_remove("DATABASE_URL")
+        .arg("run")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("DATABASE_URL: is not set"));
+}
+
+#[tokio::test]
+async fn run_serves_new_on_the_api_port_and_metrics_only_on_the_other() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let process = RelayProcess::start(command(&db.url, &db.schema, &queue.url, &queue.endpoint), None).await;
+    let (status, created) = process.http(process.api, "POST", "/new", Some(INGEST_TOKEN), &body(unique(), "w")).await;
+    assert_eq!(status, axum::http::StatusCode::CREATED, "{created}");
+    assert_eq!(queue.receive(1, Duration::from_secs(5)).await.len(), 1);
+
+    let (status, metrics) = process.http(process.metrics, "GET", "/metrics", None, &serde_json::Value::Null).await;
+    assert_eq!(status, axum::http::StatusCode::OK);
+    assert!(metrics.contains("txrelay_transactions_accepted_total"), "{metrics}");
+    let (status, _) = process.http(process.api, "GET", "/metrics", None, &serde_json::Value::Null).await;
+    assert_eq!(status, axum::http::StatusCode::NOT_FOUND, "metrics are not on the public port");
+    let (status, _) = process.http(process.metrics, "POST", "/new", Some(INGEST_TOKEN), &body(unique(), "w")).await;
+    assert_eq!(status, axum::http::StatusCode::NOT_FOUND, "ingest is not on the metrics port");
+    let (status, _) = process.http(process.metrics, "GET", "/readyz", None, &serde_json::Value::Null).await;
+    assert_eq!(status, axum::http::StatusCode::OK);
+}

@@ -1,0 +1,245 @@
+//! The store against the real database: constraints, timestamps, claims,
+//! migrations.
+
+use std::time::Duration;
+
+use txrelay::store::{ClaimMode, Conflict, FailedSend, InsertOutcome};
+use txrelay::transaction::{NewTransaction, limits, parse_request_body};
+
+use crate::common::{TestDb, body, unique};
+
+fn new_tx(n: u64, wallet: &str) -> NewTransaction {
+    parse_request_body(&serde_json::to_vec(&body(n, wallet)).unwrap()).unwrap()
+}
+
+async fn created(db: &TestDb, tx: &NewTransaction) -> txrelay::transaction::Transaction {
+    match db.store.insert(tx, 0, false).await.unwrap() {
+        InsertOutcome::Created { transaction, .. } => transaction,
+        other => panic!("expected a new row, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn save_and_fetch_round_trips_every_column() {
+    let db = TestDb::new().await;
+    let tx = new_tx(unique(), "wallet-1");
+    let saved = created(&db, &tx).await;
+    let by_reference = db.store.find_by_reference(&tx.reference).await.unwrap().unwrap();
+    let by_id = db.store.find_by_id(saved.id).await.unwrap().unwrap();
+    assert_eq!(by_reference, saved);
+    assert_eq!(by_id, saved);
+    assert_eq!(saved.reference, tx.reference);
+    assert_eq!(saved.external_reference, tx.external_reference);
+    assert_eq!(saved.idempotency_key, tx.idempotency_key);
+    assert_eq!(saved.transaction_type, "DEPOSIT");
+    assert_eq!(saved.value.to_string(), "100.000000");
+    assert_eq!(saved.fee.to_string(), "1.500000");
+    assert_eq!(saved.payer_id.as_deref(), Some("user-1"));
+    assert_eq!(saved.payee_id, None);
+    assert_eq!(saved.wallet_address, "wallet-1");
+    assert_eq!(saved.ip_address.as_deref(), Some("203.0.113.7"));
+    assert_eq!(saved.message_id, None);
+    assert_eq!(saved.attempts, 0);
+    let stored_payload: String = sqlx::query_scalar("SELECT payload::text FROM transactions WHERE id = $1")
+        .bind(saved.id)
+        .fetch_one(db.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(stored_payload, tx.payload);
+    assert!(!stored_payload.contains(crate::common::CLIENT_TOKEN));
+}
+
+#[tokio::test]
+async fn each_unique_constraint_is_enforced() {
+    let db = TestDb::new().await;
+    let n = unique();
+    let original = new_tx(n, "w");
+    created(&db, &original).await;
+
+    let mut same_reference = new_tx(unique(), "w");
+    same_reference.reference = original.reference.clone();
+    let mut same_external = new_tx(unique(), "w");
+    same_external.external_reference = original.external_reference.clone();
+    let mut same_key_other_content = new_tx(unique(), "w");
+    same_key_other_content.idempotency_key = original.idempotency_key.clone();
+    same_key_other_content.payload = original.payload.replace("100.00", "999.00");
+
+    for (tx, expected) in [
+        (&same_reference, Conflict::Reference),
+        (&same_external, Conflict::ExternalReference),
+        (&same_key_other_content, Conflict::IdempotencyKey),
+    ] {
+        match db.store.insert(tx, 0, false).await.unwrap() {
+            InsertOutcome::Conflict(conflict) => assert_eq!(conflict, expected),
+            other => panic!("expected {expected:?}, got {other:?}"),
+        }
+    }
+    assert!(matches!(db.store.insert(&original, 0, false).await.unwrap(), InsertOutcome::Replayed(_)));
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM transactions").await, 1);
+
+    // The database itself refuses duplicates, whatever the application does.
+    for column in ["reference", "external_reference", "idempotency_key"] {
+        let sql = format!(
+            "INSERT INTO transactions (reference, external_reference, idempotency_key, transaction_type, status, source, \
+             instruction_type, incoming_currency, outgoing_currency, value, fee, wallet_address, payload) \
+             SELECT {r}, {e}, {k}, 'DEPOSIT', 'P', 'S', 'T', 'EUR', 'EUR', 1, 0, 'w', '{{}}' FROM transactions LIMIT 1",
+            r = if column == "reference" { "reference" } else { "'other-r'" },
+            e = if column == "external_reference" { "external_reference" } else { "'other-e'" },
+            k = if column == "idempotency_key" { "idempotency_key" } else { "'other-k'" },
+        );
+        let error = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(db.store.pool()).await.unwrap_err();
+        let constraint = error.as_database_error().and_then(|e| e.constraint()).unwrap_or_default().to_owned();
+        assert_eq!(constraint, format!("transactions_{column}_key"));
+    }
+}
+
+#[tokio::test]
+async fn amounts_must_not_be_negative_in_the_database_either() {
+    let db = TestDb::new().await;
+    let error = sqlx::query(
+        "INSERT INTO transactions (reference, external_reference, idempotency_key, transaction_type, status, source, \
+         instruction_type, incoming_currency, outgoing_currency, value, fee, wallet_address, payload) \
+         VALUES ('r', 'e', 'k', 'DEPOSIT', 'P', 'S', 'T', 'EUR', 'EUR', 1, -0.01, 'w', '{}')",
+    )
+    .execute(db.store.pool())
+    .await
+    .unwrap_err();
+    assert_eq!(error.as_database_error().and_then(|e| e.constraint()), Some("transactions_fee_non_negative"));
+}
+
+#[tokio::test]
+async fn timestamps_are_set_by_the_database_and_updated_at_moves_on_every_update() {
+    let db = TestDb::new().await;
+    let before: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT now()").fetch_one(db.store.pool()).await.unwrap();
+    let saved = created(&db, &new_tx(unique(), "w")).await;
+    assert!(saved.created_at >= before && saved.created_at - before < chrono::Duration::seconds(5));
+    assert_eq!(saved.created_at, saved.updated_at);
+    assert!(saved.created_at.timezone() == chrono::Utc);
+
+    let sent = db.store.record_inline_sent(saved.id, "message-1").await.unwrap().unwrap();
+    assert!(sent.updated_at > saved.updated_at, "{} > {}", sent.updated_at, saved.updated_at);
+    assert_eq!(sent.created_at, saved.created_at);
+    let queue_sent_at = sent.queue_sent_at.expect("queue_sent_at set with the message id");
+    assert!(queue_sent_at >= saved.created_at);
+
+    db.execute(&format!("UPDATE transactions SET status = 'DONE' WHERE id = {}", saved.id)).await;
+    let again = db.store.find_by_id(saved.id).await.unwrap().unwrap();
+    assert!(again.updated_at > sent.updated_at);
+}
+
+#[tokio::test]
+async fn column_lengths_match_the_validation_limits() {
+    let db = TestDb::new().await;
+    for (column, length) in limits::VARCHAR_COLUMNS {
+        let declared: i32 = sqlx::query_scalar(
+            "SELECT character_maximum_length FROM information_schema.columns \
+             WHERE table_schema = $1 AND table_name = 'transactions' AND column_name = $2",
+        )
+        .bind(&db.schema)
+        .bind(column)
+        .fetch_one(db.store.pool())
+        .await
+        .unwrap();
+        assert_eq!(declared as usize, *length, "column {column}");
+    }
+}
+
+#[tokio::test]
+async fn migrations_go_up_down_and_up_again() {
+    let db = TestDb::unmigrated().await;
+    let table = || async { db.scalar_i64("SELECT (to_regclass('transactions') IS NOT NULL)::int::int8").await };
+    db.store.migrate().await.unwrap();
+    assert_eq!(table().await, 1);
+    assert!(db.store.status().await.unwrap().iter().all(|m| m.installed_on.is_some()));
+    db.store.migrate().await.unwrap();
+
+    let reverted = db.store.revert_last_migration().await.unwrap();
+    assert!(reverted.is_some());
+    assert_eq!(table().await, 0);
+    assert!(db.store.status().await.unwrap().iter().any(|m| m.installed_on.is_none()));
+
+    db.store.migrate().await.unwrap();
+    assert_eq!(table().await, 1);
+    created(&db, &new_tx(unique(), "w")).await;
+}
+
+#[tokio::test]
+async fn concurrent_claims_never_take_the_same_row() {
+    let db = TestDb::new().await;
+    for _ in 0..60 {
+        created(&db, &new_tx(unique(), &format!("w{}", fastrand::u8(..)))).await;
+    }
+    let lease = Duration::from_secs(30);
+    let claims = futures::future::join_all((0..4).map(|_| db.store.claim(ClaimMode::Due, 20, lease, false))).await;
+    let mut ids: Vec<i64> = claims.into_iter().flat_map(|c| c.unwrap().rows).map(|r| r.id).collect();
+    let claimed = ids.len();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), claimed, "a row was claimed twice");
+    assert_eq!(claimed, 60);
+    // Held rows are not due again until the lease runs out.
+    assert!(db.store.claim(ClaimMode::Due, 100, lease, false).await.unwrap().rows.is_empty());
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM transactions WHERE claimed_until > now()").await, 60);
+}
+
+#[tokio::test]
+async fn fifo_claims_take_only_the_oldest_unsent_row_of_each_wallet() {
+    let db = TestDb::new().await;
+    let a1 = created(&db, &new_tx(unique(), "wallet-a")).await;
+    let a2 = created(&db, &new_tx(unique(), "wallet-a")).await;
+    let b1 = created(&db, &new_tx(unique(), "wallet-b")).await;
+    let claim = db.store.claim(ClaimMode::Due, 10, Duration::from_secs(30), true).await.unwrap();
+    let ids: Vec<i64> = claim.rows.iter().map(|r| r.id).collect();
+    assert_eq!(ids, [a1.id, b1.id]);
+    // While a1 is held (in flight), a2 still waits.
+    assert!(db.store.claim(ClaimMode::Due, 10, Duration::from_secs(30), true).await.unwrap().rows.is_empty());
+    db.store.record_sent(&[(a1.id, "m-a1".into())]).await.unwrap();
+    let next = db.store.claim(ClaimMode::Due, 10, Duration::from_secs(30), true).await.unwrap();
+    assert_eq!(next.rows.iter().map(|r| r.id).collect::<Vec<_>>(), [a2.id]);
+}
+
+#[tokio::test]
+async fn failures_back_off_and_dead_letter_at_max_attempts_or_when_permanent() {
+    let db = TestDb::new().await;
+    let first = created(&db, &new_tx(unique(), "w")).await;
+    let poison = created(&db, &new_tx(unique(), "w")).await;
+    let failure = |id, permanent| FailedSend { id, error: "boom".into(), retry_in: Duration::from_secs(60), permanent };
+    let rows = db.store.record_failures(&[failure(first.id, false), failure(poison.id, true)], 2).await.unwrap();
+    let by_id = |id| rows.iter().find(|r| r.id == id).unwrap().clone();
+    assert_eq!(by_id(first.id).attempts, 1);
+    assert!(by_id(first.id).failed_at.is_none());
+    assert!(by_id(first.id).next_attempt_at > chrono::Utc::now() + chrono::Duration::seconds(50));
+    assert_eq!(by_id(first.id).last_error.as_deref(), Some("boom"));
+    assert!(by_id(poison.id).failed_at.is_some(), "permanent errors dead-letter at once");
+    assert_eq!(by_id(poison.id).attempts, 1);
+
+    let rows = db.store.record_failures(&[failure(first.id, false)], 2).await.unwrap();
+    assert!(rows[0].failed_at.is_some(), "second failure reaches maxAttempts = 2");
+    let gauges = db.store.gauges().await.unwrap();
+    assert_eq!((gauges.unsent, gauges.failed), (0, 2));
+}
+
+#[tokio::test]
+async fn retention_deletes_only_old_sent_rows() {
+    let db = TestDb::new().await;
+    let old_sent = created(&db, &new_tx(unique(), "w")).await;
+    let old_unsent = created(&db, &new_tx(unique(), "w")).await;
+    let old_dead = created(&db, &new_tx(unique(), "w")).await;
+    let new_sent = created(&db, &new_tx(unique(), "w")).await;
+    db.store.record_sent(&[(old_sent.id, "m1".into()), (new_sent.id, "m2".into())]).await.unwrap();
+    let dead = FailedSend { id: old_dead.id, error: "x".into(), retry_in: Duration::ZERO, permanent: true };
+    db.store.record_failures(&[dead], 0).await.unwrap();
+    db.execute(&format!(
+        "UPDATE transactions SET created_at = now() - interval '40 days', \
+         queue_sent_at = CASE WHEN message_id IS NULL THEN NULL ELSE now() - interval '40 days' END \
+         WHERE id IN ({}, {}, {})",
+        old_sent.id, old_unsent.id, old_dead.id
+    ))
+    .await;
+    let deleted = db.store.delete_sent_older_than(Duration::from_secs(30 * 86_400), 100).await.unwrap();
+    assert_eq!(deleted, 1);
+    let remaining: Vec<i64> =
+        sqlx::query_scalar("SELECT id FROM transactions ORDER BY id").fetch_all(db.store.pool()).await.unwrap();
+    assert_eq!(remaining, [old_unsent.id, old_dead.id, new_sent.id]);
+}

@@ -5,6 +5,8 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 scripts/setup.sh
+: "${CARGO_TARGET_DIR:=$HOME/.cache/txrelay/target}"
+export CARGO_TARGET_DIR
 
 admin_url="${TXRELAY_TEST_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 test_db="${TXRELAY_TEST_DATABASE:-txrelay_test}"

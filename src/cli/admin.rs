@@ -119,7 +119,7 @@ pub async fn list(global: &Global, args: ListArgs) -> Result<(), CliError> {
 }
 
 fn list_row(tx: &Transaction) -> String {
-    let next = if tx.failed_at.is_some() { "-".to_owned() } else { tx.next_attempt_at.to_rfc3339() };
+    let next = tx.next_attempt_at.map_or_else(|| "-".to_owned(), |at| at.to_rfc3339());
     format!(
         "{:>8}  {:<24} {:<8} {:>8}  {:<25} {}",
         tx.id,

@@ -44,7 +44,7 @@ macro_rules! columns {
         "id, reference, external_reference, idempotency_key, transaction_type, status, incoming_currency, \
          outgoing_currency, value, fee, payer_id, payee_id, first_name, last_name, wallet_address, source, \
          instruction_type, ip_address, message_id, queue_sent_at, created_at, updated_at, attempts, last_error, \
-         next_attempt_at, failed_at"
+         CASE WHEN message_id IS NULL AND failed_at IS NULL THEN next_attempt_at END AS next_attempt_at, failed_at"
     };
 }
 

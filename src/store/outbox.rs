@@ -296,7 +296,7 @@ impl Store {
         .map_err(StoreError::from)?;
         match older {
             Some(older) if fifo => Err(RetryOneError::WaitsForOlder { id, older }),
-            _ => Err(RetryOneError::Held { id, until: existing.next_attempt_at }),
+            _ => Err(RetryOneError::Held { id, until: existing.next_attempt_at.unwrap_or_else(Utc::now) }),
         }
     }
 

@@ -132,7 +132,8 @@ pub struct Transaction {
     pub updated_at: DateTime<Utc>,
     pub attempts: i32,
     pub last_error: Option<String>,
-    pub next_attempt_at: DateTime<Utc>,
+    /// When the relay will try next; only while unsent.
+    pub next_attempt_at: Option<DateTime<Utc>>,
     pub failed_at: Option<DateTime<Utc>>,
 }
 
@@ -221,7 +222,7 @@ mod tests {
             updated_at: at,
             attempts: 0,
             last_error: None,
-            next_attempt_at: at,
+            next_attempt_at: Some(at),
             failed_at: None,
         }
     }

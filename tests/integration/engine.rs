@@ -206,7 +206,7 @@ async fn the_backoff_schedule_follows_the_seeded_jitter() {
         let store = db.store.clone();
         async move {
             let row = store.find_by_reference(&reference).await.unwrap().unwrap();
-            ((row.next_attempt_at - row.updated_at).num_milliseconds(), row.attempts)
+            ((row.next_attempt_at.expect("unsent") - row.updated_at).num_milliseconds(), row.attempts)
         }
     };
     let (delay, attempts) = scheduled(&db).await;

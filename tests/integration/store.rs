@@ -209,7 +209,7 @@ async fn failures_back_off_and_dead_letter_at_max_attempts_or_when_permanent() {
     let by_id = |id| rows.iter().find(|r| r.id == id).unwrap().clone();
     assert_eq!(by_id(first.id).attempts, 1);
     assert!(by_id(first.id).failed_at.is_none());
-    assert!(by_id(first.id).next_attempt_at > chrono::Utc::now() + chrono::Duration::seconds(50));
+    assert!(by_id(first.id).next_attempt_at.unwrap() > chrono::Utc::now() + chrono::Duration::seconds(50));
     assert_eq!(by_id(first.id).last_error.as_deref(), Some("boom"));
     assert!(by_id(poison.id).failed_at.is_some(), "permanent errors dead-letter at once");
     assert_eq!(by_id(poison.id).attempts, 1);

@@ -35,3 +35,11 @@ generate:
 # Build the release binary.
 build:
     cargo build --release --locked
+
+# The whole flow on a real cluster (kind or k3d) from KUBECONFIG; exits 0 without one.
+e2e:
+    scripts/e2e.sh
+
+# Build the container image (needs a Docker engine).
+image:
+    docker build -t txrelay:dev .

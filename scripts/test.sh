@@ -19,3 +19,4 @@ trap 'scripts/moto.sh stop "$moto_port"' EXIT
 export TXRELAY_TEST_SQS_ENDPOINT="http://127.0.0.1:$moto_port"
 
 cargo test --all-targets --locked -- "$@"
+scripts/test-rules.sh

@@ -51,6 +51,16 @@ impl TokenSet {
     }
 }
 
+/// Hashes the token values, so a change of tokens can be detected without
+/// keeping a copy around.
+impl std::hash::Hash for TokenSet {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        for token in &self.tokens {
+            token.expose().hash(state);
+        }
+    }
+}
+
 impl fmt::Debug for TokenSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "TokenSet({} tokens)", self.tokens.len())

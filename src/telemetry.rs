@@ -8,12 +8,27 @@ pub enum LogFormat {
     Json,
 }
 
-/// `RUST_LOG` overrides the default level (`info`; sqlx's per-query lines
-/// are kept at `warn` because they would print statement parameters).
+const DEFAULT: &str = "info,sqlx=warn,aws_config=warn,aws_smithy_runtime=warn,kube=warn,tower=warn";
+
+/// The AWS SDK prints credential identifiers in its debug output, so its
+/// crates never log below `info`, whatever `RUST_LOG` asks for.
+const CAPPED: &[&str] = &[
+    "aws_smithy_runtime=info",
+    "aws_smithy_runtime_api=info",
+    "aws_runtime=info",
+    "aws_config=info",
+    "aws_sdk_sqs=info",
+];
+
+/// `RUST_LOG` overrides the default level (`info`, with the chattier
+/// dependencies at `warn`).
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new("info,sqlx=warn,aws_config=warn,aws_smithy_runtime=warn,kube=warn,tower=warn")
-    });
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT));
+    for directive in CAPPED {
+        if let Ok(directive) = directive.parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),

@@ -4,6 +4,8 @@
 mod admin;
 mod serve;
 
+pub use serve::shutdown_signal;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;

@@ -37,6 +37,10 @@ pub struct HttpOptions {
     pub trusted_proxies: Vec<IpNet>,
     /// Serve without bearer tokens (local development only).
     pub insecure_no_auth: bool,
+    /// `/readyz` fails while any served relay's database is unreachable.
+    /// True standalone; the operator serves many relays, and one relay's
+    /// database must not take `/new` away from the others.
+    pub ready_needs_databases: bool,
 }
 
 impl Default for HttpOptions {
@@ -47,6 +51,7 @@ impl Default for HttpOptions {
             max_in_flight: 1024,
             trusted_proxies: Vec::new(),
             insecure_no_auth: false,
+            ready_needs_databases: true,
         }
     }
 }

@@ -209,6 +209,22 @@ impl Relay {
         });
     }
 
+    /// Probes the queue now and records what it said. Only a transient
+    /// failure stops inline sends; a permanent one (a missing queue) is
+    /// reported, and each row meets it when sent.
+    pub async fn check_queue(&self) -> Result<(), SendFailure> {
+        let result = self.queue.probe().await;
+        match &result {
+            Ok(()) => self.mark_queue(true, None),
+            Err(failure) if !failure.is_permanent() => self.mark_queue(false, Some(failure)),
+            Err(failure) => self.health.send_modify(|h| {
+                h.queue_checked = true;
+                h.queue_error = Some(failure.message.clone());
+            }),
+        }
+        result
+    }
+
     fn mark_database(&self, error: Option<&StoreError>) {
         self.health.send_modify(|h| {
             h.database_checked = true;

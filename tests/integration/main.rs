@@ -6,6 +6,8 @@ mod common;
 mod cli;
 mod engine;
 mod ingest;
+mod manifests;
 mod metrics;
+mod operator;
 mod processes;
 mod store;

@@ -165,3 +165,64 @@ async fn run_serves_new_on_the_api_port_and_metrics_only_on_the_other() {
     let (status, _) = process.http(process.metrics, "GET", "/readyz", None, &serde_json::Value::Null).await;
     assert_eq!(status, axum::http::StatusCode::OK);
 }
+
+/// Runs a relay with credentials everywhere, drives it through success,
+/// rejection and failure with debug logging in JSON, and checks that no
+/// credential appears in the logs while transactions are traceable.
+#[tokio::test]
+async fn logs_carry_references_and_never_a_credential() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let password = "db-password-4f9a1c";
+    let db_url = db.url.replacen("postgres@", &format!("postgres:{password}@"), 1);
+    assert!(db_url.contains(password), "the test database URL has a user: {}", db.url);
+    let secrets = [
+        password,
+        SECRET_KEY_FOR_LOGS,
+        crate::common::sqs::ACCESS_KEY,
+        "ledger-token-7d2e",
+        INGEST_TOKEN,
+        ADMIN_TOKEN,
+        CLIENT_TOKEN,
+    ];
+    let mut command = command(&db_url, &db.schema, &queue.url, &queue.endpoint);
+    command
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY_FOR_LOGS)
+        .env("LEDGER_TOKEN", "ledger-token-7d2e")
+        .env("RUST_LOG", "debug")
+        .env("TXRELAY_LOG_FORMAT", "json");
+    let process = RelayProcess::start(command, None).await;
+    let n = unique();
+    let (status, _) = process.http(process.api, "POST", "/new", Some(INGEST_TOKEN), &body(n, "w")).await;
+    assert!(status.is_success());
+    let (status, _) = process.http(process.api, "POST", "/new", Some("not-the-token"), &body(unique(), "w")).await;
+    assert_eq!(status, axum::http::StatusCode::UNAUTHORIZED);
+    let mut bad = body(unique(), "w");
+    bad["ledger_payload"]["payload"]["value"] = serde_json::json!(CLIENT_TOKEN);
+    let (status, _) = process.http(process.api, "POST", "/new", Some(INGEST_TOKEN), &bad).await;
+    assert_eq!(status, axum::http::StatusCode::UNPROCESSABLE_ENTITY);
+    let (status, _) =
+        process.http(process.api, "GET", "/transactions?limit=5", Some(ADMIN_TOKEN), &serde_json::Value::Null).await;
+    assert_eq!(status, axum::http::StatusCode::OK);
+    process.signal("TERM");
+    let mut process = process;
+    process.child.wait().await.unwrap();
+
+    let logs = process.logs();
+    assert!(logs.lines().count() > 10, "debug logs were captured:\n{logs}");
+    for secret in secrets {
+        assert!(!logs.contains(secret), "{secret} appears in the logs:\n{logs}");
+    }
+    let reference = format!("MYK-{n:06}");
+    let committed: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["message"] == "committed" || line["message"] == "sent inline")
+        .collect();
+    assert_eq!(committed.len(), 2, "{logs}");
+    for event in committed {
+        assert_eq!(event["span"]["reference"], reference.as_str(), "{event}");
+        assert_eq!(event["span"]["idempotency_key"], format!("idem-{n}"), "{event}");
+    }
+}
+
+const SECRET_KEY_FOR_LOGS: &str = "aws-secret-key-9b8c7d";

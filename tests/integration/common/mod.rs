@@ -5,6 +5,7 @@
 
 pub mod db;
 pub mod fixtures;
+pub mod kube_api;
 pub mod proxy;
 pub mod sqs;
 

@@ -1,0 +1,194 @@
+//! The reconciler: from a `TransactionRelay` and its Secrets to a running
+//! relay loop and a status.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Client, Resource, ResourceExt};
+use tracing::{info, warn};
+
+use super::secrets::{SecretReader, fingerprint};
+use super::status::{Phase, StatusWriter, desired};
+use super::supervisor::{Change, Supervisor};
+use crate::metrics::Metrics;
+use crate::relay::RelayId;
+use crate::settings::{RelayHandle, StartError};
+use crate::spec::{SpecError, TransactionRelay};
+
+/// Why a relay could not be brought to its desired state. Messages never
+/// contain secret values.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Secret {0} not found")]
+    SecretNotFound(String),
+    #[error("Secret {0} has no key {1} (or it is empty)")]
+    SecretKeyMissing(String, String),
+    #[error("Secret {0} key {1} is not UTF-8 text")]
+    SecretKeyInvalid(String, String),
+    #[error("invalid spec: {0}")]
+    InvalidSpec(SpecError),
+    #[error("no ingest token: set spec.ingest.tokenSecretRef, or run the operator with --insecure-no-auth")]
+    IngestTokensMissing,
+    #[error("database unreachable: {0}")]
+    DatabaseUnreachable(String),
+    #[error("queue unreachable: {0}")]
+    QueueUnreachable(String),
+    #[error("invalid queue settings: {0}")]
+    InvalidQueue(String),
+    #[error("Kubernetes API error: {0}")]
+    Kube(#[source] kube::Error),
+}
+
+impl Error {
+    /// The condition reason and Event reason: PascalCase, one per variant.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::SecretNotFound(..) => "SecretNotFound",
+            Self::SecretKeyMissing(..) => "SecretKeyMissing",
+            Self::SecretKeyInvalid(..) => "SecretKeyInvalid",
+            Self::InvalidSpec(_) => "InvalidSpec",
+            Self::IngestTokensMissing => "IngestTokensMissing",
+            Self::DatabaseUnreachable(_) => "DatabaseUnreachable",
+            Self::QueueUnreachable(_) => "QueueUnreachable",
+            Self::InvalidQueue(_) => "InvalidQueue",
+            Self::Kube(_) => "KubernetesApiError",
+        }
+    }
+
+    /// A bounded metric label: the variant, never the message.
+    pub fn metric_label(&self) -> &'static str {
+        self.reason()
+    }
+}
+
+impl From<StartError> for Error {
+    fn from(error: StartError) -> Self {
+        match error {
+            StartError::Store(store) => Self::DatabaseUnreachable(store.to_string()),
+            StartError::Queue(queue) => Self::InvalidQueue(queue.to_string()),
+        }
+    }
+}
+
+pub struct Context {
+    pub client: Client,
+    pub supervisor: Supervisor,
+    pub status: Arc<StatusWriter>,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+    pub insecure_no_auth: bool,
+    pub pool_size: u32,
+    failures: std::sync::Mutex<HashMap<RelayId, u32>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        supervisor: Supervisor,
+        status: Arc<StatusWriter>,
+        recorder: Recorder,
+        metrics: Metrics,
+        insecure_no_auth: bool,
+    ) -> Self {
+        Self {
+            client,
+            supervisor,
+            status,
+            recorder,
+            metrics,
+            insecure_no_auth,
+            pool_size: 8,
+            failures: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn apply(&self, resource: &TransactionRelay) -> Result<(Change, RelayHandle), Error> {
+        let namespace = resource.namespace().unwrap_or_default();
+        let settings = SecretReader::new(self.client.clone(), &namespace).settings(resource, self.pool_size).await?;
+        if settings.ingest_tokens.is_empty() && !self.insecure_no_auth {
+            return Err(Error::IngestTokensMissing);
+        }
+        let (change, handle) = self.supervisor.ensure(&settings, fingerprint(&settings)).await?;
+        handle.relay.refresh_gauges().await.map_err(|e| Error::DatabaseUnreachable(e.to_string()))?;
+        if !settings.spec.suspend {
+            handle.relay.check_queue().await.map_err(|f| Error::QueueUnreachable(f.message))?;
+        }
+        Ok((change, handle))
+    }
+
+    async fn event(&self, resource: &TransactionRelay, type_: EventType, reason: &str, note: String) {
+        if !self.status.is_leading() {
+            return;
+        }
+        let event =
+            Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
+        if let Err(error) = self.recorder.publish(&event, &resource.object_ref(&())).await {
+            warn!(%error, "could not publish an Event");
+        }
+    }
+
+    /// Backoff for the next attempt after a failure: 1 s, 2 s, 4 s... 5 min.
+    fn backoff(&self, id: &RelayId) -> Duration {
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let count = failures.entry(id.clone()).or_insert(0);
+        *count = (*count + 1).min(16);
+        Duration::from_secs(1u64 << (*count - 1).min(9)).min(Duration::from_secs(300))
+    }
+
+    fn succeeded(&self, id: &RelayId) {
+        self.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+    }
+}
+
+fn relay_id(resource: &TransactionRelay) -> RelayId {
+    RelayId::new(resource.namespace().unwrap_or_default(), resource.name_any())
+}
+
+pub async fn reconcile(resource: Arc<TransactionRelay>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.metrics.reconcile_total.inc();
+    let id = relay_id(&resource);
+    let outcome = ctx.apply(&resource).await;
+    let handle = match &outcome {
+        Ok((_, handle)) => Some(handle.clone()),
+        Err(_) => ctx.supervisor.get(&id).await,
+    };
+    let health = handle.as_ref().map(|h| h.relay.health().borrow().clone());
+    let phase = match &outcome {
+        Ok(_) => Phase::Running { suspended: resource.spec.suspend },
+        Err(error) => Phase::Failed(error),
+    };
+    let previous = ctx.status.previous(&id, Some(&resource)).await;
+    let status = desired(&phase, health.as_ref(), resource.meta().generation, &previous);
+    if let Err(error) = ctx.status.write(&id, status).await {
+        warn!(relay = %id, %error, "could not write status");
+    }
+    match outcome {
+        Ok((change, _)) => {
+            ctx.succeeded(&id);
+            match change {
+                Change::Started => {
+                    ctx.event(&resource, EventType::Normal, "RelayStarted", "relay loop started".into()).await;
+                }
+                Change::Reconfigured => {
+                    let note = "spec or secrets changed; relay restarted with the new settings".into();
+                    ctx.event(&resource, EventType::Normal, "RelayReconfigured", note).await;
+                }
+                Change::Unchanged => {}
+            }
+            Ok(Action::requeue(Duration::from_secs(300)))
+        }
+        Err(error) => {
+            ctx.metrics.reconcile_errors.with_label_values(&[error.metric_label()]).inc();
+            info!(relay = %id, reason = error.reason(), %error, "reconcile failed");
+            ctx.event(&resource, EventType::Warning, error.reason(), error.to_string()).await;
+            Err(error)
+        }
+    }
+}
+
+pub fn error_policy(resource: Arc<TransactionRelay>, _error: &Error, ctx: Arc<Context>) -> Action {
+    Action::requeue(ctx.backoff(&relay_id(&resource)))
+}

@@ -1,0 +1,107 @@
+//! Turns a `TransactionRelay` and the Secrets it names into [`RelaySettings`].
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+
+use k8s_openapi::api::core::v1::Secret as KubeSecret;
+use kube::{Api, Client, ResourceExt};
+
+use super::Error;
+use crate::auth::TokenSet;
+use crate::relay::RelayId;
+use crate::secret::Secret;
+use crate::settings::{QueueSecrets, RelaySettings};
+use crate::spec::{SecretKeyRef, TransactionRelay};
+
+pub struct SecretReader {
+    api: Api<KubeSecret>,
+}
+
+impl SecretReader {
+    pub fn new(client: Client, namespace: &str) -> Self {
+        Self { api: Api::namespaced(client, namespace) }
+    }
+
+    async fn data(&self, name: &str) -> Result<BTreeMap<String, String>, Error> {
+        let secret =
+            self.api.get_opt(name).await.map_err(Error::Kube)?.ok_or_else(|| Error::SecretNotFound(name.into()))?;
+        let mut data: BTreeMap<String, String> = secret.string_data.unwrap_or_default();
+        for (key, value) in secret.data.unwrap_or_default() {
+            let text = String::from_utf8(value.0).map_err(|_| Error::SecretKeyInvalid(name.into(), key.clone()))?;
+            data.insert(key, text);
+        }
+        Ok(data)
+    }
+
+    async fn key(&self, reference: &SecretKeyRef, default_key: &str) -> Result<String, Error> {
+        let key = reference.key_or(default_key);
+        let mut data = self.data(&reference.name).await?;
+        data.remove(key)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| Error::SecretKeyMissing(reference.name.clone(), key.into()))
+    }
+
+    async fn tokens(&self, reference: Option<&SecretKeyRef>) -> Result<TokenSet, Error> {
+        match reference {
+            Some(reference) => Ok(TokenSet::parse(&self.key(reference, "tokens").await?)),
+            None => Ok(TokenSet::default()),
+        }
+    }
+
+    /// Everything a relay needs, read fresh from the API server.
+    pub async fn settings(&self, relay: &TransactionRelay, pool_size: u32) -> Result<RelaySettings, Error> {
+        let spec = &relay.spec;
+        spec.validate().map_err(Error::InvalidSpec)?;
+        let database_url = self.key(&spec.database.secret_ref, "url").await?;
+        let queue_name = &spec.queue.secret_ref.name;
+        let mut queue = self.data(queue_name).await?;
+        let mut required = |key: &str| {
+            queue
+                .remove(key)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| Error::SecretKeyMissing(queue_name.clone(), key.into()))
+        };
+        let queue_url = required("queueUrl")?;
+        let region = required("region")?;
+        let optional = |queue: &mut BTreeMap<String, String>, key: &str| {
+            queue.remove(key).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
+        };
+        let queue = QueueSecrets {
+            queue_url,
+            region,
+            endpoint_url: optional(&mut queue, "endpointUrl"),
+            access_key_id: optional(&mut queue, "accessKeyId"),
+            secret_access_key: optional(&mut queue, "secretAccessKey").map(Secret::new),
+            ledger_token: optional(&mut queue, "ledgerToken").map(Secret::new),
+        };
+        let ingest_tokens = self.tokens(spec.ingest.as_ref().map(|i| &i.token_secret_ref)).await?;
+        let admin_tokens = self.tokens(spec.admin.as_ref().map(|a| &a.token_secret_ref)).await?;
+        Ok(RelaySettings {
+            id: RelayId::new(relay.namespace().unwrap_or_default(), relay.name_any()),
+            spec: spec.clone(),
+            database_url: Secret::new(database_url),
+            database_pool_size: pool_size,
+            queue,
+            ingest_tokens,
+            admin_tokens,
+        })
+    }
+}
+
+/// A digest of everything that, when changed, means the relay must be
+/// rebuilt: the spec and every secret value. Never printed.
+pub fn fingerprint(settings: &RelaySettings) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(&settings.spec).unwrap_or_default().hash(&mut hasher);
+    settings.database_url.expose().hash(&mut hasher);
+    settings.database_pool_size.hash(&mut hasher);
+    let q = &settings.queue;
+    (&q.queue_url, &q.region, &q.endpoint_url, &q.access_key_id).hash(&mut hasher);
+    q.secret_access_key.as_ref().map(Secret::expose).hash(&mut hasher);
+    q.ledger_token.as_ref().map(Secret::expose).hash(&mut hasher);
+    settings.ingest_tokens.hash(&mut hasher);
+    settings.admin_tokens.hash(&mut hasher);
+    hasher.finish()
+}

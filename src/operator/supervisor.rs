@@ -1,0 +1,146 @@
+//! Starts, reconfigures and stops the relay loops this process runs, and
+//! keeps the HTTP directory in step with them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Mutex, watch};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::metrics::Metrics;
+use crate::relay::directory::Relays;
+use crate::relay::{Relay, RelayId, listen_for_due_rows, run_loop};
+use crate::settings::{RelayHandle, RelaySettings, StartError};
+
+/// Spawns whatever else lives and dies with a relay (its status publisher).
+pub type Companion = Arc<dyn Fn(Arc<Relay>, watch::Receiver<bool>) -> JoinHandle<()> + Send + Sync>;
+
+struct Running {
+    fingerprint: u64,
+    handle: RelayHandle,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    Started,
+    Reconfigured,
+    Unchanged,
+}
+
+pub struct Supervisor {
+    relays: Arc<Relays>,
+    metrics: Metrics,
+    running: Mutex<HashMap<RelayId, Running>>,
+    companion: Companion,
+    grace: Duration,
+}
+
+impl Supervisor {
+    pub fn new(relays: Arc<Relays>, metrics: Metrics, companion: Companion, grace: Duration) -> Self {
+        Self { relays, metrics, running: Mutex::new(HashMap::new()), companion, grace }
+    }
+
+    pub fn relays(&self) -> &Arc<Relays> {
+        &self.relays
+    }
+
+    /// Runs the relay described by `settings`. Nothing happens when it
+    /// already runs with the same fingerprint; otherwise a new relay is built
+    /// and migrated, takes over `/new`, and only then is the old one stopped,
+    /// so ingest never pauses and the two loops overlap safely.
+    pub async fn ensure(
+        &self,
+        settings: &RelaySettings,
+        fingerprint: u64,
+    ) -> Result<(Change, RelayHandle), StartError> {
+        if let Some(current) = self.running.lock().await.get(&settings.id).filter(|r| r.fingerprint == fingerprint) {
+            return Ok((Change::Unchanged, current.handle.clone()));
+        }
+        // Built and migrated without holding the lock: a slow database must
+        // not hold up other relays. The controller never reconciles one
+        // resource twice at once, so nobody else starts this relay meanwhile.
+        let handle = settings.build(&self.metrics).await?;
+        handle.relay.store().migrate().await?;
+        let (stop, stopped) = watch::channel(false);
+        let relay = handle.relay.clone();
+        let tasks = vec![
+            tokio::spawn(run_loop(relay.clone(), stopped.clone())),
+            tokio::spawn(listen_for_due_rows(relay.clone(), stopped.clone())),
+            (self.companion)(relay.clone(), stopped),
+        ];
+        self.relays.insert(handle.clone());
+        let previous = {
+            let mut running = self.running.lock().await;
+            let previous =
+                running.insert(settings.id.clone(), Running { fingerprint, handle: handle.clone(), stop, tasks });
+            self.metrics.relays.set(running.len() as i64);
+            previous
+        };
+        let change = match previous {
+            Some(old) => {
+                info!(relay = %settings.id, "relay reconfigured");
+                self.shut_down(old, false).await;
+                Change::Reconfigured
+            }
+            None => {
+                info!(relay = %settings.id, "relay started");
+                Change::Started
+            }
+        };
+        Ok((change, handle))
+    }
+
+    pub async fn get(&self, id: &RelayId) -> Option<RelayHandle> {
+        self.running.lock().await.get(id).map(|r| r.handle.clone())
+    }
+
+    pub async fn ids(&self) -> Vec<RelayId> {
+        self.running.lock().await.keys().cloned().collect()
+    }
+
+    /// Stops every relay for which `keep` is false (its resource is gone).
+    pub async fn retain(&self, keep: impl Fn(&RelayId) -> bool) {
+        let gone: Vec<Running> = {
+            let mut running = self.running.lock().await;
+            let ids: Vec<RelayId> = running.keys().filter(|id| !keep(id)).cloned().collect();
+            let gone = ids.iter().filter_map(|id| running.remove(id)).collect();
+            self.metrics.relays.set(running.len() as i64);
+            gone
+        };
+        for relay in gone {
+            info!(relay = %relay.handle.relay.id(), "relay deleted; stopping it");
+            self.shut_down(relay, true).await;
+        }
+    }
+
+    pub async fn stop_all(&self) {
+        self.retain(|_| false).await;
+    }
+
+    /// Stops one relay's tasks, waiting up to the grace period for its
+    /// in-flight sends; `forget` also removes it from `/new` and metrics.
+    async fn shut_down(&self, relay: Running, forget: bool) {
+        let id = relay.handle.relay.id().clone();
+        if forget {
+            self.relays.remove(&id);
+            relay.handle.relay.metrics().remove();
+        }
+        let _ = relay.stop.send(true);
+        let aborts: Vec<_> = relay.tasks.iter().map(JoinHandle::abort_handle).collect();
+        let finished = tokio::time::timeout(self.grace, futures::future::join_all(relay.tasks)).await;
+        if finished.is_err() {
+            for abort in aborts {
+                abort.abort();
+            }
+            warn!(relay = %id, "grace period over; releasing rows still in flight");
+            if let Err(error) = relay.handle.relay.release_in_flight().await {
+                warn!(relay = %id, %error, "could not release claimed rows; they are retried after the claim lease");
+            }
+        }
+        relay.handle.relay.store().close().await;
+    }
+}

@@ -1,0 +1,196 @@
+//! A mocked Kubernetes API server (kube's tower-test pattern): a
+//! `kube::Client` whose requests are answered by a task that keeps Secrets,
+//! TransactionRelays and Leases in memory and records every request, so a
+//! test can assert what the operator asked for and wrote.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use kube::Client;
+use kube::client::Body;
+use serde_json::{Value, json};
+use txrelay::spec::TransactionRelay;
+
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: Method,
+    pub path: String,
+    pub body: Value,
+}
+
+#[derive(Default)]
+struct State {
+    secrets: HashMap<String, Value>,
+    relays: HashMap<String, Value>,
+    leases: HashMap<String, Value>,
+    requests: Vec<Recorded>,
+    unexpected: Vec<String>,
+    version: u64,
+}
+
+#[derive(Clone)]
+pub struct FakeApiServer {
+    pub client: Client,
+    state: Arc<Mutex<State>>,
+}
+
+impl FakeApiServer {
+    pub fn start() -> Self {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let state = Arc::new(Mutex::new(State::default()));
+        let served = state.clone();
+        tokio::spawn(async move {
+            while let Some((request, respond)) = handle.next_request().await {
+                let (parts, body) = request.into_parts();
+                let bytes = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                let (status, answer) = answer(&served, &parts.method, parts.uri.path(), body);
+                let response = Response::builder()
+                    .status(status)
+                    .header("content-type", "application/json")
+                    .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                    .unwrap();
+                respond.send_response(response);
+            }
+        });
+        Self { client: Client::new(service, "default"), state }
+    }
+
+    pub fn put_secret(&self, namespace: &str, name: &str, data: &[(&str, &str)]) {
+        let encoded: serde_json::Map<String, Value> =
+            data.iter().map(|(k, v)| ((*k).to_owned(), json!(base64_encode(v.as_bytes())))).collect();
+        let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": namespace}, "data": encoded});
+        self.state.lock().unwrap().secrets.insert(format!("{namespace}/{name}"), secret);
+    }
+
+    pub fn put_relay(&self, relay: &TransactionRelay) {
+        let key = format!(
+            "{}/{}",
+            relay.metadata.namespace.clone().unwrap_or_default(),
+            relay.metadata.name.clone().unwrap_or_default()
+        );
+        self.state.lock().unwrap().relays.insert(key, serde_json::to_value(relay).unwrap());
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state.lock().unwrap().requests.clone()
+    }
+
+    pub fn unexpected(&self) -> Vec<String> {
+        self.state.lock().unwrap().unexpected.clone()
+    }
+
+    /// Bodies of the status patches, oldest first.
+    pub fn status_patches(&self) -> Vec<Value> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.method == Method::PATCH && r.path.ends_with("/status"))
+            .map(|r| r.body)
+            .collect()
+    }
+
+    pub fn events(&self) -> Vec<Value> {
+        self.requests().into_iter().filter(|r| r.path.contains("/events")).map(|r| r.body).collect()
+    }
+
+    pub fn lease(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.state.lock().unwrap().leases.get(&format!("{namespace}/{name}")).cloned()
+    }
+
+    pub fn set_lease(&self, namespace: &str, name: &str, lease: Value) {
+        self.state.lock().unwrap().leases.insert(format!("{namespace}/{name}"), lease);
+    }
+}
+
+fn not_found(what: &str) -> (StatusCode, Value) {
+    (
+        StatusCode::NOT_FOUND,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": format!("{what} not found"), "reason": "NotFound", "code": 404}),
+    )
+}
+
+fn conflict() -> (StatusCode, Value) {
+    (
+        StatusCode::CONFLICT,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "conflict", "reason": "Conflict", "code": 409}),
+    )
+}
+
+fn answer(state: &Mutex<State>, method: &Method, path: &str, body: Value) -> (StatusCode, Value) {
+    let mut state = state.lock().unwrap();
+    state.requests.push(Recorded { method: method.clone(), path: path.to_owned(), body: body.clone() });
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (method, segments.as_slice()) {
+        (&Method::GET, ["api", "v1", "namespaces", ns, "secrets", name]) => state
+            .secrets
+            .get(&format!("{ns}/{name}"))
+            .cloned()
+            .map_or_else(|| not_found("secret"), |s| (StatusCode::OK, s)),
+        (
+            &Method::PATCH,
+            ["apis", "relay.mykobo.io", "v1alpha1", "namespaces", ns, "transactionrelays", name, "status"],
+        ) => {
+            let key = format!("{ns}/{name}");
+            match state.relays.get_mut(&key) {
+                Some(relay) => {
+                    relay["status"] = body["status"].clone();
+                    (StatusCode::OK, relay.clone())
+                }
+                None => not_found("transactionrelay"),
+            }
+        }
+        (&Method::POST, ["apis", "events.k8s.io", "v1", "namespaces", _, "events"]) => (StatusCode::CREATED, body),
+        (&Method::PATCH, ["apis", "events.k8s.io", "v1", "namespaces", _, "events", _]) => (StatusCode::OK, body),
+        (&Method::GET, ["apis", "coordination.k8s.io", "v1", "namespaces", ns, "leases", name]) => state
+            .leases
+            .get(&format!("{ns}/{name}"))
+            .cloned()
+            .map_or_else(|| not_found("lease"), |l| (StatusCode::OK, l)),
+        (&Method::POST, ["apis", "coordination.k8s.io", "v1", "namespaces", ns, "leases"]) => {
+            let key = format!("{ns}/{}", body["metadata"]["name"].as_str().unwrap_or_default());
+            if state.leases.contains_key(&key) {
+                return conflict();
+            }
+            state.version += 1;
+            let mut lease = body;
+            lease["metadata"]["resourceVersion"] = json!(state.version.to_string());
+            state.leases.insert(key, lease.clone());
+            (StatusCode::CREATED, lease)
+        }
+        (&Method::PUT, ["apis", "coordination.k8s.io", "v1", "namespaces", ns, "leases", name]) => {
+            let key = format!("{ns}/{name}");
+            let current = state.leases.get(&key).map(|l| l["metadata"]["resourceVersion"].clone());
+            if current != Some(body["metadata"]["resourceVersion"].clone()) {
+                return conflict();
+            }
+            state.version += 1;
+            let mut lease = body;
+            lease["metadata"]["resourceVersion"] = json!(state.version.to_string());
+            state.leases.insert(key, lease.clone());
+            (StatusCode::OK, lease)
+        }
+        _ => {
+            state.unexpected.push(format!("{method} {path}"));
+            not_found("resource")
+        }
+    }
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}

@@ -29,6 +29,8 @@ pub enum ApiError {
     Unauthorized,
     #[error("database unavailable; nothing was stored, retry later")]
     Unavailable,
+    #[error("{0}; nothing was stored, retry later")]
+    RelayNotReady(String),
     #[error("too many requests in flight; retry later")]
     Overloaded,
     #[error("the request took too long; retry later with the same idempotency key")]
@@ -38,6 +40,23 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// Every `error.code` the API can answer with (documented in openapi.json).
+    pub const CODES: &[&str] = &[
+        "invalid_json",
+        "unsupported_media_type",
+        "payload_too_large",
+        "invalid_field",
+        "idempotency_key_reused",
+        "duplicate_reference",
+        "not_found",
+        "unauthorized",
+        "database_unavailable",
+        "relay_not_ready",
+        "overloaded",
+        "timeout",
+        "internal",
+    ];
+
     pub fn status(&self) -> StatusCode {
         match self {
             Self::InvalidJson(_) => StatusCode::BAD_REQUEST,
@@ -47,7 +66,9 @@ impl ApiError {
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::Unavailable | Self::Overloaded | Self::Timeout => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable | Self::RelayNotReady(_) | Self::Overloaded | Self::Timeout => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -63,6 +84,7 @@ impl ApiError {
             Self::NotFound(_) => "not_found",
             Self::Unauthorized => "unauthorized",
             Self::Unavailable => "database_unavailable",
+            Self::RelayNotReady(_) => "relay_not_ready",
             Self::Overloaded => "overloaded",
             Self::Timeout => "timeout",
             Self::Internal => "internal",
@@ -120,8 +142,42 @@ impl From<StoreError> for ApiError {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_is_listed_and_every_error_body_has_code_and_message() {
+        let all = [
+            ApiError::InvalidJson("x".into()),
+            ApiError::UnsupportedMediaType,
+            ApiError::PayloadTooLarge(1),
+            ApiError::invalid("f", "m"),
+            ApiError::Conflict(Conflict::IdempotencyKey),
+            ApiError::Conflict(Conflict::Reference),
+            ApiError::NotFound("x".into()),
+            ApiError::Unauthorized,
+            ApiError::Unavailable,
+            ApiError::RelayNotReady("x".into()),
+            ApiError::Overloaded,
+            ApiError::Timeout,
+            ApiError::Internal,
+        ];
+        let codes: Vec<&str> = all.iter().map(ApiError::code).collect();
+        assert_eq!(codes, ApiError::CODES);
+        for error in all {
+            let unavailable = error.status() == StatusCode::SERVICE_UNAVAILABLE;
+            let response = error.into_response();
+            assert_eq!(response.headers().contains_key(header::RETRY_AFTER), unavailable);
+        }
+    }
+}
+
 impl From<ResolveError> for ApiError {
     fn from(error: ResolveError) -> Self {
-        Self::NotFound(error.to_string())
+        match error {
+            ResolveError::NotReady(..) => Self::RelayNotReady(error.to_string()),
+            other => Self::NotFound(other.to_string()),
+        }
     }
 }

@@ -71,19 +71,40 @@ impl AppState {
     }
 }
 
+/// The paths of the public API, declared once: the router uses them, and a
+/// test checks them against `openapi.json`.
+pub mod paths {
+    pub const NEW: &str = "/new";
+    pub const TRANSACTIONS: &str = "/transactions";
+    pub const TRANSACTION: &str = "/transactions/{reference}";
+    pub const TRANSACTION_HEALTH: &str = "/health/transactions";
+    /// Every relay path also exists under this prefix.
+    pub const RELAY_PREFIX: &str = "/relays/{namespace}/{name}";
+    pub const HEALTHZ: &str = "/healthz";
+    pub const READYZ: &str = "/readyz";
+    pub const OPENAPI: &str = "/openapi.json";
+    pub const METRICS: &str = "/metrics";
+
+    /// (method, path) of the routes that exist per relay.
+    pub const RELAY_ROUTES: &[(&str, &str)] =
+        &[("POST", NEW), ("GET", TRANSACTIONS), ("GET", TRANSACTION), ("GET", TRANSACTION_HEALTH)];
+    /// (method, path) of the routes of the service itself.
+    pub const SERVICE_ROUTES: &[(&str, &str)] = &[("GET", HEALTHZ), ("GET", READYZ), ("GET", OPENAPI)];
+}
+
 /// The public API: what the Ingress exposes (`/new` paths) and the reads.
 pub fn api_router(state: AppState) -> Router {
     let relay_routes = Router::new()
-        .route("/new", post(ingest::new_transaction))
-        .route("/transactions", get(read::list))
-        .route("/transactions/{reference}", get(read::get_one))
-        .route("/health/transactions", get(read::transaction_health));
+        .route(paths::NEW, post(ingest::new_transaction))
+        .route(paths::TRANSACTIONS, get(read::list))
+        .route(paths::TRANSACTION, get(read::get_one))
+        .route(paths::TRANSACTION_HEALTH, get(read::transaction_health));
     Router::new()
         .merge(relay_routes.clone())
-        .nest("/relays/{namespace}/{name}", relay_routes)
-        .route("/healthz", get(probes::healthz))
-        .route("/readyz", get(probes::readyz))
-        .route("/openapi.json", get(openapi::serve))
+        .nest(paths::RELAY_PREFIX, relay_routes)
+        .route(paths::HEALTHZ, get(probes::healthz))
+        .route(paths::READYZ, get(probes::readyz))
+        .route(paths::OPENAPI, get(openapi::serve))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
@@ -92,9 +113,9 @@ pub fn api_router(state: AppState) -> Router {
 /// Probes and metrics, on their own port that the Ingress never exposes.
 pub fn ops_router(state: AppState) -> Router {
     Router::new()
-        .route("/metrics", get(probes::metrics))
-        .route("/healthz", get(probes::healthz))
-        .route("/readyz", get(probes::readyz))
+        .route(paths::METRICS, get(probes::metrics))
+        .route(paths::HEALTHZ, get(probes::healthz))
+        .route(paths::READYZ, get(probes::readyz))
         .fallback(not_found)
         .with_state(state)
 }

@@ -177,6 +177,7 @@ async fn stop_deleted_relays(ctx: Arc<Context>, store: Store<TransactionRelay>, 
         let present: std::collections::HashSet<RelayId> =
             store.state().iter().map(|r| RelayId::new(r.namespace().unwrap_or_default(), r.name_any())).collect();
         ctx.supervisor.retain(|id| present.contains(id)).await;
+        ctx.supervisor.relays().forget_not_ready(|id| present.contains(id));
         for id in ctx.supervisor.ids().await {
             if !present.contains(&id) {
                 ctx.status.forget(&id).await;

@@ -181,6 +181,7 @@ pub async fn reconcile(resource: Arc<TransactionRelay>, ctx: Arc<Context>) -> Re
             Ok(Action::requeue(Duration::from_secs(300)))
         }
         Err(error) => {
+            ctx.supervisor.relays().set_not_ready(&id, error.reason());
             ctx.metrics.reconcile_errors.with_label_values(&[error.metric_label()]).inc();
             info!(relay = %id, reason = error.reason(), %error, "reconcile failed");
             ctx.event(&resource, EventType::Warning, error.reason(), error.to_string()).await;

@@ -10,6 +10,9 @@ use crate::settings::RelayHandle;
 #[derive(Debug, Default)]
 pub struct Relays {
     relays: RwLock<BTreeMap<RelayId, RelayHandle>>,
+    /// Relays that exist but could not start yet (database down, secret
+    /// missing): `/new` answers 503 for them rather than 404.
+    starting: RwLock<BTreeMap<RelayId, String>>,
     default: Option<RelayId>,
 }
 
@@ -17,6 +20,8 @@ pub struct Relays {
 pub enum ResolveError {
     #[error("no relay {0} is served here")]
     Unknown(RelayId),
+    #[error("relay {0} is not running yet: {1}")]
+    NotReady(RelayId, String),
     #[error("no relay is served here yet")]
     None,
     #[error("several relays are served here; post to /relays/{{namespace}}/{{name}}/new (one of: {0})")]
@@ -26,16 +31,30 @@ pub enum ResolveError {
 impl Relays {
     /// `default` is the relay plain `/new` reaches when several are served.
     pub fn new(default: Option<RelayId>) -> Self {
-        Self { relays: RwLock::default(), default }
+        Self { relays: RwLock::default(), starting: RwLock::default(), default }
     }
 
     pub fn insert(&self, handle: RelayHandle) -> Option<RelayHandle> {
         let id = handle.relay.id().clone();
+        self.starting.write().unwrap_or_else(|e| e.into_inner()).remove(&id);
         self.relays.write().unwrap_or_else(|e| e.into_inner()).insert(id, handle)
     }
 
     pub fn remove(&self, id: &RelayId) -> Option<RelayHandle> {
+        self.starting.write().unwrap_or_else(|e| e.into_inner()).remove(id);
         self.relays.write().unwrap_or_else(|e| e.into_inner()).remove(id)
+    }
+
+    /// Marks a relay that exists but is not running, with the reason.
+    pub fn set_not_ready(&self, id: &RelayId, reason: &str) {
+        if !self.relays.read().unwrap_or_else(|e| e.into_inner()).contains_key(id) {
+            self.starting.write().unwrap_or_else(|e| e.into_inner()).insert(id.clone(), reason.to_owned());
+        }
+    }
+
+    /// Forgets a relay that is not running (its resource was deleted).
+    pub fn forget_not_ready(&self, keep: impl Fn(&RelayId) -> bool) {
+        self.starting.write().unwrap_or_else(|e| e.into_inner()).retain(|id, _| keep(id));
     }
 
     pub fn get(&self, id: &RelayId) -> Option<RelayHandle> {
@@ -59,7 +78,12 @@ impl Relays {
     pub fn resolve(&self, id: Option<&RelayId>) -> Result<RelayHandle, ResolveError> {
         let relays = self.relays.read().unwrap_or_else(|e| e.into_inner());
         if let Some(id) = id.or(self.default.as_ref()) {
-            return relays.get(id).cloned().ok_or_else(|| ResolveError::Unknown(id.clone()));
+            return relays.get(id).cloned().ok_or_else(|| {
+                match self.starting.read().unwrap_or_else(|e| e.into_inner()).get(id) {
+                    Some(reason) => ResolveError::NotReady(id.clone(), reason.clone()),
+                    None => ResolveError::Unknown(id.clone()),
+                }
+            });
         }
         let mut all = relays.values();
         match (all.next(), all.next()) {

@@ -84,6 +84,9 @@ pub fn from_ledger_payload(ledger_payload: &RawValue, wallet_address: String) ->
         })
         .transpose()?;
 
+    meta.check_every_string(&[])?;
+    body.check_every_string(&[])?;
+    root.check_every_string(&["meta_data", "payload"])?;
     let transaction_type_text = body.required_str("transaction_type", limits::TRANSACTION_TYPE, Rule::Identifier)?;
     let transaction_type = TransactionType::parse(&transaction_type_text)
         .ok_or_else(|| IngestError::at(body.path("transaction_type"), "must be DEPOSIT or WITHDRAW"))?;
@@ -155,6 +158,19 @@ impl<'a> Fields<'a> {
 
     fn path(&self, key: &str) -> String {
         if self.prefix.is_empty() { key.to_owned() } else { format!("{}.{key}", self.prefix) }
+    }
+
+    /// Unknown fields are stored and sent as they are, so their strings
+    /// obey the same rules as the known ones, at any depth.
+    fn check_every_string(&self, checked_already: &[&str]) -> Result<()> {
+        for (key, value) in self.object.members().filter(|(key, _)| !checked_already.contains(key)) {
+            let key_text = serde_json::to_string(key).unwrap_or_default();
+            if let Some(problem) = raw_json::string_problem(&key_text).or_else(|| raw_json::string_problem(value.get()))
+            {
+                return Err(IngestError::at(self.path(key), problem));
+            }
+        }
+        Ok(())
     }
 
     fn present(&self, key: &str) -> Option<&'a RawValue> {
@@ -396,6 +412,18 @@ mod tests {
         let tx = parse_request_body(&body(|v| v["ledger_payload"]["payload"]["transaction_type"] = json!("Withdraw")))
             .unwrap();
         assert_eq!(tx.transaction_type, TransactionType::Withdraw);
+    }
+
+    #[test]
+    fn unknown_fields_obey_the_string_rules_too() {
+        let bytes = body(|v| v["ledger_payload"]["payload"]["memo"] = json!({"deep": ["ok", "bad\u{0}"]}));
+        assert_eq!(field_of(parse_request_body(&bytes)), "ledger_payload.payload.memo");
+        let bytes = body(|v| v["ledger_payload"]["meta_data"]["note"] = json!("line\nbreak"));
+        assert_eq!(field_of(parse_request_body(&bytes)), "ledger_payload.meta_data.note");
+        let bytes = body(|v| v["ledger_payload"]["extra"] = json!("\u{FFFF}"));
+        assert_eq!(field_of(parse_request_body(&bytes)), "ledger_payload.extra");
+        let lone = br#"{"wallet_address":"w","ledger_payload":{"meta_data":{"idempotency_key":"k","instruction_type":"T"},"payload":{"reference":"r","external_reference":"e","source":"S","transaction_type":"DEPOSIT","status":"P","incoming_currency":"EUR","outgoing_currency":"EUR","value":"1","fee":"0","x":"\ud800"}}}"#;
+        assert_eq!(field_of(parse_request_body(lone)), "ledger_payload.payload.x");
     }
 
     #[test]

@@ -165,6 +165,54 @@ pub fn nesting_depth_exceeds(text: &[u8], limit: usize) -> bool {
     false
 }
 
+/// Why the strings inside a JSON text (keys and values, at any depth) are
+/// not acceptable: control characters (raw or escaped), lone surrogate
+/// escapes, or characters SQS refuses in a message body. `None` when clean.
+pub fn string_problem(text: &str) -> Option<&'static str> {
+    const CONTROL: &str = "must not contain control characters";
+    let mut chars = text.chars();
+    let mut in_string = false;
+    let mut pending_high_surrogate = false;
+    while let Some(c) = chars.next() {
+        if !sqs_accepts(c) {
+            return Some("contains characters SQS does not accept");
+        }
+        if !in_string {
+            in_string = c == '"';
+            continue;
+        }
+        match c {
+            '"' if !pending_high_surrogate => in_string = false,
+            '\\' => match chars.next() {
+                Some('u') => {
+                    let hex: String = chars.by_ref().take(4).collect();
+                    let Ok(unit) = u16::from_str_radix(&hex, 16) else { return Some("has an invalid \\u escape") };
+                    match unit {
+                        0xD800..=0xDBFF if !pending_high_surrogate => pending_high_surrogate = true,
+                        0xDC00..=0xDFFF if pending_high_surrogate => pending_high_surrogate = false,
+                        0xD800..=0xDFFF => return Some("must be valid Unicode (lone surrogate escape)"),
+                        _ if pending_high_surrogate => return Some("must be valid Unicode (lone surrogate escape)"),
+                        _ if char::from_u32(u32::from(unit)).is_some_and(char::is_control) => return Some(CONTROL),
+                        _ => {}
+                    }
+                }
+                Some('b' | 'f' | 'n' | 'r' | 't') => return Some(CONTROL),
+                _ if pending_high_surrogate => return Some("must be valid Unicode (lone surrogate escape)"),
+                _ => {}
+            },
+            _ if pending_high_surrogate => return Some("must be valid Unicode (lone surrogate escape)"),
+            _ if c.is_control() => return Some(CONTROL),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The characters SQS allows in a message body.
+fn sqs_accepts(c: char) -> bool {
+    matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..='\u{10FFFF}')
+}
+
 pub fn push_json_string(out: &mut String, value: &str) {
     // Encoding a plain string cannot fail; the `if let` only avoids an unwrap.
     if let Ok(text) = serde_json::to_string(value) {
@@ -220,6 +268,28 @@ mod tests {
         assert!(!nesting_depth_exceeds(br#"{"a":{"b":[1]}}"#, 3));
         assert!(nesting_depth_exceeds(br#"{"a":{"b":[1]}}"#, 2));
         assert!(!nesting_depth_exceeds(br#"{"a":"\"[[["}"#, 1));
+    }
+
+    #[test]
+    fn string_problems_are_found_at_any_depth_raw_or_escaped() {
+        for clean in [r#"{"a":"plain","b":[1,"é\u00e9 \ud83d\ude00"],"c":{"d":"\"quoted\" \\ \/"}}"#, "1e400", r#""""#]
+        {
+            assert_eq!(string_problem(clean), None, "{clean}");
+        }
+        for dirty in [
+            r#"{"a":"\u0000"}"#,
+            r#"{"deep":[{"x":"tab\there"}]}"#,
+            r#"{"a\n":1}"#,
+            r#"{"a":"\u001f"}"#,
+            r#"{"a":"\u009f"}"#,
+            "{\"a\":\"\u{7f}\"}",
+            r#"{"a":"\ud800"}"#,
+            r#"{"a":"\ud800x"}"#,
+            r#"{"a":"\udc00"}"#,
+            "{\"a\":\"\u{FFFF}\"}",
+        ] {
+            assert!(string_problem(dirty).is_some(), "{dirty} should be refused");
+        }
     }
 
     #[test]

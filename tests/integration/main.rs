@@ -10,4 +10,5 @@ mod manifests;
 mod metrics;
 mod operator;
 mod processes;
+mod security;
 mod store;

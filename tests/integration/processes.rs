@@ -226,3 +226,58 @@ async fn logs_carry_references_and_never_a_credential() {
 }
 
 const SECRET_KEY_FOR_LOGS: &str = "aws-secret-key-9b8c7d";
+
+#[tokio::test]
+async fn without_an_ingest_token_run_refuses_to_start_unless_told_it_is_insecure() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let output = command(&db.url, &db.schema, &queue.url, &queue.endpoint)
+        .env_remove("RELAY_API_TOKENS")
+        .args(["run", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("RELAY_API_TOKENS"));
+
+    let mut insecure = command(&db.url, &db.schema, &queue.url, &queue.endpoint);
+    insecure.env_remove("RELAY_API_TOKENS");
+    let process = RelayProcess::start_with(insecure, None, &["--insecure-no-auth"]).await;
+    let (status, _) = process.http(process.api, "POST", "/new", None, &body(unique(), "w")).await;
+    assert_eq!(status, axum::http::StatusCode::CREATED);
+    assert!(process.logs().contains("--insecure-no-auth"), "a warning is logged at start");
+}
+
+#[tokio::test]
+async fn the_client_address_is_the_peer_unless_a_trusted_proxy_forwarded_it() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let stored_ip = |n: u64| {
+        let store = db.store.clone();
+        async move { store.find_by_reference(&format!("MYK-{n:06}")).await.unwrap().unwrap().ip_address }
+    };
+    let without_ip = |n: u64| {
+        let mut request = body(n, "w");
+        request["ledger_payload"]["meta_data"].as_object_mut().unwrap().remove("ip_address");
+        request
+    };
+    let forwarded = [("x-forwarded-for", "198.51.100.7")];
+
+    let untrusting = RelayProcess::start(command(&db.url, &db.schema, &queue.url, &queue.endpoint), None).await;
+    let n = unique();
+    let (status, _) =
+        untrusting.http_with(untrusting.api, "POST", "/new", Some(INGEST_TOKEN), &forwarded, &without_ip(n)).await;
+    assert_eq!(status, axum::http::StatusCode::CREATED);
+    assert_eq!(stored_ip(n).await.as_deref(), Some("127.0.0.1"), "a forged header is ignored");
+
+    let trusting = RelayProcess::start_with(
+        command(&db.url, &db.schema, &queue.url, &queue.endpoint),
+        None,
+        &["--trusted-proxy", "127.0.0.1/32"],
+    )
+    .await;
+    let n = unique();
+    trusting.http_with(trusting.api, "POST", "/new", Some(INGEST_TOKEN), &forwarded, &without_ip(n)).await;
+    assert_eq!(stored_ip(n).await.as_deref(), Some("198.51.100.7"), "a trusted proxy's header is believed");
+    let n = unique();
+    trusting.http_with(trusting.api, "POST", "/new", Some(INGEST_TOKEN), &forwarded, &body(n, "w")).await;
+    assert_eq!(stored_ip(n).await.as_deref(), Some("203.0.113.7"), "the payload's own address wins");
+}

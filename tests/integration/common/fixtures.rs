@@ -152,12 +152,16 @@ pub struct TestApp {
 
 impl TestApp {
     pub async fn new(builder: &RelayBuilder) -> Self {
+        Self::with_options(builder, HttpOptions::default()).await
+    }
+
+    pub async fn with_options(builder: &RelayBuilder, options: HttpOptions) -> Self {
         let metrics = Metrics::new();
         let handle = builder.handle(&metrics).await;
         let relay = handle.relay.clone();
         let relays = Arc::new(Relays::new(None));
         relays.insert(handle);
-        let router = http::api_router(AppState::new(relays, metrics.clone(), HttpOptions::default()));
+        let router = http::api_router(AppState::new(relays, metrics.clone(), options));
         Self { router, relay, metrics }
     }
 
@@ -262,7 +266,11 @@ pub struct RelayProcess {
 }
 
 impl RelayProcess {
-    pub async fn start(mut command: Command, config: Option<&std::path::Path>) -> Self {
+    pub async fn start(command: Command, config: Option<&std::path::Path>) -> Self {
+        Self::start_with(command, config, &[]).await
+    }
+
+    pub async fn start_with(mut command: Command, config: Option<&std::path::Path>, extra: &[&str]) -> Self {
         let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log = std::env::temp_dir().join(format!("txrelay-test-{}-{}.log", std::process::id(), fastrand::u64(..)));
@@ -271,6 +279,7 @@ impl RelayProcess {
         if let Some(config) = config {
             command.arg("--config").arg(config);
         }
+        command.args(extra);
         let child = command.stdout(Stdio::null()).stderr(file).spawn().expect("txrelay starts");
         let process = Self { child, api, metrics, log };
         let address = process.metrics;
@@ -294,6 +303,18 @@ impl RelayProcess {
         token: Option<&str>,
         body: &Value,
     ) -> (StatusCode, String) {
+        self.http_with(address, method, path, token, &[], body).await
+    }
+
+    pub async fn http_with(
+        &self,
+        address: SocketAddr,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+        body: &Value,
+    ) -> (StatusCode, String) {
         let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
         let mut request = hyper::Request::builder()
             .method(method)
@@ -301,6 +322,9 @@ impl RelayProcess {
             .header("content-type", "application/json");
         if let Some(token) = token {
             request = request.header("authorization", format!("Bearer {token}"));
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
         }
         let bytes = if body.is_null() { Vec::new() } else { serde_json::to_vec(body).unwrap() };
         let response =

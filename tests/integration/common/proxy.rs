@@ -137,6 +137,7 @@ fn error(status: StatusCode, code: &str) -> Response<Full<Bytes>> {
 pub struct TcpProxy {
     pub address: SocketAddr,
     up: Arc<AtomicBool>,
+    stalled: Arc<AtomicBool>,
     cut: watch::Sender<u64>,
 }
 
@@ -145,8 +146,9 @@ impl TcpProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let address = listener.local_addr().expect("proxy address");
         let up = Arc::new(AtomicBool::new(true));
+        let stalled = Arc::new(AtomicBool::new(false));
         let cut = watch::Sender::new(0u64);
-        let (accept_up, accept_cut) = (up.clone(), cut.clone());
+        let (accept_up, accept_stalled, accept_cut) = (up.clone(), stalled.clone(), cut.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 if !accept_up.load(Ordering::SeqCst) {
@@ -154,6 +156,14 @@ impl TcpProxy {
                     continue;
                 }
                 let mut cut = accept_cut.subscribe();
+                if accept_stalled.load(Ordering::SeqCst) {
+                    // Accepted, never answered: a server that hangs.
+                    tokio::spawn(async move {
+                        let _held = client;
+                        let _ = cut.changed().await;
+                    });
+                    continue;
+                }
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(upstream).await else { return };
                     let (mut client, mut server) = (client, server);
@@ -164,7 +174,13 @@ impl TcpProxy {
                 });
             }
         });
-        Self { address, up, cut }
+        Self { address, up, stalled, cut }
+    }
+
+    /// New connections hang without an answer (existing ones are cut).
+    pub fn set_stalled(&self, stalled: bool) {
+        self.stalled.store(stalled, Ordering::SeqCst);
+        self.cut.send_modify(|g| *g += 1);
     }
 
     pub fn set_up(&self, up: bool) {

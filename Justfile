@@ -43,3 +43,7 @@ e2e:
 # Build the container image (needs a Docker engine).
 image:
     docker build -t txrelay:dev .
+
+# schemathesis against a live relay, then the cargo-fuzz target (2 minutes; TXRELAY_FUZZ_SECONDS to change).
+fuzz:
+    scripts/fuzz.sh

@@ -142,6 +142,15 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<ResolveError> for ApiError {
+    fn from(error: ResolveError) -> Self {
+        match error {
+            ResolveError::NotReady(..) => Self::RelayNotReady(error.to_string()),
+            other => Self::NotFound(other.to_string()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,15 +178,6 @@ mod tests {
             let unavailable = error.status() == StatusCode::SERVICE_UNAVAILABLE;
             let response = error.into_response();
             assert_eq!(response.headers().contains_key(header::RETRY_AFTER), unavailable);
-        }
-    }
-}
-
-impl From<ResolveError> for ApiError {
-    fn from(error: ResolveError) -> Self {
-        match error {
-            ResolveError::NotReady(..) => Self::RelayNotReady(error.to_string()),
-            other => Self::NotFound(other.to_string()),
         }
     }
 }

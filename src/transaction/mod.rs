@@ -177,7 +177,7 @@ impl fmt::Display for Transaction {
             self.id,
             self.reference,
             self.transaction_type,
-            self.value,
+            format_args!("{:.6}", self.value),
             self.incoming_currency,
             self.outgoing_currency,
             self.status,
@@ -186,8 +186,10 @@ impl fmt::Display for Transaction {
     }
 }
 
+/// Amounts as stored, NUMERIC(20,6): always six decimals. (PostgreSQL sends
+/// zero without its scale, so the scale is restored here.)
 fn as_string<S: Serializer>(value: &Decimal, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.collect_str(value)
+    serializer.collect_str(&format_args!("{value:.6}"))
 }
 
 #[cfg(test)]
@@ -262,6 +264,10 @@ mod tests {
         }
         assert_eq!(json["value"], "100.000000");
         assert_eq!(json["fee"], "1.500000");
+        let zero = Transaction { fee: Decimal::ZERO, value: Decimal::from_str("12.5").unwrap(), ..sample() };
+        let json = serde_json::to_value(zero).unwrap();
+        assert_eq!(json["fee"], "0.000000");
+        assert_eq!(json["value"], "12.500000");
         assert_eq!(json["created_at"], "2026-11-26T10:00:00Z");
         assert_eq!(json["message_id"], serde_json::Value::Null);
     }

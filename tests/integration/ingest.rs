@@ -39,10 +39,15 @@ async fn new_transaction_is_committed_sent_inline_and_answered_201() {
     assert!(tx["queue_sent_at"].is_string());
     assert_eq!(tx["value"], "100.000000");
     assert_eq!(tx["attempts"], 1);
+    let mut free = body(unique(), "wallet-1");
+    free["ledger_payload"]["payload"]["fee"] = json!(0);
+    let (_, free) = app.post_new(&free).await;
+    assert_eq!(free["fee"], "0.000000", "amounts always show their six stored decimals");
 
-    let messages = queue.receive(1, Duration::from_secs(5)).await;
-    assert_eq!(messages.len(), 1);
-    let message = &messages[0];
+    let messages = queue.receive(2, Duration::from_secs(5)).await;
+    assert_eq!(messages.len(), 2);
+    let message =
+        messages.iter().find(|m| m.message_id.as_deref() == Some(message_id.as_str())).expect("the first message");
     assert_eq!(message.message_id.as_deref(), Some(message_id.as_str()));
     let reference = format!("MYK-{n:06}");
     // Without a ledger token configured, the stored payload goes out byte for byte.

@@ -5,6 +5,7 @@ pub mod backoff;
 pub mod directory;
 mod engine;
 pub mod message;
+mod recorder;
 mod sweep;
 
 use std::collections::HashSet;
@@ -27,6 +28,7 @@ use crate::spec::TransactionRelaySpec;
 use crate::store::{Conflict, FailedSend, Gauges, InsertOutcome, Store, StoreError};
 use crate::transaction::{NewTransaction, Transaction};
 use backoff::Backoff;
+use recorder::SentRecorder;
 
 /// `namespace/name` of a `TransactionRelay`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -115,6 +117,7 @@ pub struct Relay {
     queue: Arc<dyn Queue>,
     ledger_token: Option<Secret>,
     metrics: RelayMetrics,
+    sent_recorder: SentRecorder,
     backoff: Backoff,
     rng: Mutex<fastrand::Rng>,
     wake: Notify,
@@ -144,6 +147,7 @@ impl Relay {
         Self {
             id,
             config,
+            sent_recorder: SentRecorder::start(store.clone()),
             store,
             queue,
             ledger_token,
@@ -314,7 +318,7 @@ impl Relay {
         self.mark_queue(true, None);
         self.metrics.sent(SendPath::Inline, 1);
         info!(id = transaction.id, message_id = %message_id, "sent inline");
-        match self.record_with_retry(|| self.store.record_inline_sent(transaction.id, &message_id)).await {
+        match self.record_with_retry(|| self.sent_recorder.record(transaction.id, message_id.clone())).await {
             Ok(Some(updated)) => Submission::Sent(updated),
             // Already recorded by someone else: nothing more to do.
             Ok(None) => Submission::Sent(transaction),

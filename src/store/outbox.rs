@@ -107,10 +107,13 @@ const CLAIM_DUE_FIFO: &str = claim_sql!(concat!(due!(), " AND ", first_of_its_wa
 const CLAIM_FORCE: &str = claim_sql!(not_held_nor_skipped!(), "t.id");
 const CLAIM_FORCE_FIFO: &str = claim_sql!(concat!(not_held_nor_skipped!(), " AND ", first_of_its_wallet!("t")), "t.id");
 
-const RECORD_SENT: &str = "UPDATE transactions t SET message_id = s.message_id, queue_sent_at = now(), \
-     attempts = t.attempts + 1, claimed_until = NULL, failed_at = NULL \
-     FROM unnest($1::bigint[], $2::text[]) AS s(id, message_id) \
-     WHERE t.id = s.id AND t.message_id IS NULL";
+const RECORD_SENT: &str = concat!(
+    "UPDATE transactions SET message_id = s.sent_message_id, queue_sent_at = now(), \
+     attempts = transactions.attempts + 1, claimed_until = NULL, failed_at = NULL \
+     FROM unnest($1::bigint[], $2::text[]) AS s(sent_id, sent_message_id) \
+     WHERE transactions.id = s.sent_id AND transactions.message_id IS NULL RETURNING ",
+    columns!()
+);
 
 const RECORD_FAILURES: &str = concat!(
     "UPDATE transactions SET attempts = transactions.attempts + 1, last_error = f.failure, \
@@ -163,14 +166,14 @@ impl Store {
         Ok(Claim { rows, lease })
     }
 
-    /// Records the message ids of one batch with a single UPDATE.
-    pub async fn record_sent(&self, sent: &[(i64, String)]) -> Result<u64> {
+    /// Records the message ids of many rows with a single UPDATE and returns
+    /// the rows as they now are (rows already sent are left alone and absent).
+    pub async fn record_sent(&self, sent: &[(i64, String)]) -> Result<Vec<Transaction>> {
         if sent.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         let (ids, message_ids): (Vec<i64>, Vec<&str>) = sent.iter().map(|(id, m)| (*id, m.as_str())).unzip();
-        let result = sqlx::query(RECORD_SENT).bind(&ids).bind(&message_ids).execute(self.pool()).await?;
-        Ok(result.rows_affected())
+        Ok(sqlx::query_as(RECORD_SENT).bind(&ids).bind(&message_ids).fetch_all(self.pool()).await?)
     }
 
     /// Records failed sends with a single UPDATE and returns the rows as they
@@ -208,16 +211,6 @@ impl Store {
         .execute(self.pool())
         .await?;
         Ok(result.rows_affected())
-    }
-
-    /// Records a successful inline send and returns the updated row.
-    pub async fn record_inline_sent(&self, id: i64, message_id: &str) -> Result<Option<Transaction>> {
-        let sql = concat!(
-            "UPDATE transactions SET message_id = $2, queue_sent_at = now(), attempts = attempts + 1, \
-             claimed_until = NULL, failed_at = NULL WHERE id = $1 AND message_id IS NULL RETURNING ",
-            columns!()
-        );
-        Ok(sqlx::query_as(sql).bind(id).bind(message_id).fetch_optional(self.pool()).await?)
     }
 
     /// Unsent rows, dead-lettered rows and the age of the oldest unsent row.

@@ -371,3 +371,25 @@ async fn read_endpoints_find_filter_and_page() {
     let (_, health) = app.get("/health/transactions").await;
     assert_eq!(health, json!({"status": "warning", "unsent_count": 2, "failed_count": 0, "total_count": 5}));
 }
+
+#[tokio::test]
+async fn concurrent_inline_sends_each_get_their_own_message_id_recorded() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let app = std::sync::Arc::new(TestApp::new(&RelayBuilder::new(&db, &queue)).await);
+    let requests = (0..40).map(|_| {
+        let app = app.clone();
+        tokio::spawn(async move { app.post_new(&body(unique(), "w")).await })
+    });
+    let answers = futures::future::join_all(requests).await;
+    let mut message_ids = std::collections::HashSet::new();
+    for answer in answers {
+        let (status, tx) = answer.unwrap();
+        assert_eq!(status, StatusCode::CREATED, "{tx}");
+        let stored = db.store.find_by_id(tx["id"].as_i64().unwrap()).await.unwrap().unwrap();
+        assert_eq!(stored.message_id.as_deref(), tx["message_id"].as_str());
+        assert!(message_ids.insert(stored.message_id.unwrap()));
+    }
+    let delivered: std::collections::HashSet<String> =
+        queue.receive(40, Duration::from_secs(20)).await.into_iter().filter_map(|m| m.message_id).collect();
+    assert_eq!(delivered, message_ids);
+}

@@ -117,7 +117,7 @@ async fn timestamps_are_set_by_the_database_and_updated_at_moves_on_every_update
     assert_eq!(saved.created_at, saved.updated_at);
     assert!(saved.created_at.timezone() == chrono::Utc);
 
-    let sent = db.store.record_inline_sent(saved.id, "message-1").await.unwrap().unwrap();
+    let sent = db.store.record_sent(&[(saved.id, "message-1".into())]).await.unwrap().remove(0);
     assert!(sent.updated_at > saved.updated_at, "{} > {}", sent.updated_at, saved.updated_at);
     assert_eq!(sent.created_at, saved.created_at);
     let queue_sent_at = sent.queue_sent_at.expect("queue_sent_at set with the message id");

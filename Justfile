@@ -47,3 +47,7 @@ image:
 # schemathesis against a live relay, then the cargo-fuzz target (2 minutes; TXRELAY_FUZZ_SECONDS to change).
 fuzz:
     scripts/fuzz.sh
+
+# Measure ingest, drain and recovery beside the machine's limits (BENCHMARKS.md).
+bench:
+    scripts/bench.sh

@@ -318,10 +318,10 @@ impl Relay {
         self.mark_queue(true, None);
         self.metrics.sent(SendPath::Inline, 1);
         info!(id = transaction.id, message_id = %message_id, "sent inline");
-        match self.record_with_retry(|| self.sent_recorder.record(transaction.id, message_id.clone())).await {
-            Ok(Some(updated)) => Submission::Sent(updated),
+        match self.record_with_retry(|| self.sent_recorder.record(vec![(transaction.id, message_id.clone())])).await {
+            Ok(mut rows) if !rows.is_empty() => Submission::Sent(rows.remove(0)),
             // Already recorded by someone else: nothing more to do.
-            Ok(None) => Submission::Sent(transaction),
+            Ok(_) => Submission::Sent(transaction),
             Err(error) => {
                 // Sent but not recorded: the row is swept again after its lease,
                 // a duplicate the ledger drops by idempotency key.

@@ -1,7 +1,7 @@
-//! Records the message ids of inline sends. Under load many requests finish
-//! their send at about the same time; instead of one UPDATE and one commit
-//! each, whatever arrived while the previous UPDATE ran is written by the
-//! next one. No timer: a lone request is written at once.
+//! Records message ids. Under load many sends finish at about the same time
+//! (inline sends of concurrent requests, batches of a sweep); instead of one
+//! UPDATE and one commit each, whatever arrived while the previous UPDATE ran
+//! is written by the next one. No timer: a lone send is written at once.
 
 use std::collections::HashMap;
 
@@ -10,14 +10,14 @@ use tokio::sync::{mpsc, oneshot};
 use crate::store::{Store, StoreError};
 use crate::transaction::Transaction;
 
-/// Largest number of rows one UPDATE records.
-const MAX_BATCH: usize = 256;
+/// Rows beyond which the writer stops gathering more for one UPDATE.
+const MAX_ROWS: usize = 1000;
 
-type Reply = oneshot::Sender<Result<Option<Transaction>, StoreError>>;
+type Reply = oneshot::Sender<Result<Vec<Transaction>, StoreError>>;
 
 #[derive(Debug, Clone)]
 pub struct SentRecorder {
-    requests: mpsc::UnboundedSender<(i64, String, Reply)>,
+    requests: mpsc::UnboundedSender<(Vec<(i64, String)>, Reply)>,
 }
 
 impl SentRecorder {
@@ -27,32 +27,42 @@ impl SentRecorder {
         Self { requests }
     }
 
-    /// The row after its message id is recorded; `None` when another
-    /// process recorded it first.
-    pub async fn record(&self, id: i64, message_id: String) -> Result<Option<Transaction>, StoreError> {
+    /// Records `(row id, message id)` pairs; returns the rows as they now
+    /// are, without those another process recorded first.
+    pub async fn record(&self, sent: Vec<(i64, String)>) -> Result<Vec<Transaction>, StoreError> {
+        let stopped = || StoreError::Unavailable("the message id recorder stopped".into());
         let (reply, answer) = oneshot::channel();
-        self.requests
-            .send((id, message_id, reply))
-            .map_err(|_| StoreError::Unavailable("the message id recorder stopped".into()))?;
-        answer.await.map_err(|_| StoreError::Unavailable("the message id recorder stopped".into()))?
+        self.requests.send((sent, reply)).map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
 }
 
-async fn run(store: Store, mut receiver: mpsc::UnboundedReceiver<(i64, String, Reply)>) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let sent: Vec<(i64, String)> = batch.iter().map(|(id, message_id, _)| (*id, message_id.clone())).collect();
+async fn run(store: Store, mut receiver: mpsc::UnboundedReceiver<(Vec<(i64, String)>, Reply)>) {
+    while let Some(first) = receiver.recv().await {
+        let mut requests = vec![first];
+        let mut rows = requests[0].0.len();
+        while rows < MAX_ROWS {
+            match receiver.try_recv() {
+                Ok(request) => {
+                    rows += request.0.len();
+                    requests.push(request);
+                }
+                Err(_) => break,
+            }
+        }
+        let sent: Vec<(i64, String)> = requests.iter().flat_map(|(sent, _)| sent.iter().cloned()).collect();
         match store.record_sent(&sent).await {
-            Ok(rows) => {
-                let mut rows: HashMap<i64, Transaction> = rows.into_iter().map(|row| (row.id, row)).collect();
-                for (id, _, reply) in batch.drain(..) {
-                    let _ = reply.send(Ok(rows.remove(&id)));
+            Ok(recorded) => {
+                let mut recorded: HashMap<i64, Transaction> = recorded.into_iter().map(|row| (row.id, row)).collect();
+                for (sent, reply) in requests {
+                    let rows = sent.iter().filter_map(|(id, _)| recorded.remove(id)).collect();
+                    let _ = reply.send(Ok(rows));
                 }
             }
             Err(error) => {
                 let text = error.to_string();
                 let unavailable = error.is_unavailable();
-                for (_, _, reply) in batch.drain(..) {
+                for (_, reply) in requests {
                     let error =
                         if unavailable { StoreError::Unavailable(text.clone()) } else { StoreError::Query(text.clone()) };
                     let _ = reply.send(Err(error));

@@ -195,7 +195,7 @@ impl Relay {
     async fn record(&self, sent: Vec<(i64, String)>, failures: Vec<FailedSend>) -> SweepReport {
         let mut report = SweepReport::default();
         if !sent.is_empty() {
-            match self.record_with_retry(|| self.store.record_sent(&sent)).await {
+            match self.record_with_retry(|| self.sent_recorder.record(sent.clone())).await {
                 Ok(_) => {
                     report.sent = sent.len();
                     self.metrics.sent(SendPath::Sweep, sent.len());

@@ -23,7 +23,7 @@ pub struct ClaimedRow {
 
 #[derive(Debug, Clone, Copy)]
 pub enum ClaimMode<'a> {
-    /// Rows whose `next_attempt_at` has passed: the sweep.
+    /// Rows whose backoff has passed and that nobody holds: the sweep.
     Due,
     /// Every unsent row not held by a process, ignoring backoff, except those
     /// in `skip` (already tried in this run): `retry-all`.
@@ -79,8 +79,7 @@ macro_rules! claim_sql {
             " ORDER BY ",
             $order,
             " LIMIT $1 FOR UPDATE SKIP LOCKED) \
-             UPDATE transactions t SET next_attempt_at = now() + $2 * interval '1 millisecond', \
-             claimed_until = now() + $2 * interval '1 millisecond' \
+             UPDATE transactions t SET claimed_until = now() + $2 * interval '1 millisecond' \
              FROM picked WHERE t.id = picked.id \
              RETURNING t.id, t.reference, t.idempotency_key, t.wallet_address, t.source, t.attempts, \
              t.payload::text AS payload"
@@ -88,10 +87,12 @@ macro_rules! claim_sql {
     };
 }
 
-/// Due: the backoff (or the lease of whoever held it) has run out.
+/// Due: the backoff has run out and no process holds the row. A claim only
+/// sets `claimed_until`, which no index covers, so claiming is a HOT update
+/// that touches none of the table's indexes.
 macro_rules! due {
     () => {
-        "t.next_attempt_at <= now()"
+        "t.next_attempt_at <= now() AND (t.claimed_until IS NULL OR t.claimed_until <= now())"
     };
 }
 
@@ -135,7 +136,9 @@ const GAUGES: &str = concat!(
 macro_rules! next_due_sql {
     ($filter:expr) => {
         concat!(
-            "SELECT greatest(0, extract(epoch FROM min(t.next_attempt_at) - now()) * 1000)::bigint AS due_in_ms \
+            "SELECT greatest(0, extract(epoch FROM \
+             min(greatest(t.next_attempt_at, coalesce(t.claimed_until, t.next_attempt_at))) - now()) * 1000)::bigint \
+             AS due_in_ms \
              FROM transactions t WHERE ",
             unsent!("t"),
             $filter
@@ -204,7 +207,7 @@ impl Store {
             return Ok(0);
         }
         let result = sqlx::query(
-            "UPDATE transactions SET next_attempt_at = now(), claimed_until = NULL \
+            "UPDATE transactions SET claimed_until = NULL \
              WHERE id = ANY($1) AND message_id IS NULL",
         )
         .bind(ids)
@@ -255,8 +258,7 @@ impl Store {
         fifo: bool,
     ) -> std::result::Result<ClaimedRow, RetryOneError> {
         let claimed: Option<ClaimedRow> = sqlx::query_as(concat!(
-            "UPDATE transactions SET failed_at = NULL, next_attempt_at = now() + $2 * interval '1 millisecond', \
-             claimed_until = now() + $2 * interval '1 millisecond' \
+            "UPDATE transactions SET failed_at = NULL, claimed_until = now() + $2 * interval '1 millisecond' \
              WHERE id = $1 AND message_id IS NULL AND (claimed_until IS NULL OR claimed_until <= now()) \
              AND (NOT $3 OR ",
             first_of_its_wallet!("transactions"),
@@ -289,7 +291,15 @@ impl Store {
         .map_err(StoreError::from)?;
         match older {
             Some(older) if fifo => Err(RetryOneError::WaitsForOlder { id, older }),
-            _ => Err(RetryOneError::Held { id, until: existing.next_attempt_at.unwrap_or_else(Utc::now) }),
+            _ => {
+                let until: Option<DateTime<Utc>> =
+                    sqlx::query_scalar("SELECT claimed_until FROM transactions WHERE id = $1")
+                        .bind(id)
+                        .fetch_one(self.pool())
+                        .await
+                        .map_err(StoreError::from)?;
+                Err(RetryOneError::Held { id, until: until.unwrap_or_else(Utc::now) })
+            }
         }
     }
 

@@ -78,7 +78,7 @@ const INSERT: &str = concat!(
      instruction_type, incoming_currency, outgoing_currency, value, fee, payer_id, payee_id, first_name, last_name, \
      wallet_address, ip_address, payload, next_attempt_at, claimed_until) \
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18::json, \
-     now() + $19 * interval '1 millisecond', now() + $19 * interval '1 millisecond') \
+     now(), CASE WHEN $19 > 0 THEN now() + $19 * interval '1 millisecond' END) \
      ON CONFLICT DO NOTHING RETURNING ",
     columns!(),
     ", ($20 AND EXISTS (SELECT 1 FROM transactions o WHERE o.wallet_address = $16 AND ",

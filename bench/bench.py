@@ -1,0 +1,316 @@
+#!/usr/bin/env python3
+"""`just bench`: txrelay beside the physical limits of this machine, in one run.
+
+Starts a throwaway database on the local PostgreSQL and the rustack SQS
+emulator, then measures ingest (wrk), the baselines (pgbench, wrk straight to
+the emulator), drain and recovery with one and two relay processes, and the
+relay's memory and CPU. Prints a table with the ratios and writes it to
+.run/bench/results.md.
+"""
+
+import json
+import os
+import pathlib
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+RUN = ROOT / ".run" / "bench"
+TARGET = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", pathlib.Path.home() / ".cache/txrelay/target"))
+BINARY = TARGET / "release" / "txrelay"
+RUSTACK = pathlib.Path(os.environ.get("TXRELAY_RUSTACK", pathlib.Path.home() / ".cache/txrelay/tools/bin/rustack"))
+ADMIN_URL = os.environ.get("TXRELAY_BENCH_ADMIN_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+DATABASE = "txrelay_bench"
+DB_URL = ADMIN_URL.rsplit("/", 1)[0] + "/" + DATABASE
+SECONDS = int(os.environ.get("TXRELAY_BENCH_SECONDS", "10"))
+WARMUP = 3
+DRAIN_ROWS = int(os.environ.get("TXRELAY_BENCH_DRAIN_ROWS", "20000"))
+TOKEN = "bench-token"
+
+
+def log(message):
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port, timeout=20):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.02)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def psql(sql, url=DB_URL):
+    out = subprocess.run(["psql", "-qtAX", "-v", "ON_ERROR_STOP=1", url, "-c", sql], check=True, capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def txrelay(*args, schema):
+    env = dict(os.environ, DATABASE_URL=DB_URL, TXRELAY_SCHEMA=schema)
+    subprocess.run([str(BINARY), *args], check=True, env=env, capture_output=True)
+
+
+class Rustack:
+    def __init__(self):
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.process = None
+
+    def start(self):
+        env = dict(os.environ, GATEWAY_LISTEN=f"127.0.0.1:{self.port}", LOG_LEVEL="error")
+        self.process = subprocess.Popen([str(RUSTACK)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port)
+
+    def stop(self):
+        if self.process:
+            self.process.terminate()
+            self.process.wait()
+            self.process = None
+
+    def create_queue(self, name):
+        body = json.dumps({"QueueName": name}).encode()
+        request = urllib.request.Request(self.endpoint + "/", data=body, method="POST", headers={
+            "Content-Type": "application/x-amz-json-1.0", "X-Amz-Target": "AmazonSQS.CreateQueue"})
+        with urllib.request.urlopen(request) as response:
+            return json.load(response)["QueueUrl"]
+
+
+class Relay:
+    """A release `txrelay run` on its own ports."""
+
+    def __init__(self, schema, queue_url, endpoint, manifest=None, label="relay"):
+        self.api = free_port()
+        self.metrics = free_port()
+        env = dict(os.environ, DATABASE_URL=DB_URL, TXRELAY_SCHEMA=schema, SQS_QUEUE_URL=queue_url,
+                   AWS_ENDPOINT_URL=endpoint, AWS_REGION="us-east-1", AWS_ACCESS_KEY_ID="bench",
+                   AWS_SECRET_ACCESS_KEY="bench", RELAY_API_TOKENS=TOKEN, RELAY_ADMIN_TOKENS=TOKEN, RUST_LOG="warn")
+        args = [str(BINARY), "run", "--listen", f"127.0.0.1:{self.api}", "--metrics-listen", f"127.0.0.1:{self.metrics}"]
+        if manifest:
+            args += ["--config", str(manifest)]
+        self.log = open(RUN / f"{label}.log", "w")
+        self.process = subprocess.Popen(args, env=env, stdout=self.log, stderr=self.log)
+        wait_for_port(self.metrics)
+
+    def cpu_seconds(self):
+        fields = pathlib.Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks
+
+    def peak_rss_mib(self):
+        for line in pathlib.Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self):
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+def wrk(url, script, connections, seconds, env):
+    threads = max(1, min(2, connections))
+    out = subprocess.run(
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s", "-s", str(script), url],
+        check=True, capture_output=True, text=True, env=dict(os.environ, **env))
+    line = [l for l in out.stdout.splitlines() if l.startswith("{")][-1]
+    result = json.loads(line)
+    result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
+    return result
+
+
+def pgbench(script, clients, seconds):
+    out = subprocess.run(
+        ["pgbench", "-n", "-M", "prepared", "-c", str(clients), "-j", str(min(clients, 2)), "-T", str(seconds),
+         "-f", str(script), DB_URL], check=True, capture_output=True, text=True)
+    for line in out.stdout.splitlines():
+        if line.startswith("tps = "):
+            return float(line.split()[2])
+    raise RuntimeError(out.stdout + out.stderr)
+
+
+def fill_unsent(schema, rows):
+    psql(f"""
+        INSERT INTO {schema}.transactions (reference, external_reference, idempotency_key, transaction_type, status, source,
+            instruction_type, incoming_currency, outgoing_currency, value, fee, wallet_address, payload, next_attempt_at)
+        SELECT 'R' || g, 'E' || g, 'K' || g, 'DEPOSIT', 'PENDING_PAYER', 'ANCHOR_SOLANA', 'Transaction', 'EUR', 'EURC', 100, 1.5,
+            'W' || (g % 1000),
+            ('{{"meta_data":{{"source":"DAPP","instruction_type":"Transaction","idempotency_key":"K' || g
+             || '"}},"payload":{{"reference":"R' || g || '","external_reference":"E' || g
+             || '","source":"ANCHOR_SOLANA","transaction_type":"DEPOSIT","status":"PENDING_PAYER","incoming_currency":"EUR","outgoing_currency":"EURC","value":"100.00","fee":"1.50","first_name":"Ada","last_name":"Lovelace","payer":"user-1","payee":null}}}}')::json,
+            now()
+        FROM generate_series(1, {rows}) AS g""")
+    psql(f"VACUUM ANALYZE {schema}.transactions")
+
+
+def machine():
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    mem = next((int(l.split()[1]) // 1024 // 1024 for l in open("/proc/meminfo") if l.startswith("MemTotal")), 0)
+    pg = psql("SHOW server_version", ADMIN_URL)
+    return f"{os.cpu_count()} cores ({cpu}), {mem} GiB RAM, {platform.system()} {platform.release()}, PostgreSQL {pg}"
+
+
+def drain(processes, rustack, queue_name, manifest):
+    """Rows wait while the queue is down; the queue comes back; time until every row is sent."""
+    schema = f"drain{processes}"
+    txrelay("migrate", schema=schema)
+    fill_unsent(schema, DRAIN_ROWS)
+    rustack.stop()
+    queue_url = f"{rustack.endpoint}/000000000000/{queue_name}"
+    relays = [Relay(schema, queue_url, rustack.endpoint, manifest, f"drain{processes}-{i}") for i in range(processes)]
+    time.sleep(2)
+    rustack.start()
+    rustack.create_queue(queue_name)
+    up = time.time()
+    first = None
+    while True:
+        unsent, first_sent = psql(
+            f"SELECT count(*) FILTER (WHERE message_id IS NULL), extract(epoch FROM min(queue_sent_at)) "
+            f"FROM {schema}.transactions").split("|")
+        if first is None and first_sent:
+            first = float(first_sent)
+        if int(unsent) == 0:
+            break
+        if time.time() - up > 300:
+            raise RuntimeError(f"drain of {schema} did not finish: {unsent} unsent")
+        time.sleep(0.05)
+    last = float(psql(f"SELECT extract(epoch FROM max(queue_sent_at)) FROM {schema}.transactions"))
+    for relay in relays:
+        relay.stop()
+    return {"seconds": last - up, "rows_per_s": DRAIN_ROWS / (last - up), "first_delivery_s": first - up}
+
+
+def main():
+    if not BINARY.exists() or not RUSTACK.exists():
+        sys.exit(f"missing {BINARY} or {RUSTACK}: run `just bench`, which builds them")
+    RUN.mkdir(parents=True, exist_ok=True)
+    psql(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)", ADMIN_URL)
+    psql(f"CREATE DATABASE {DATABASE}", ADMIN_URL)
+    results = {"machine": machine(), "seconds": SECONDS}
+    rustack = Rustack()
+    rustack.start()
+    manifest = ROOT / "bench" / "relay.yaml"
+
+    log("baselines: pgbench single-row INSERT")
+    txrelay("migrate", schema="pgbench_ref")
+    psql("CREATE SEQUENCE pgbench_ref.bench_seq")
+    results["pgbench_insert"] = {c: pgbench(ROOT / "bench/insert.sql", c, SECONDS) for c in (1, 32)}
+
+    log("baselines: pgbench marking 100 pre-filled rows sent per UPDATE")
+    txrelay("migrate", schema="pgbench_drain")
+    fill_unsent("pgbench_drain", 400_000)
+    results["pgbench_mark_sent_rows_per_s"] = pgbench(ROOT / "bench/mark_sent.sql", 4, SECONDS) * 100
+
+    log("baselines: the emulator alone (wrk, 32 connections)")
+    raw_queue = rustack.create_queue("raw")
+    single = wrk(rustack.endpoint + "/", ROOT / "bench/sqs.lua", 32, SECONDS, {"BENCH_QUEUE_URL": raw_queue, "BENCH_BATCH": "1"})
+    batch = wrk(rustack.endpoint + "/", ROOT / "bench/sqs.lua", 32, SECONDS, {"BENCH_QUEUE_URL": raw_queue, "BENCH_BATCH": "10"})
+    results["emulator_send_msgs_per_s"] = single["rps"]
+    results["emulator_batch_msgs_per_s"] = batch["rps"] * 10
+    rustack.stop()
+    rustack.start()
+
+    log("ingest: POST /new at 1, 32 and 256 connections")
+    txrelay("migrate", schema="ingest")
+    queue = rustack.create_queue("ingest")
+    relay = Relay("ingest", queue, rustack.endpoint, manifest, "ingest")
+    time.sleep(2)
+    results["rss_idle_mib"] = relay.peak_rss_mib()
+    results["ingest"] = {}
+    for connections in (1, 32, 256):
+        env = {"BENCH_TOKEN": TOKEN}
+        wrk(f"http://127.0.0.1:{relay.api}/new", ROOT / "bench/new.lua", connections, WARMUP,
+            dict(env, BENCH_PREFIX=f"warm{connections}"))
+        cpu_before = relay.cpu_seconds()
+        run = wrk(f"http://127.0.0.1:{relay.api}/new", ROOT / "bench/new.lua", connections, SECONDS,
+                  dict(env, BENCH_PREFIX=f"run{connections}"))
+        run["cpu_s_per_1000"] = (relay.cpu_seconds() - cpu_before) / run["requests"] * 1000
+        results["ingest"][connections] = run
+        log(f"  {connections:>3} connections: {run['rps']:.0f} req/s, p99 {run['p99_us'] / 1000:.1f} ms, {run['errors']} errors")
+    results["rss_load_mib"] = relay.peak_rss_mib()
+    unsent = int(psql("SELECT count(*) FROM ingest.transactions WHERE message_id IS NULL"))
+    results["ingest_unsent_after"] = unsent
+    relay.stop()
+
+    log(f"drain: {DRAIN_ROWS} rows, queue down then up, one relay process")
+    results["drain_1"] = drain(1, rustack, "drain-one", manifest)
+    log(f"drain: {DRAIN_ROWS} rows, two relay processes")
+    results["drain_2"] = drain(2, rustack, "drain-two", manifest)
+    rustack.stop()
+
+    (RUN / "results.json").write_text(json.dumps(results, indent=2))
+    table = render(results)
+    (RUN / "results.md").write_text(table)
+    print(table)
+
+
+def render(r):
+    ingest32 = r["ingest"][32]
+    insert32 = r["pgbench_insert"][32]
+    drain_limit = min(r["pgbench_mark_sent_rows_per_s"], r["emulator_batch_msgs_per_s"])
+    lines = [
+        f"Machine: {r['machine']}",
+        f"Each measurement: {r['seconds']} s after a {WARMUP} s warm-up; drains of {DRAIN_ROWS} rows.",
+        "",
+        "| Ingest `POST /new` | req/s | p50 | p99 | p99.9 | errors | CPU s / 1000 req |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c, run in r["ingest"].items():
+        lines.append(f"| {c} connections | {run['rps']:.0f} | {run['p50_us'] / 1000:.1f} ms | {run['p99_us'] / 1000:.1f} ms | "
+                     f"{run['p999_us'] / 1000:.1f} ms | {run['errors']} | {run['cpu_s_per_1000']:.2f} |")
+    lines += [
+        "",
+        "| Baseline (same run) | rate |",
+        "|---|---:|",
+        f"| pgbench single-row INSERT, 1 client | {r['pgbench_insert'][1]:.0f} inserts/s |",
+        f"| pgbench single-row INSERT, 32 clients | {insert32:.0f} inserts/s |",
+        f"| pgbench mark 100 unsent rows sent per UPDATE, 4 clients | {r['pgbench_mark_sent_rows_per_s']:.0f} rows/s |",
+        f"| emulator SendMessage, wrk 32 connections | {r['emulator_send_msgs_per_s']:.0f} msgs/s |",
+        f"| emulator SendMessageBatch (10), wrk 32 connections | {r['emulator_batch_msgs_per_s']:.0f} msgs/s |",
+        "",
+        "| Drain (queue down, then up) | time | rows/s | first delivery after the queue returns |",
+        "|---|---:|---:|---:|",
+    ]
+    for n in (1, 2):
+        d = r[f"drain_{n}"]
+        lines.append(f"| {DRAIN_ROWS} rows, {n} relay process{'es' if n > 1 else ''} | {d['seconds']:.2f} s | "
+                     f"{d['rows_per_s']:.0f} | {d['first_delivery_s']:.2f} s |")
+    lines += [
+        "",
+        "| Resources | value |",
+        "|---|---:|",
+        f"| peak RSS, idle | {r['rss_idle_mib']:.1f} MiB |",
+        f"| peak RSS, after 256 connections | {r['rss_load_mib']:.1f} MiB |",
+        f"| CPU seconds per 1000 requests at 32 connections | {ingest32['cpu_s_per_1000']:.2f} |",
+        "",
+        "| Ratio | value | target |",
+        "|---|---:|---:|",
+        f"| ingest req/s ÷ pgbench inserts/s (32) | {ingest32['rps'] / insert32:.0%} | ≥ 50 % |",
+        f"| ingest p99 at 32 connections | {ingest32['p99_us'] / 1000:.1f} ms | ≤ 50 ms |",
+        f"| drain rows/s ÷ lower drain limit ({drain_limit:.0f}/s), 1 process | {r['drain_1']['rows_per_s'] / drain_limit:.0%} | ≥ 50 % |",
+        f"| drain rows/s ÷ lower drain limit, 2 processes | {r['drain_2']['rows_per_s'] / drain_limit:.0%} | not slower than 1 |",
+        f"| recovery: first delivery after the queue returns | {r['drain_1']['first_delivery_s']:.2f} s | ≤ 2 s |",
+        f"| peak RSS idle / under 256 connections | {r['rss_idle_mib']:.0f} / {r['rss_load_mib']:.0f} MiB | ≤ 50 / ≤ 200 MiB |",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -58,6 +58,24 @@ def psql(sql, url=DB_URL):
     return out.stdout.strip()
 
 
+class Session:
+    """One psql connection kept open, for polling without a new process and
+    TLS handshake every time."""
+
+    def __init__(self, url=DB_URL):
+        self.process = subprocess.Popen(["psql", "-qtAX", url], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                        bufsize=1)
+
+    def query(self, sql):
+        self.process.stdin.write(sql.rstrip(";") + ";\n")
+        self.process.stdin.flush()
+        return self.process.stdout.readline().strip()
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait()
+
+
 def txrelay(*args, schema):
     env = dict(os.environ, DATABASE_URL=DB_URL, TXRELAY_SCHEMA=schema)
     subprocess.run([str(BINARY), *args], check=True, env=env, capture_output=True)
@@ -96,7 +114,8 @@ class Relay:
         self.metrics = free_port()
         env = dict(os.environ, DATABASE_URL=DB_URL, TXRELAY_SCHEMA=schema, SQS_QUEUE_URL=queue_url,
                    AWS_ENDPOINT_URL=endpoint, AWS_REGION="us-east-1", AWS_ACCESS_KEY_ID="bench",
-                   AWS_SECRET_ACCESS_KEY="bench", RELAY_API_TOKENS=TOKEN, RELAY_ADMIN_TOKENS=TOKEN, RUST_LOG="warn")
+                   AWS_SECRET_ACCESS_KEY="bench", RELAY_API_TOKENS=TOKEN, RELAY_ADMIN_TOKENS=TOKEN,
+                   RUST_LOG=os.environ.get("RUST_LOG", "warn"))
         args = [str(BINARY), "run", "--listen", f"127.0.0.1:{self.api}", "--metrics-listen", f"127.0.0.1:{self.metrics}"]
         if manifest:
             args += ["--config", str(manifest)]
@@ -179,8 +198,9 @@ def drain(processes, rustack, queue_name, manifest):
     rustack.create_queue(queue_name)
     up = time.time()
     first = None
+    session = Session()
     while True:
-        unsent, first_sent = psql(
+        unsent, first_sent = session.query(
             f"SELECT count(*) FILTER (WHERE message_id IS NULL), extract(epoch FROM min(queue_sent_at)) "
             f"FROM {schema}.transactions").split("|")
         if first is None and first_sent:
@@ -189,11 +209,25 @@ def drain(processes, rustack, queue_name, manifest):
             break
         if time.time() - up > 300:
             raise RuntimeError(f"drain of {schema} did not finish: {unsent} unsent")
-        time.sleep(0.05)
+        time.sleep(0.1)
+    session.close()
     last = float(psql(f"SELECT extract(epoch FROM max(queue_sent_at)) FROM {schema}.transactions"))
     for relay in relays:
         relay.stop()
     return {"seconds": last - up, "rows_per_s": DRAIN_ROWS / (last - up), "first_delivery_s": first - up}
+
+
+def drain_only():
+    """TXRELAY_BENCH_ONLY=drain: just the drains, for iterating on the relay loop."""
+    RUN.mkdir(parents=True, exist_ok=True)
+    psql(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)", ADMIN_URL)
+    psql(f"CREATE DATABASE {DATABASE}", ADMIN_URL)
+    rustack = Rustack()
+    rustack.start()
+    manifest = ROOT / "bench" / "relay.yaml"
+    for n in (1, 2):
+        print(n, drain(n, rustack, f"drain-{n}", manifest))
+    rustack.stop()
 
 
 def main():
@@ -313,4 +347,7 @@ def render(r):
 
 
 if __name__ == "__main__":
-    main()
+    if os.environ.get("TXRELAY_BENCH_ONLY") == "drain":
+        drain_only()
+    else:
+        main()

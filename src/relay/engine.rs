@@ -9,8 +9,8 @@ use sqlx::postgres::PgListener;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use super::Relay;
-use crate::store::ClaimMode;
+use super::{Relay, SweepReport};
+use crate::store::{ClaimMode, StoreError};
 
 /// While the queue is unreachable, it is probed this often, so delivery
 /// resumes within about this long after it returns.
@@ -29,6 +29,8 @@ const DB_RETRY_MAX: Duration = Duration::from_secs(30);
 const MIN_SLEEP: Duration = Duration::from_millis(20);
 
 struct LoopState {
+    /// The last sweep claimed a full batch: a backlog is being drained.
+    draining: bool,
     db_retry: Duration,
     gauges_at: Option<Instant>,
     retention_at: Option<Instant>,
@@ -38,7 +40,7 @@ struct LoopState {
 /// has started finishes its in-flight sends and records them first.
 pub async fn run_loop(relay: Arc<Relay>, mut stop: watch::Receiver<bool>) {
     info!(relay = %relay.id, suspended = relay.config.suspend, "relay loop started");
-    let mut state = LoopState { db_retry: DB_RETRY_MIN, gauges_at: None, retention_at: None };
+    let mut state = LoopState { draining: false, db_retry: DB_RETRY_MIN, gauges_at: None, retention_at: None };
     loop {
         if *stop.borrow() {
             break;
@@ -75,7 +77,7 @@ impl Relay {
                 }
             }
         }
-        let report = match self.sweep(ClaimMode::Due, self.config.batch_size, stop).await {
+        let report = match self.sweep_or_drain(std::mem::take(&mut state.draining), stop).await {
             Ok(report) => report,
             Err(error) => {
                 let wait = state.db_retry;
@@ -96,6 +98,7 @@ impl Relay {
             return PROBE_INTERVAL;
         }
         if report.claimed >= self.config.batch_size as usize {
+            state.draining = true;
             return Duration::ZERO;
         }
         let ceiling = self.config.retry_interval.min(GAUGE_MAX_AGE);
@@ -107,6 +110,23 @@ impl Relay {
                 state.db_retry
             }
         }
+    }
+
+    /// One sweep; or, while draining a backlog (the last sweep was full),
+    /// two overlapping sweeps, so one claims and records while the other
+    /// sends. Calls in flight stay within `concurrency` (shared permits).
+    async fn sweep_or_drain(&self, draining: bool, stop: &watch::Receiver<bool>) -> Result<SweepReport, StoreError> {
+        let limit = self.config.batch_size;
+        if !draining {
+            return self.sweep(ClaimMode::Due, limit, stop).await;
+        }
+        let (first, second) =
+            tokio::join!(self.sweep(ClaimMode::Due, limit, stop), self.sweep(ClaimMode::Due, limit, stop));
+        let (mut first, second) = (first?, second?);
+        // The drain goes on only while both were full.
+        first.claimed = first.claimed.min(second.claimed);
+        first.queue_error = first.queue_error.or(second.queue_error);
+        Ok(first)
     }
 
     async fn refresh_gauges_if_older_than(&self, age: Duration, state: &mut LoopState) {

@@ -118,6 +118,8 @@ pub struct Relay {
     ledger_token: Option<Secret>,
     metrics: RelayMetrics,
     sent_recorder: SentRecorder,
+    /// `spec.concurrency`: batch calls in flight, across overlapping sweeps.
+    send_permits: tokio::sync::Semaphore,
     backoff: Backoff,
     rng: Mutex<fastrand::Rng>,
     wake: Notify,
@@ -144,10 +146,12 @@ impl Relay {
         metrics: RelayMetrics,
     ) -> Self {
         let backoff = Backoff::new(config.retry_interval);
+        let send_permits = tokio::sync::Semaphore::new(config.concurrency);
         Self {
             id,
             config,
             sent_recorder: SentRecorder::start(store.clone()),
+            send_permits,
             store,
             queue,
             ledger_token,

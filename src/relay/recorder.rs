@@ -63,8 +63,11 @@ async fn run(store: Store, mut receiver: mpsc::UnboundedReceiver<(Vec<(i64, Stri
                 let text = error.to_string();
                 let unavailable = error.is_unavailable();
                 for (_, reply) in requests {
-                    let error =
-                        if unavailable { StoreError::Unavailable(text.clone()) } else { StoreError::Query(text.clone()) };
+                    let error = if unavailable {
+                        StoreError::Unavailable(text.clone())
+                    } else {
+                        StoreError::Query(text.clone())
+                    };
                     let _ = reply.send(Err(error));
                 }
             }

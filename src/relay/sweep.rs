@@ -100,11 +100,22 @@ impl Relay {
 
         let queue_down: Mutex<Option<SendFailure>> = Mutex::new(None);
         let batches = queue::batches(messages);
+        // Sending and recording overlap: a batch's slot is free again as soon
+        // as the queue answered, while its results are written.
         let mut deliveries = futures::stream::iter(batches)
             .map(|batch| self.deliver(batch, &attempts, send_until, stop, &queue_down))
             .buffer_unordered(self.config.concurrency);
-        while let Some(batch_report) = deliveries.next().await {
-            report.absorb(batch_report);
+        let mut recordings = futures::stream::FuturesUnordered::new();
+        loop {
+            tokio::select! {
+                Some(outcome) = deliveries.next() => {
+                    if let Some((sent, failures)) = outcome {
+                        recordings.push(self.record(sent, failures));
+                    }
+                }
+                Some(recorded) = recordings.next(), if !recordings.is_empty() => report.absorb(recorded),
+                else => break,
+            }
         }
         drop(deliveries);
 
@@ -132,7 +143,8 @@ impl Relay {
         Ok(report)
     }
 
-    /// Sends one batch and records its results.
+    /// Sends one batch; returns what to record (nothing when the batch was
+    /// not attempted).
     async fn deliver(
         &self,
         batch: Vec<OutboundMessage>,
@@ -140,12 +152,15 @@ impl Relay {
         send_until: Instant,
         stop: &watch::Receiver<bool>,
         queue_down: &Mutex<Option<SendFailure>>,
-    ) -> SweepReport {
+    ) -> Option<(Vec<(i64, String)>, Vec<FailedSend>)> {
         let already_down = queue_down.lock().unwrap_or_else(|e| e.into_inner()).is_some();
         if *stop.borrow() || already_down || Instant::now() >= send_until {
             // Left tracked: the sweep releases these rows untouched.
-            return SweepReport::default();
+            return None;
         }
+        // `concurrency` is the relay's limit on calls in flight, shared by
+        // the sweeps that overlap during a drain.
+        let Ok(_permit) = self.send_permits.acquire().await else { return None };
         self.metrics.send_batch_size(batch.len());
         let results: Vec<SendResult> = match self.queue.send_batch(&batch).await {
             Ok(results) => results,
@@ -187,7 +202,7 @@ impl Relay {
                 }
             }
         }
-        self.record(sent, failures).await
+        Some((sent, failures))
     }
 
     /// Records one batch's results: one UPDATE for the sent rows, one for

@@ -164,7 +164,7 @@ impl Store {
         if let ClaimMode::Force { skip } = mode {
             query = query.bind(skip);
         }
-        let mut rows: Vec<ClaimedRow> = query.fetch_all(self.pool()).await?;
+        let mut rows: Vec<ClaimedRow> = query.fetch_all(self.bookkeeping()).await?;
         rows.sort_by_key(|row| row.id);
         Ok(Claim { rows, lease })
     }
@@ -176,7 +176,7 @@ impl Store {
             return Ok(Vec::new());
         }
         let (ids, message_ids): (Vec<i64>, Vec<&str>) = sent.iter().map(|(id, m)| (*id, m.as_str())).unzip();
-        Ok(sqlx::query_as(RECORD_SENT).bind(&ids).bind(&message_ids).fetch_all(self.pool()).await?)
+        Ok(sqlx::query_as(RECORD_SENT).bind(&ids).bind(&message_ids).fetch_all(self.bookkeeping()).await?)
     }
 
     /// Records failed sends with a single UPDATE and returns the rows as they
@@ -196,7 +196,7 @@ impl Store {
             .bind(&delays)
             .bind(&permanent)
             .bind(i64::from(max_attempts))
-            .fetch_all(self.pool())
+            .fetch_all(self.bookkeeping())
             .await?)
     }
 
@@ -211,7 +211,7 @@ impl Store {
              WHERE id = ANY($1) AND message_id IS NULL",
         )
         .bind(ids)
-        .execute(self.pool())
+        .execute(self.bookkeeping())
         .await?;
         Ok(result.rows_affected())
     }
@@ -245,7 +245,7 @@ impl Store {
         )
         .bind(millis(age))
         .bind(i64::from(batch))
-        .execute(self.pool())
+        .execute(self.bookkeeping())
         .await?;
         Ok(result.rows_affected())
     }

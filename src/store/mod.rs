@@ -147,7 +147,15 @@ impl Store {
         let connect = PgConnectOptions::from_str(options.url.expose())
             .map_err(|_| StoreError::InvalidUrl)?
             .application_name("txrelay")
-            .options([("search_path", options.schema.as_str()), ("statement_timeout", statement_timeout.as_str())]);
+            // Generic plans: each statement is planned once per connection.
+            // Every query here is written to plan well without its
+            // parameter values (see the claim), and re-planning the
+            // 20-parameter INSERT on each call cost more than running it.
+            .options([
+                ("search_path", options.schema.as_str()),
+                ("statement_timeout", statement_timeout.as_str()),
+                ("plan_cache_mode", "force_generic_plan"),
+            ]);
         let pool_options = || {
             PgPoolOptions::new()
                 .min_connections(1)

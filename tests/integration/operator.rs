@@ -61,19 +61,20 @@ fn resource(db: &TestDb, name: &str, generation: i64) -> TransactionRelay {
 
 fn put_secrets(api: &FakeApiServer, db: &TestDb, queue: &TestQueue) {
     api.put_secret(NAMESPACE, "dapp-db", &[("url", &db.url)]);
-    api.put_secret(
-        NAMESPACE,
-        "dapp-sqs",
-        &[
-            ("queueUrl", &queue.url),
-            ("region", REGION),
-            ("endpointUrl", &queue.endpoint),
-            ("accessKeyId", ACCESS_KEY),
-            ("secretAccessKey", SECRET_KEY),
-            ("ledgerToken", "ledger-secret-token"),
-        ],
-    );
+    put_queue_secret(api, queue, &queue.endpoint, Some("ledger-secret-token"));
     api.put_secret(NAMESPACE, "dapp-tokens", &[("ingest", INGEST_TOKEN)]);
+}
+
+fn put_queue_secret(api: &FakeApiServer, queue: &TestQueue, endpoint: &str, ledger_token: Option<&str>) {
+    let mut keys = vec![
+        ("queueUrl", queue.url.as_str()),
+        ("region", REGION),
+        ("endpointUrl", endpoint),
+        ("accessKeyId", ACCESS_KEY),
+        ("secretAccessKey", SECRET_KEY),
+    ];
+    keys.extend(ledger_token.map(|token| ("ledgerToken", token)));
+    api.put_secret(NAMESPACE, "dapp-sqs", &keys);
 }
 
 fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
@@ -208,18 +209,7 @@ async fn a_spec_or_secret_change_reconfigures_the_loop_and_deletion_stops_it() {
     assert!(first.store().pool().is_closed(), "the old loop was stopped");
     assert!(op.api.events().iter().any(|e| e["reason"] == "RelayReconfigured"));
 
-    op.api.put_secret(
-        NAMESPACE,
-        "dapp-sqs",
-        &[
-            ("queueUrl", &queue.url),
-            ("region", REGION),
-            ("endpointUrl", &queue.endpoint),
-            ("accessKeyId", ACCESS_KEY),
-            ("secretAccessKey", SECRET_KEY),
-            ("ledgerToken", "rotated-ledger-token"),
-        ],
-    );
+    put_queue_secret(&op.api, &queue, &queue.endpoint, Some("rotated-ledger-token"));
     reconcile(Arc::new(changed), op.ctx.clone()).await.unwrap();
     let third = op.ctx.supervisor.get(&id).await.unwrap().relay;
     assert!(!Arc::ptr_eq(&second, &third), "a secret change rebuilds the relay");
@@ -251,17 +241,7 @@ async fn unreachable_database_or_queue_is_reported_without_a_crash() {
     assert!(!everything.contains("hunter2"), "the database password never reaches status or Events");
 
     put_secrets(&op.api, &db, &queue);
-    op.api.put_secret(
-        NAMESPACE,
-        "dapp-sqs",
-        &[
-            ("queueUrl", &queue.url),
-            ("region", REGION),
-            ("endpointUrl", "http://127.0.0.1:9"),
-            ("accessKeyId", ACCESS_KEY),
-            ("secretAccessKey", SECRET_KEY),
-        ],
-    );
+    put_queue_secret(&op.api, &queue, "http://127.0.0.1:9", None);
     let error = reconcile(Arc::new(relay), op.ctx.clone()).await.unwrap_err();
     assert_eq!(error.reason(), "QueueUnreachable");
     let status = op.api.status_patches().last().unwrap()["status"].clone();

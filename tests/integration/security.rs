@@ -108,17 +108,11 @@ async fn load_beyond_the_concurrency_limit_is_shed_with_503_and_retry_after() {
         tokio::spawn(async move { app.post_new(&body(unique(), "w")).await })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let request = axum::http::Request::builder()
-        .method("POST")
-        .uri("/new")
-        .header("content-type", "application/json")
-        .header("authorization", format!("Bearer {INGEST_TOKEN}"))
-        .body(axum::body::Body::from(serde_json::to_vec(&body(unique(), "w")).unwrap()))
-        .unwrap();
     let started = Instant::now();
-    let response = tower::ServiceExt::oneshot(app.router.clone(), request).await.unwrap();
-    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(response.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+    let (status, headers, error) = app.post_new_response(&body(unique(), "w")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(error["error"]["code"], "overloaded");
+    assert_eq!(headers.get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
     assert!(started.elapsed() < Duration::from_millis(500), "shed at once, not queued");
     proxy.set_stalled(false);
     stuck.abort();

@@ -181,6 +181,19 @@ impl TestApp {
         content_type: &str,
         body: Vec<u8>,
     ) -> (StatusCode, Value) {
+        let (status, _, value) = self.response(method, path, token, content_type, body).await;
+        (status, value)
+    }
+
+    /// Like [`TestApp::request`], with the response headers.
+    pub async fn response(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> (StatusCode, axum::http::HeaderMap, Value) {
         let mut request = Request::builder().method(method).uri(path).header("content-type", content_type);
         if let Some(token) = token {
             request = request.header("authorization", format!("Bearer {token}"));
@@ -188,11 +201,16 @@ impl TestApp {
         let response = tower::ServiceExt::oneshot(self.router.clone(), request.body(Body::from(body)).unwrap())
             .await
             .expect("router answers");
-        let status = response.status();
+        let (status, headers) = (response.status(), response.headers().clone());
         let bytes = response.into_body().collect().await.unwrap().to_bytes();
         let value =
             serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
-        (status, value)
+        (status, headers, value)
+    }
+
+    /// `POST /new` with the ingest token, headers included.
+    pub async fn post_new_response(&self, body: &Value) -> (StatusCode, axum::http::HeaderMap, Value) {
+        self.response("POST", "/new", Some(INGEST_TOKEN), "application/json", serde_json::to_vec(body).unwrap()).await
     }
 }
 

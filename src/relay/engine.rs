@@ -67,14 +67,10 @@ impl Relay {
             return GAUGE_MAX_AGE;
         }
         if !self.queue_is_up() {
-            match self.queue.probe().await {
-                Ok(()) => self.mark_queue(true, None),
-                Err(failure) => {
-                    debug!(relay = %self.id, error = %failure, "queue still unreachable");
-                    self.mark_queue(false, Some(&failure));
-                    self.refresh_gauges_if_older_than(GAUGE_MAX_AGE, state).await;
-                    return PROBE_INTERVAL;
-                }
+            if let Err(failure) = self.check_queue().await {
+                debug!(relay = %self.id, error = %failure, "queue still unreachable");
+                self.refresh_gauges_if_older_than(GAUGE_MAX_AGE, state).await;
+                return PROBE_INTERVAL;
             }
         }
         let report = match self.sweep_or_drain(std::mem::take(&mut state.draining), stop).await {

@@ -340,7 +340,11 @@ impl Relay {
         if failure.scope == FailureScope::Request && !failure.is_permanent() {
             self.mark_queue(false, Some(&failure));
         }
-        warn!(id = transaction.id, error = %failure, permanent = failure.is_permanent(), "inline send failed; the relay will retry");
+        if failure.is_permanent() {
+            warn!(id = transaction.id, error = %failure, "inline send refused for good; dead-lettered");
+        } else {
+            warn!(id = transaction.id, error = %failure, "inline send failed; the relay will retry");
+        }
         let failed = self.failed_send(transaction.id, transaction.attempts, &failure);
         let recorded = self
             .record_with_retry(|| self.store.record_failures(std::slice::from_ref(&failed), self.config.max_attempts))

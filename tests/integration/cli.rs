@@ -136,3 +136,23 @@ async fn migrate_creates_the_schema_reverts_and_reports_status() {
     let (_, status, _) = txrelay(&db, &queue, &["migrate", "--status"]).await;
     assert!(status.contains("pending"), "{status}");
 }
+
+#[tokio::test]
+async fn retry_all_draws_a_progress_bar_on_a_terminal() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    for _ in 0..3 {
+        insert(&db, "w").await;
+    }
+    // `script` gives the command a pseudo-terminal, as a user's shell would.
+    let line = format!("{} retry-all", binary().display());
+    let output = program("script", &db.url, &db.schema, &queue.url, &queue.endpoint)
+        .env("TERM", "xterm")
+        .args(["-qec", &line, "/dev/null"])
+        .output()
+        .await
+        .unwrap();
+    let terminal = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{terminal}");
+    assert!(terminal.contains("sent, 0 failed"), "a progress bar was drawn: {terminal:?}");
+    assert!(terminal.contains("succeeded: 3"), "{terminal}");
+}

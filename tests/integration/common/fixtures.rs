@@ -257,7 +257,18 @@ pub fn free_port() -> u16 {
 
 /// `txrelay` as a child process against a test schema and queue.
 pub fn command(db_url: &str, schema: &str, queue_url: &str, endpoint: &str) -> Command {
-    let mut command = Command::new(binary());
+    program(binary(), db_url, schema, queue_url, endpoint)
+}
+
+/// Any program with the environment [`command`] gives txrelay.
+pub fn program(
+    program: impl AsRef<std::ffi::OsStr>,
+    db_url: &str,
+    schema: &str,
+    queue_url: &str,
+    endpoint: &str,
+) -> Command {
+    let mut command = Command::new(program);
     command
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())

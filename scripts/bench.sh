@@ -9,12 +9,7 @@ export CARGO_TARGET_DIR
 tools="$HOME/.cache/txrelay/tools"
 export TXRELAY_RUSTACK="$tools/bin/rustack"
 
-if ! command -v wrk >/dev/null || ! command -v pgbench >/dev/null; then
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends wrk postgresql-client
-fi
+scripts/system-packages.sh wrk=wrk pgbench=postgresql-client psql=postgresql-client
 if [ ! -x "$TXRELAY_RUSTACK" ]; then
     # Not --locked: the crate's lockfile pins a yanked dependency.
     cargo install rustack-cli --version 0.12.0 --no-default-features --features sqs --root "$tools"

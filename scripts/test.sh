@@ -5,6 +5,7 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 scripts/setup.sh
+scripts/system-packages.sh promtool=prometheus kubectl=kubernetes-client psql=postgresql-client
 : "${CARGO_TARGET_DIR:=$HOME/.cache/txrelay/target}"
 export CARGO_TARGET_DIR
 

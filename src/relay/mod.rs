@@ -211,10 +211,7 @@ impl Relay {
         } else if !was_up && up {
             info!(relay = %self.id, "queue reachable again");
         }
-        self.health.send_modify(|h| {
-            h.queue_checked = true;
-            h.queue_error = error.map(|e| e.message.clone());
-        });
+        self.set_queue_health(error.map(|e| e.message.clone()));
     }
 
     /// Probes the queue now and records what it said. Only a transient
@@ -225,18 +222,29 @@ impl Relay {
         match &result {
             Ok(()) => self.mark_queue(true, None),
             Err(failure) if !failure.is_permanent() => self.mark_queue(false, Some(failure)),
-            Err(failure) => self.health.send_modify(|h| {
-                h.queue_checked = true;
-                h.queue_error = Some(failure.message.clone());
-            }),
+            Err(failure) => self.set_queue_health(Some(failure.message.clone())),
         }
         result
     }
 
     fn mark_database(&self, error: Option<&StoreError>) {
-        self.health.send_modify(|h| {
+        let error = error.map(ToString::to_string);
+        // Called on every request: watchers (the status writer) are woken
+        // only when something changed.
+        self.health.send_if_modified(|h| {
+            let changed = !h.database_checked || h.database_error != error;
             h.database_checked = true;
-            h.database_error = error.map(ToString::to_string);
+            h.database_error = error;
+            changed
+        });
+    }
+
+    fn set_queue_health(&self, error: Option<String>) {
+        self.health.send_if_modified(|h| {
+            let changed = !h.queue_checked || h.queue_error != error;
+            h.queue_checked = true;
+            h.queue_error = error;
+            changed
         });
     }
 

@@ -64,11 +64,4 @@ impl Store {
         sqlx::query(sqlx::AssertSqlSafe(sql)).execute(self.pool()).await?;
         Ok(())
     }
-
-    /// Drops the schema and everything in it. Tests use it to clean up.
-    pub async fn drop_schema(&self) -> Result<()> {
-        let sql = format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.schema());
-        sqlx::query(sqlx::AssertSqlSafe(sql)).execute(self.pool()).await?;
-        Ok(())
-    }
 }

@@ -3,18 +3,9 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use txrelay::store::{FailedSend, InsertOutcome};
-use txrelay::transaction::parse_request_body;
+use txrelay::store::FailedSend;
 
 use crate::common::*;
-
-async fn insert(db: &TestDb, wallet: &str) -> i64 {
-    let tx = parse_request_body(&serde_json::to_vec(&body(unique(), wallet)).unwrap()).unwrap();
-    match db.store.insert(&tx, 0, false).await.unwrap() {
-        InsertOutcome::Created { transaction, .. } => transaction.id,
-        other => panic!("{other:?}"),
-    }
-}
 
 async fn txrelay(db: &TestDb, queue: &TestQueue, args: &[&str]) -> (i32, String, String) {
     let output = command(&db.url, &db.schema, &queue.url, &queue.endpoint).args(args).output().await.unwrap();
@@ -28,7 +19,7 @@ async fn txrelay(db: &TestDb, queue: &TestQueue, args: &[&str]) -> (i32, String,
 #[tokio::test]
 async fn retry_sends_one_row_now_and_prints_its_message_id() {
     let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
-    let id = insert(&db, "w").await;
+    let id = insert_unsent(&db, "w").await;
     db.execute(&format!("UPDATE transactions SET next_attempt_at = now() + interval '1 hour' WHERE id = {id}")).await;
     let (code, stdout, stderr) = txrelay(&db, &queue, &["retry", &id.to_string()]).await;
     assert_eq!(code, 0, "{stderr}");
@@ -45,7 +36,7 @@ async fn retry_sends_one_row_now_and_prints_its_message_id() {
 #[tokio::test]
 async fn retry_revives_a_dead_lettered_row() {
     let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
-    let id = insert(&db, "w").await;
+    let id = insert_unsent(&db, "w").await;
     let dead = FailedSend { id, error: "poison".into(), retry_in: Duration::ZERO, permanent: true };
     db.store.record_failures(&[dead], 20).await.unwrap();
     let (code, _, stderr) = txrelay(&db, &queue, &["retry", &id.to_string()]).await;
@@ -59,7 +50,7 @@ async fn retry_all_delivers_every_unsent_row_but_not_those_a_relay_holds() {
     let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
     let mut ids = Vec::new();
     for _ in 0..25 {
-        ids.push(insert(&db, "w").await);
+        ids.push(insert_unsent(&db, "w").await);
     }
     let held = ids[3];
     db.execute(&format!(
@@ -89,7 +80,7 @@ async fn retry_all_delivers_every_unsent_row_but_not_those_a_relay_holds() {
 #[tokio::test]
 async fn retry_all_reports_failures_with_exit_code_1() {
     let (db, mut queue) = (TestDb::new().await, TestQueue::standard().await);
-    insert(&db, "w").await;
+    insert_unsent(&db, "w").await;
     queue.url = format!("{}-missing", queue.url);
     let (code, stdout, _) = txrelay(&db, &queue, &["retry-all"]).await;
     assert_eq!(code, 1);
@@ -99,8 +90,8 @@ async fn retry_all_reports_failures_with_exit_code_1() {
 #[tokio::test]
 async fn list_and_stats_show_what_is_not_sent() {
     let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
-    let sent = insert(&db, "w").await;
-    let unsent = insert(&db, "w").await;
+    let sent = insert_unsent(&db, "w").await;
+    let unsent = insert_unsent(&db, "w").await;
     db.store.record_sent(&[(sent, "m-1".into())]).await.unwrap();
 
     let (code, stdout, _) = txrelay(&db, &queue, &["list", "--json"]).await;
@@ -141,7 +132,7 @@ async fn migrate_creates_the_schema_reverts_and_reports_status() {
 async fn retry_all_draws_a_progress_bar_on_a_terminal() {
     let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
     for _ in 0..3 {
-        insert(&db, "w").await;
+        insert_unsent(&db, "w").await;
     }
     // `script` gives the command a pseudo-terminal, as a user's shell would.
     let line = format!("{} retry-all", binary().display());

@@ -15,14 +15,6 @@ use txrelay::transaction::parse_request_body;
 use crate::common::proxy::{SqsMode, SqsProxy, TcpProxy};
 use crate::common::*;
 
-async fn insert_unsent(db: &TestDb, n: u64, wallet: &str) -> i64 {
-    let tx = parse_request_body(&serde_json::to_vec(&body(n, wallet)).unwrap()).unwrap();
-    match db.store.insert(&tx, 0, false).await.unwrap() {
-        txrelay::store::InsertOutcome::Created { transaction, .. } => transaction.id,
-        other => panic!("{other:?}"),
-    }
-}
-
 async fn unsent(db: &TestDb) -> i64 {
     db.scalar_i64("SELECT count(*) FROM transactions WHERE message_id IS NULL AND failed_at IS NULL").await
 }
@@ -85,7 +77,7 @@ async fn a_poison_row_is_dead_lettered_after_one_attempt_and_the_rest_of_its_bat
     let (db, queue) = (TestDb::new().await, TestQueue::create(false, attributes).await);
     let relay = RelayBuilder::new(&db, &queue).build().await;
     for _ in 0..9 {
-        insert_unsent(&db, unique(), "w").await;
+        insert_unsent(&db, "w").await;
     }
     let mut poison = body(unique(), "w");
     poison["ledger_payload"]["payload"]["memo"] = json!("x".repeat(2000));
@@ -239,7 +231,7 @@ async fn the_loop_survives_the_database_going_away_and_resumes_by_itself() {
     db_proxy.set_up(false);
     // Rows arrive while the relay cannot see the database (inserted directly).
     for _ in 0..5 {
-        insert_unsent(&db, unique(), "w").await;
+        insert_unsent(&db, "w").await;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(unsent(&db).await, 5);
@@ -254,8 +246,8 @@ async fn the_loop_survives_the_database_going_away_and_resumes_by_itself() {
 async fn retention_deletes_old_sent_rows_from_the_loop() {
     let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
     let relay = RelayBuilder::new(&db, &queue).spec(|s| s.retention = Some(secs(3600))).build().await;
-    let old = insert_unsent(&db, unique(), "w").await;
-    let kept_unsent = insert_unsent(&db, unique(), "w").await;
+    let old = insert_unsent(&db, "w").await;
+    let kept_unsent = insert_unsent(&db, "w").await;
     db.store.record_sent(&[(old, "m".into())]).await.unwrap();
     db.execute(&format!(
         "UPDATE transactions SET created_at = now() - interval '2 hours', queue_sent_at = now() - interval '2 hours' WHERE id = {old}"

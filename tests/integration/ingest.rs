@@ -161,7 +161,7 @@ async fn the_row_is_committed_before_the_message_is_sent() {
         None,
         Metrics::new().relay("test"),
     );
-    let tx = txrelay::transaction::parse_request_body(&serde_json::to_vec(&body(unique(), "w")).unwrap()).unwrap();
+    let tx = new_tx(unique(), "w");
     assert!(matches!(relay.submit(&tx).await.unwrap(), txrelay::relay::Submission::Sent(_)));
     assert_eq!(*checking.seen_committed.lock().unwrap(), [true]);
 }

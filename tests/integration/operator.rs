@@ -138,8 +138,7 @@ async fn the_happy_path_starts_the_relay_serves_new_and_patches_status_with_coun
     let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
     // Two rows waiting far in the future: the counts must show them.
     for n in 0..2 {
-        let tx =
-            txrelay::transaction::parse_request_body(&serde_json::to_vec(&body(unique() + n, "w")).unwrap()).unwrap();
+        let tx = new_tx(unique() + n, "w");
         db.store.insert(&tx, 3_600_000, false).await.unwrap();
     }
     let op = operator(true);

@@ -4,7 +4,6 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use txrelay::store::InsertOutcome;
-use txrelay::transaction::parse_request_body;
 
 use crate::common::proxy::{SqsMode, SqsProxy};
 use crate::common::sqs::attribute;
@@ -13,8 +12,7 @@ use crate::common::*;
 async fn backlog(db: &TestDb, rows: usize) {
     let mut pending = Vec::new();
     for _ in 0..rows {
-        let tx = parse_request_body(&serde_json::to_vec(&body(unique(), &format!("w{}", fastrand::u8(..)))).unwrap())
-            .unwrap();
+        let tx = new_tx(unique(), &format!("w{}", fastrand::u8(..)));
         let store = db.store.clone();
         pending.push(tokio::spawn(async move {
             assert!(matches!(store.insert(&tx, 0, false).await.unwrap(), InsertOutcome::Created { .. }));

@@ -4,26 +4,15 @@
 use std::time::Duration;
 
 use txrelay::store::{ClaimMode, Conflict, FailedSend, InsertOutcome};
-use txrelay::transaction::{NewTransaction, limits, parse_request_body};
+use txrelay::transaction::limits;
 
-use crate::common::{TestDb, body, unique};
-
-fn new_tx(n: u64, wallet: &str) -> NewTransaction {
-    parse_request_body(&serde_json::to_vec(&body(n, wallet)).unwrap()).unwrap()
-}
-
-async fn created(db: &TestDb, tx: &NewTransaction) -> txrelay::transaction::Transaction {
-    match db.store.insert(tx, 0, false).await.unwrap() {
-        InsertOutcome::Created { transaction, .. } => transaction,
-        other => panic!("expected a new row, got {other:?}"),
-    }
-}
+use crate::common::{TestDb, insert_created, new_tx, unique};
 
 #[tokio::test]
 async fn save_and_fetch_round_trips_every_column() {
     let db = TestDb::new().await;
     let tx = new_tx(unique(), "wallet-1");
-    let saved = created(&db, &tx).await;
+    let saved = insert_created(&db, &tx).await;
     let by_reference = db.store.find_by_reference(&tx.reference).await.unwrap().unwrap();
     let by_id = db.store.find_by_id(saved.id).await.unwrap().unwrap();
     assert_eq!(by_reference, saved);
@@ -54,7 +43,7 @@ async fn each_unique_constraint_is_enforced() {
     let db = TestDb::new().await;
     let n = unique();
     let original = new_tx(n, "w");
-    created(&db, &original).await;
+    insert_created(&db, &original).await;
 
     let mut same_reference = new_tx(unique(), "w");
     same_reference.reference = original.reference.clone();
@@ -112,7 +101,7 @@ async fn timestamps_are_set_by_the_database_and_updated_at_moves_on_every_update
     let db = TestDb::new().await;
     let before: chrono::DateTime<chrono::Utc> =
         sqlx::query_scalar("SELECT now()").fetch_one(db.store.pool()).await.unwrap();
-    let saved = created(&db, &new_tx(unique(), "w")).await;
+    let saved = insert_created(&db, &new_tx(unique(), "w")).await;
     assert!(saved.created_at >= before && saved.created_at - before < chrono::Duration::seconds(5));
     assert_eq!(saved.created_at, saved.updated_at);
     assert!(saved.created_at.timezone() == chrono::Utc);
@@ -161,14 +150,14 @@ async fn migrations_go_up_down_and_up_again() {
 
     db.store.migrate().await.unwrap();
     assert_eq!(table().await, 1);
-    created(&db, &new_tx(unique(), "w")).await;
+    insert_created(&db, &new_tx(unique(), "w")).await;
 }
 
 #[tokio::test]
 async fn concurrent_claims_never_take_the_same_row() {
     let db = TestDb::new().await;
     for _ in 0..60 {
-        created(&db, &new_tx(unique(), &format!("w{}", fastrand::u8(..)))).await;
+        insert_created(&db, &new_tx(unique(), &format!("w{}", fastrand::u8(..)))).await;
     }
     let lease = Duration::from_secs(30);
     let claims = futures::future::join_all((0..4).map(|_| db.store.claim(ClaimMode::Due, 20, lease, false))).await;
@@ -186,9 +175,9 @@ async fn concurrent_claims_never_take_the_same_row() {
 #[tokio::test]
 async fn fifo_claims_take_only_the_oldest_unsent_row_of_each_wallet() {
     let db = TestDb::new().await;
-    let a1 = created(&db, &new_tx(unique(), "wallet-a")).await;
-    let a2 = created(&db, &new_tx(unique(), "wallet-a")).await;
-    let b1 = created(&db, &new_tx(unique(), "wallet-b")).await;
+    let a1 = insert_created(&db, &new_tx(unique(), "wallet-a")).await;
+    let a2 = insert_created(&db, &new_tx(unique(), "wallet-a")).await;
+    let b1 = insert_created(&db, &new_tx(unique(), "wallet-b")).await;
     let claim = db.store.claim(ClaimMode::Due, 10, Duration::from_secs(30), true).await.unwrap();
     let ids: Vec<i64> = claim.rows.iter().map(|r| r.id).collect();
     assert_eq!(ids, [a1.id, b1.id]);
@@ -202,8 +191,8 @@ async fn fifo_claims_take_only_the_oldest_unsent_row_of_each_wallet() {
 #[tokio::test]
 async fn failures_back_off_and_dead_letter_at_max_attempts_or_when_permanent() {
     let db = TestDb::new().await;
-    let first = created(&db, &new_tx(unique(), "w")).await;
-    let poison = created(&db, &new_tx(unique(), "w")).await;
+    let first = insert_created(&db, &new_tx(unique(), "w")).await;
+    let poison = insert_created(&db, &new_tx(unique(), "w")).await;
     let failure = |id, permanent| FailedSend { id, error: "boom".into(), retry_in: Duration::from_secs(60), permanent };
     let rows = db.store.record_failures(&[failure(first.id, false), failure(poison.id, true)], 2).await.unwrap();
     let by_id = |id| rows.iter().find(|r| r.id == id).unwrap().clone();
@@ -223,10 +212,10 @@ async fn failures_back_off_and_dead_letter_at_max_attempts_or_when_permanent() {
 #[tokio::test]
 async fn retention_deletes_only_old_sent_rows() {
     let db = TestDb::new().await;
-    let old_sent = created(&db, &new_tx(unique(), "w")).await;
-    let old_unsent = created(&db, &new_tx(unique(), "w")).await;
-    let old_dead = created(&db, &new_tx(unique(), "w")).await;
-    let new_sent = created(&db, &new_tx(unique(), "w")).await;
+    let old_sent = insert_created(&db, &new_tx(unique(), "w")).await;
+    let old_unsent = insert_created(&db, &new_tx(unique(), "w")).await;
+    let old_dead = insert_created(&db, &new_tx(unique(), "w")).await;
+    let new_sent = insert_created(&db, &new_tx(unique(), "w")).await;
     db.store.record_sent(&[(old_sent.id, "m1".into()), (new_sent.id, "m2".into())]).await.unwrap();
     let dead = FailedSend { id: old_dead.id, error: "x".into(), retry_in: Duration::ZERO, permanent: true };
     db.store.record_failures(&[dead], 0).await.unwrap();

@@ -44,6 +44,27 @@ pub fn body(n: u64, wallet: &str) -> Value {
     })
 }
 
+/// A validated transaction from [`body`].
+pub fn new_tx(n: u64, wallet: &str) -> txrelay::transaction::NewTransaction {
+    txrelay::transaction::parse_request_body(&serde_json::to_vec(&body(n, wallet)).unwrap()).unwrap()
+}
+
+/// Stores `tx` directly (no inline send, due at once) and returns the row.
+pub async fn insert_created(
+    db: &TestDb,
+    tx: &txrelay::transaction::NewTransaction,
+) -> txrelay::transaction::Transaction {
+    match db.store.insert(tx, 0, false).await.unwrap() {
+        txrelay::store::InsertOutcome::Created { transaction, .. } => transaction,
+        other => panic!("expected a new row, got {other:?}"),
+    }
+}
+
+/// Stores a new unsent transaction of `wallet`; returns its id.
+pub async fn insert_unsent(db: &TestDb, wallet: &str) -> i64 {
+    insert_created(db, &new_tx(unique(), wallet)).await.id
+}
+
 /// A unique number per call, so tests never share references.
 pub fn unique() -> u64 {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);

@@ -115,9 +115,10 @@ async fn on_a_fifo_queue_a_failing_row_holds_back_its_wallet_only_and_order_is_k
     proxy.set(SqsMode::Down);
     let (a1, a2, b1) = (unique(), unique(), unique());
     assert_eq!(app.post_new(&body(a1, "wallet-a")).await.0, StatusCode::ACCEPTED);
-    // A1 failed and backs off for a while.
+    // A1 failed and backs off: for an hour, so that nothing below races
+    // the clock; the test ends the backoff itself once it has looked.
     db.execute(&format!(
-        "UPDATE transactions SET next_attempt_at = now() + interval '4 seconds' WHERE reference = 'MYK-{a1:06}'"
+        "UPDATE transactions SET next_attempt_at = now() + interval '1 hour' WHERE reference = 'MYK-{a1:06}'"
     ))
     .await;
     proxy.set(SqsMode::Forward);
@@ -145,6 +146,8 @@ async fn on_a_fifo_queue_a_failing_row_holds_back_its_wallet_only_and_order_is_k
     assert!(queue.receive(1, Duration::from_secs(1)).await.is_empty(), "wallet A waits while A1 backs off");
     assert!(db.store.find_by_reference(&format!("MYK-{a2:06}")).await.unwrap().unwrap().message_id.is_none());
 
+    db.execute(&format!("UPDATE transactions SET next_attempt_at = now() WHERE reference = 'MYK-{a1:06}'")).await;
+    app.relay.wake();
     let wallet_a = queue.receive(2, Duration::from_secs(15)).await;
     running.stop().await;
     let order: Vec<String> =

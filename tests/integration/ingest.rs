@@ -357,7 +357,16 @@ async fn read_endpoints_find_filter_and_page() {
 #[tokio::test]
 async fn concurrent_inline_sends_each_get_their_own_message_id_recorded() {
     let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
-    let app = std::sync::Arc::new(TestApp::new(&RelayBuilder::new(&db, &queue)).await);
+    // Forty sends at once queue up inside moto: the timeout is generous so
+    // that a slow machine still answers 201 to each (what is under test is
+    // that every request records its own message id, not moto's speed).
+    let app = std::sync::Arc::new(
+        TestApp::new(&RelayBuilder::new(&db, &queue).spec(|s| {
+            s.claim_lease = secs(120);
+            s.inline_send_timeout = secs(30);
+        }))
+        .await,
+    );
     let requests = (0..40).map(|_| {
         let app = app.clone();
         tokio::spawn(async move { app.post_new(&body(unique(), "w")).await })

@@ -3,7 +3,7 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
-use aws_sdk_sqs::types::{Message, MessageSystemAttributeName, QueueAttributeName};
+use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, Message, MessageSystemAttributeName, QueueAttributeName};
 
 pub const REGION: &str = "us-east-1";
 pub const ACCESS_KEY: &str = "testing-access-key";
@@ -45,34 +45,74 @@ impl TestQueue {
     }
 
     /// Receives and deletes until `count` messages arrived or `timeout`
-    /// passed; deleting as it goes keeps moto fast.
+    /// passed; deleting as it goes (ten at a time) keeps moto fast.
     pub async fn receive(&self, count: usize, timeout: Duration) -> Vec<Message> {
         let deadline = Instant::now() + timeout;
         let mut messages = Vec::new();
         while messages.len() < count && Instant::now() < deadline {
-            let batch = self
+            messages.extend(self.receive_batch(count - messages.len()).await);
+        }
+        messages
+    }
+
+    /// Receives with `receivers` concurrent long polls until `count` distinct
+    /// messages arrived or `timeout` passed. moto's cost per call grows with
+    /// the queue's depth (every send and receive walks the whole queue), so a
+    /// volume test must take messages out as fast as the relays put them in:
+    /// a queue that fills up slows everything quadratically. Concurrent
+    /// receivers can be handed one message twice (a standard queue is
+    /// at-least-once); such redeliveries, same message id, are kept once.
+    pub async fn receive_concurrently(&self, count: usize, timeout: Duration, receivers: usize) -> Vec<Message> {
+        let deadline = Instant::now() + timeout;
+        let received = std::sync::Mutex::new(HashMap::<String, Message>::with_capacity(count));
+        let done = || received.lock().unwrap().len() >= count || Instant::now() >= deadline;
+        let receiver = || async {
+            while !done() {
+                let batch = self.receive_batch(10).await;
+                let mut received = received.lock().unwrap();
+                for message in batch {
+                    let id = message.message_id.clone().expect("message id");
+                    received.entry(id).or_insert(message);
+                }
+            }
+        };
+        futures::future::join_all((0..receivers.max(1)).map(|_| receiver())).await;
+        received.into_inner().unwrap().into_values().collect()
+    }
+
+    /// One long poll (at most 1 s) for up to `max` (≤ 10) messages, deleted
+    /// with one DeleteMessageBatch call.
+    async fn receive_batch(&self, max: usize) -> Vec<Message> {
+        let batch = self
+            .client
+            .receive_message()
+            .queue_url(&self.url)
+            .max_number_of_messages(max.clamp(1, 10) as i32)
+            .wait_time_seconds(1)
+            .message_attribute_names("All")
+            .message_system_attribute_names(MessageSystemAttributeName::All)
+            .send()
+            .await
+            .expect("receive from moto");
+        let messages = batch.messages.unwrap_or_default();
+        let entries: Vec<DeleteMessageBatchRequestEntry> = messages
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| {
+                let handle = m.receipt_handle.as_deref()?;
+                DeleteMessageBatchRequestEntry::builder().id(i.to_string()).receipt_handle(handle).build().ok()
+            })
+            .collect();
+        if !entries.is_empty() {
+            let deleted = self
                 .client
-                .receive_message()
+                .delete_message_batch()
                 .queue_url(&self.url)
-                .max_number_of_messages((count - messages.len()).min(10) as i32)
-                .wait_time_seconds(1)
-                .message_attribute_names("All")
-                .message_system_attribute_names(MessageSystemAttributeName::All)
+                .set_entries(Some(entries))
                 .send()
                 .await
-                .expect("receive from moto");
-            for message in batch.messages.unwrap_or_default() {
-                if let Some(handle) = &message.receipt_handle {
-                    self.client
-                        .delete_message()
-                        .queue_url(&self.url)
-                        .receipt_handle(handle)
-                        .send()
-                        .await
-                        .expect("delete");
-                }
-                messages.push(message);
-            }
+                .expect("delete from moto");
+            assert!(deleted.failed().is_empty(), "moto refused deletes: {:?}", deleted.failed());
         }
         messages
     }

@@ -16,6 +16,7 @@ pub struct Metrics {
     accepted: IntCounterVec,
     sent: IntCounterVec,
     send_failures: IntCounterVec,
+    queue_reachable: IntGaugeVec,
     sweep_duration: HistogramVec,
     send_batch_size: HistogramVec,
     http_duration: HistogramVec,
@@ -29,6 +30,31 @@ pub enum Accepted {
     Created,
     Replayed,
     Rejected,
+}
+
+/// How a failed send counts, as the `kind` label of
+/// `txrelay_send_failures_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureLabel {
+    /// The queue refused the whole call (missing, denied, throttled,
+    /// unreachable): the message was held without an attempt.
+    Queue,
+    /// The message failed this time and will be retried.
+    Transient,
+    /// The message was refused for good and dead-lettered.
+    Permanent,
+}
+
+impl FailureLabel {
+    const ALL: [Self; 3] = [Self::Queue, Self::Transient, Self::Permanent];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Queue => "queue",
+            Self::Transient => "transient",
+            Self::Permanent => "permanent",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +98,14 @@ impl Metrics {
                 &["relay", "kind"],
             )
             .expect("valid metric"),
+            queue_reachable: IntGaugeVec::new(
+                Opts::new(
+                    "txrelay_queue_reachable",
+                    "1 while the queue takes messages, 0 after it refused a whole call until a send succeeds",
+                ),
+                relay,
+            )
+            .expect("valid metric"),
             sweep_duration: HistogramVec::new(
                 HistogramOpts::new("txrelay_sweep_duration_seconds", "Duration of one sweep: claim, send, record")
                     .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
@@ -112,6 +146,7 @@ impl Metrics {
             Box::new(self.accepted.clone()),
             Box::new(self.sent.clone()),
             Box::new(self.send_failures.clone()),
+            Box::new(self.queue_reachable.clone()),
             Box::new(self.sweep_duration.clone()),
             Box::new(self.send_batch_size.clone()),
             Box::new(self.http_duration.clone()),
@@ -190,9 +225,14 @@ impl RelayMetrics {
         self.metrics.sent.with_label_values(&[self.relay.as_str(), label]).inc_by(count as u64);
     }
 
-    pub fn send_failures(&self, permanent: bool, count: usize) {
-        let label = if permanent { "permanent" } else { "transient" };
-        self.metrics.send_failures.with_label_values(&[self.relay.as_str(), label]).inc_by(count as u64);
+    pub fn send_failures(&self, kind: FailureLabel, count: usize) {
+        if count > 0 {
+            self.metrics.send_failures.with_label_values(&[self.relay.as_str(), kind.as_str()]).inc_by(count as u64);
+        }
+    }
+
+    pub fn set_queue_reachable(&self, reachable: bool) {
+        self.metrics.queue_reachable.with_label_values(&[&self.relay]).set(i64::from(reachable));
     }
 
     pub fn sweep_duration(&self) -> Histogram {
@@ -210,6 +250,7 @@ impl RelayMetrics {
         let _ = m.unsent.remove_label_values(&relay);
         let _ = m.dead_lettered.remove_label_values(&relay);
         let _ = m.oldest_unsent_age.remove_label_values(&relay);
+        let _ = m.queue_reachable.remove_label_values(&relay);
         let _ = m.sweep_duration.remove_label_values(&relay);
         let _ = m.send_batch_size.remove_label_values(&relay);
         for outcome in ["created", "replayed", "rejected"] {
@@ -218,8 +259,8 @@ impl RelayMetrics {
         for path in ["inline", "sweep"] {
             let _ = m.sent.remove_label_values(&[self.relay.as_str(), path]);
         }
-        for kind in ["transient", "permanent"] {
-            let _ = m.send_failures.remove_label_values(&[self.relay.as_str(), kind]);
+        for kind in FailureLabel::ALL {
+            let _ = m.send_failures.remove_label_values(&[self.relay.as_str(), kind.as_str()]);
         }
     }
 }

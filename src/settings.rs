@@ -2,7 +2,6 @@
 //! from: the environment (standalone) or Kubernetes Secrets (operator).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use crate::auth::TokenSet;
 use crate::metrics::Metrics;
@@ -68,7 +67,7 @@ impl RelaySettings {
             secret_access_key: self.queue.secret_access_key.clone(),
             delay_seconds: self.spec.delay_seconds,
             // Well inside the claim lease, and no longer than the default shutdown grace period.
-            call_timeout: (config.claim_lease / 4).clamp(Duration::from_secs(1), Duration::from_secs(10)),
+            call_timeout: config.call_timeout(),
         }
     }
 

@@ -90,6 +90,13 @@ pub struct HttpArgs {
     pub max_in_flight: usize,
     #[arg(long, default_value = "10s")]
     pub request_timeout: HumanDuration,
+    /// Close a connection that has not sent a whole request head this long
+    /// after it began waiting for one (slow clients; idle keep-alive).
+    #[arg(long, default_value = "10s", env = "TXRELAY_HEADER_READ_TIMEOUT")]
+    pub header_read_timeout: HumanDuration,
+    /// Connections served at once per listener; more wait until one closes.
+    #[arg(long, default_value_t = 4096, env = "TXRELAY_MAX_CONNECTIONS")]
+    pub max_connections: usize,
     /// How long SIGTERM waits for in-flight sends before exiting.
     #[arg(long, default_value = "10s")]
     pub grace_period: HumanDuration,
@@ -102,6 +109,8 @@ impl HttpArgs {
             max_in_flight: self.max_in_flight,
             trusted_proxies: self.trusted_proxies.clone(),
             insecure_no_auth: self.insecure_no_auth,
+            header_read_timeout: self.header_read_timeout.get(),
+            max_connections: self.max_connections,
             ..crate::http::HttpOptions::default()
         }
     }

@@ -49,12 +49,18 @@ pub async fn run(global: &Global, args: RunArgs) -> Result<(), CliError> {
 
     let relays = Arc::new(Relays::new(None));
     relays.insert(handle);
-    let state = AppState::new(relays, metrics, args.http.options());
+    let options = args.http.options();
+    let state = AppState::new(relays, metrics, options.clone());
     let (stop, stopped) = watch::channel(false);
     let engine = tokio::spawn(run_loop(relay.clone(), stopped.clone()));
     let listener = tokio::spawn(listen_for_due_rows(relay.clone(), stopped.clone()));
-    let api = tokio::spawn(http::serve(api_listener, http::api_router(state.clone()), wait_for(stopped.clone())));
-    let ops = tokio::spawn(http::serve(ops_listener, http::ops_router(state), wait_for(stopped.clone())));
+    let api = tokio::spawn(http::serve(
+        api_listener,
+        http::api_router(state.clone()),
+        options.clone(),
+        wait_for(stopped.clone()),
+    ));
+    let ops = tokio::spawn(http::serve(ops_listener, http::ops_router(state), options, wait_for(stopped.clone())));
     info!(relay = %relay.id(), api = %args.http.listen, metrics = %args.http.metrics_listen, "txrelay running");
 
     shutdown_signal().await;

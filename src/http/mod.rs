@@ -41,6 +41,14 @@ pub struct HttpOptions {
     /// True standalone; the operator serves many relays, and one relay's
     /// database must not take `/new` away from the others.
     pub ready_needs_databases: bool,
+    /// A connection that has not sent a whole request head this long after
+    /// it began waiting for one is closed. hyper runs this timer from the
+    /// moment a connection waits for a request, so it is also how long a
+    /// kept-alive connection may sit idle.
+    pub header_read_timeout: Duration,
+    /// Connections served at once per listener; more wait in the kernel's
+    /// accept queue until one closes.
+    pub max_connections: usize,
 }
 
 impl Default for HttpOptions {
@@ -52,6 +60,8 @@ impl Default for HttpOptions {
             trusted_proxies: Vec::new(),
             insecure_no_auth: false,
             ready_needs_databases: true,
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 4096,
         }
     }
 }
@@ -120,14 +130,83 @@ pub fn ops_router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Serves `router` on `listener` until `shutdown` resolves, then lets open
+/// connections finish their requests (the caller bounds that wait).
+///
+/// Not `axum::serve`: it runs hyper without a timer, so hyper's header-read
+/// timeout never fires, and it accepts without limit. A client that opens a
+/// connection and sends half a request head would hold a file descriptor for
+/// ever; thousands of them would take the process down.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
+    options: HttpOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown)
-        .await
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower::Service;
+
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        header_read_timeout_ms = options.header_read_timeout.as_millis() as u64,
+        max_connections = options.max_connections,
+        request_timeout_ms = options.request_timeout.as_millis() as u64,
+        max_in_flight = options.max_in_flight,
+        max_body_bytes = options.max_body_bytes,
+        "serving HTTP"
+    );
+    let slots = Arc::new(Semaphore::new(options.max_connections.max(1)));
+    let mut make_service = router.into_make_service_with_connect_info::<SocketAddr>();
+    let (closing, closed) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.map_err(std::io::Error::other)?,
+            () = &mut shutdown => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors, or a connection reset before
+                    // it was accepted: wait a little instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        // Cannot fail: the make-service only attaches the peer address.
+        let Ok(service) = make_service.call(peer).await;
+        let mut connection = hyper::server::conn::http1::Builder::new();
+        connection.timer(TokioTimer::new()).header_read_timeout(options.header_read_timeout).keep_alive(true);
+        let mut closed = closed.clone();
+        connections.spawn(async move {
+            let _slot = slot;
+            let serving = connection
+                .serve_connection(TokioIo::new(stream), hyper_util::service::TowerToHyperService::new(service));
+            tokio::pin!(serving);
+            tokio::select! {
+                result = serving.as_mut() => {
+                    if let Err(error) = result {
+                        tracing::debug!(%error, %peer, "connection ended");
+                    }
+                }
+                () = async { let _ = closed.wait_for(|closed| *closed).await; } => {
+                    serving.as_mut().graceful_shutdown();
+                    let _ = serving.await;
+                }
+            }
+        });
+        // Reap finished connections as we go, so the set stays small.
+        while connections.try_join_next().is_some() {}
+    }
+    drop(listener);
+    let _ = closing.send(true);
+    while connections.join_next().await.is_some() {}
+    Ok(())
 }
 
 async fn not_found() -> ApiError {

@@ -140,7 +140,7 @@ pub async fn run(global: &Global, args: OperatorArgs) -> Result<(), CliError> {
     let janitor = tokio::spawn(stop_deleted_relays(context.clone(), reader, stopped.clone()));
 
     let options = crate::http::HttpOptions { ready_needs_databases: false, ..args.http.options() };
-    let state = AppState::new(relays, metrics, options);
+    let state = AppState::new(relays, metrics, options.clone());
     let api = TcpListener::bind(args.http.listen)
         .await
         .map_err(|e| CliError::failed(format!("{}: {e}", args.http.listen)))?;
@@ -150,8 +150,9 @@ pub async fn run(global: &Global, args: OperatorArgs) -> Result<(), CliError> {
     let wait = |mut stopped: watch::Receiver<bool>| async move {
         let _ = stopped.wait_for(|stop| *stop).await;
     };
-    let api_server = tokio::spawn(http::serve(api, http::api_router(state.clone()), wait(stopped.clone())));
-    let ops_server = tokio::spawn(http::serve(ops, http::ops_router(state), wait(stopped.clone())));
+    let api_server =
+        tokio::spawn(http::serve(api, http::api_router(state.clone()), options.clone(), wait(stopped.clone())));
+    let ops_server = tokio::spawn(http::serve(ops, http::ops_router(state), options, wait(stopped.clone())));
     info!(api = %args.http.listen, metrics = %args.http.metrics_listen, "txrelay operator running");
 
     crate::cli::shutdown_signal().await;

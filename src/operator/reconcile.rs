@@ -34,8 +34,6 @@ pub enum Error {
     IngestTokensMissing,
     #[error("database unreachable: {0}")]
     DatabaseUnreachable(String),
-    #[error("queue unreachable: {0}")]
-    QueueUnreachable(String),
     #[error("invalid queue settings: {0}")]
     InvalidQueue(String),
     #[error("Kubernetes API error: {0}")]
@@ -52,7 +50,6 @@ impl Error {
             Self::InvalidSpec(_) => "InvalidSpec",
             Self::IngestTokensMissing => "IngestTokensMissing",
             Self::DatabaseUnreachable(_) => "DatabaseUnreachable",
-            Self::QueueUnreachable(_) => "QueueUnreachable",
             Self::InvalidQueue(_) => "InvalidQueue",
             Self::Kube(_) => "KubernetesApiError",
         }
@@ -113,9 +110,9 @@ impl Context {
         }
         let (change, handle) = self.supervisor.ensure(&settings, fingerprint(&settings)).await?;
         handle.relay.refresh_gauges().await.map_err(|e| Error::DatabaseUnreachable(e.to_string()))?;
-        if !settings.spec.suspend {
-            handle.relay.check_queue().await.map_err(|f| Error::QueueUnreachable(f.message))?;
-        }
+        // The queue is not probed here: a relay needs no permission beyond
+        // sqs:SendMessage, and its sends tell the status whether the queue
+        // takes messages (QueueReachable).
         Ok((change, handle))
     }
 

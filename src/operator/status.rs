@@ -107,10 +107,10 @@ pub fn desired(
         }
     };
     let queue = match (phase, &health.queue_error) {
-        (Phase::Failed(error @ Error::QueueUnreachable(_)), _) => {
-            condition(QUEUE_REACHABLE, FALSE, "QueueUnreachable", error.to_string(), generation, prior)
+        (_, Some(error)) => {
+            let reason = health.queue_error_code.as_deref().unwrap_or("QueueUnreachable");
+            condition(QUEUE_REACHABLE, FALSE, reason, error.clone(), generation, prior)
         }
-        (_, Some(error)) => condition(QUEUE_REACHABLE, FALSE, "QueueUnreachable", error.clone(), generation, prior),
         (_, None) if health.queue_checked => {
             condition(QUEUE_REACHABLE, TRUE, "Reachable", "the queue accepts requests".into(), generation, prior)
         }

@@ -1,6 +1,9 @@
 //! The queue the relay hands transactions to. The engine speaks to it through
 //! [`Queue`], so unit tests can stand in a fake; production and the
-//! integration tests use [`sqs::SqsQueue`].
+//! integration tests use [`sqs::SqsQueue`]. Only sending is ever asked of
+//! the queue: `sqs:SendMessage` (which covers SendMessageBatch) is the whole
+//! IAM policy a relay needs, and a real send is also how it learns that an
+//! unreachable queue is back.
 
 pub mod sqs;
 
@@ -39,17 +42,31 @@ impl OutboundMessage {
     }
 }
 
+/// What a failed send means for the rows at stake. The line between the
+/// first two is the line between the queue and the message: a problem with
+/// the queue, the way to it or the credentials is fixed by an operator and
+/// must never cost a payment its place, while a message SQS refuses for
+/// itself will be refused again however often it is sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureKind {
-    /// Throttling, server errors, timeouts, unreachable queue: try again later.
+    /// The queue, the network or the credentials (a missing queue,
+    /// AccessDenied, expired keys, KMS, throttling, 5xx, timeouts): the rows
+    /// stay unsent, no attempt is counted, and the relay probes by sending
+    /// until the queue takes messages again.
+    Queue,
+    /// This message can never be accepted (too large, invalid contents or
+    /// attributes, a batch entry refused with `SenderFault=true`): it is
+    /// dead-lettered.
+    Message,
+    /// This message failed this time (a batch entry refused with
+    /// `SenderFault=false`): an attempt is counted and it is retried with
+    /// backoff until `maxAttempts`.
     Transient,
-    /// The message or the queue itself is wrong: retrying cannot help.
-    Permanent,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureScope {
-    /// The whole call failed: the queue (or the way to it) is the problem.
+    /// The whole call failed.
     Request,
     /// One entry of a batch failed; the others may have succeeded.
     Entry,
@@ -67,24 +84,47 @@ pub struct SendFailure {
 }
 
 impl SendFailure {
+    /// The queue could not be reached or did not answer in time.
+    pub fn unreachable(message: impl Into<String>) -> Self {
+        Self { kind: FailureKind::Queue, scope: FailureScope::Request, code: None, message: message.into() }
+    }
+
+    /// This message can never be sent (found before sending it).
+    pub fn message(message: impl Into<String>) -> Self {
+        Self { kind: FailureKind::Message, scope: FailureScope::Request, code: None, message: message.into() }
+    }
+
     pub fn transient(message: impl Into<String>) -> Self {
-        Self { kind: FailureKind::Transient, scope: FailureScope::Request, code: None, message: message.into() }
+        Self { kind: FailureKind::Transient, scope: FailureScope::Entry, code: None, message: message.into() }
     }
 
-    pub fn permanent(message: impl Into<String>) -> Self {
-        Self { kind: FailureKind::Permanent, scope: FailureScope::Request, code: None, message: message.into() }
+    /// The rows stay unsent without an attempt: the queue is the problem.
+    pub fn holds(&self) -> bool {
+        self.kind == FailureKind::Queue
     }
 
-    pub fn is_permanent(&self) -> bool {
-        self.kind == FailureKind::Permanent
+    /// The row is dead-lettered now, whatever its attempt count.
+    pub fn dead_letters(&self) -> bool {
+        self.kind == FailureKind::Message
     }
 
-    /// A request-level permanent failure that one bad entry can cause (too
+    /// A whole call refused for something one bad entry can cause (too
     /// large, invalid contents): the batch is worth splitting to find it.
     pub fn may_be_one_entry(&self) -> bool {
-        self.is_permanent()
-            && self.scope == FailureScope::Request
-            && !matches!(self.code.as_deref(), Some(code) if sqs::is_queue_missing(code))
+        self.kind == FailureKind::Message && self.scope == FailureScope::Request
+    }
+
+    /// A status-condition reason (CamelCase, no dots): the error code's last
+    /// part, such as `NonExistentQueue` for
+    /// `AWS.SimpleQueueService.NonExistentQueue`, or `QueueUnreachable` when
+    /// the queue gave no code (network, timeout).
+    pub fn reason(&self) -> String {
+        let code = self.code.as_deref().and_then(|c| c.rsplit('.').next()).unwrap_or_default();
+        if !code.is_empty() && code.chars().all(|c| c.is_ascii_alphanumeric()) {
+            code.to_owned()
+        } else {
+            "QueueUnreachable".to_owned()
+        }
     }
 }
 
@@ -101,9 +141,6 @@ pub trait Queue: Send + Sync + 'static {
     /// a whole.
     fn send_batch<'a>(&'a self, messages: &'a [OutboundMessage])
     -> BoxFuture<'a, Result<Vec<SendResult>, SendFailure>>;
-
-    /// A cheap call that succeeds when the queue can be reached.
-    fn probe(&self) -> BoxFuture<'_, Result<(), SendFailure>>;
 }
 
 /// Splits messages into batches SQS accepts: at most 10 entries and 256 KiB.

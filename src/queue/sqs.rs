@@ -1,5 +1,6 @@
 //! Amazon SQS (or anything that speaks its API, such as moto in the tests).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -8,7 +9,7 @@ use aws_sdk_sqs::config::retry::RetryConfig;
 use aws_sdk_sqs::config::timeout::TimeoutConfig;
 use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
-use aws_sdk_sqs::types::{MessageAttributeValue, QueueAttributeName, SendMessageBatchRequestEntry};
+use aws_sdk_sqs::types::{MessageAttributeValue, SendMessageBatchRequestEntry};
 use futures::future::BoxFuture;
 
 use super::{FailureKind, FailureScope, OutboundMessage, Queue, SendFailure, SendResult};
@@ -102,7 +103,7 @@ impl SqsQueue {
                 .data_type("String")
                 .string_value(value)
                 .build()
-                .map_err(|e| SendFailure::permanent(format!("message attribute {name}: {e}")))?;
+                .map_err(|e| SendFailure::message(format!("message attribute {name}: {e}")))?;
             attributes.insert(name.to_owned(), value);
         }
         Ok(attributes)
@@ -117,7 +118,9 @@ impl SqsQueue {
             .set_message_attributes(Some(Self::attributes(message)?))
             .set_delay_seconds(self.delay_seconds);
         if self.fifo {
-            request = request.message_group_id(&message.group_id).message_deduplication_id(&message.idempotency_key);
+            request = request
+                .message_group_id(fifo_id(&message.group_id))
+                .message_deduplication_id(fifo_id(&message.idempotency_key));
         }
         let output = request.send().await.map_err(classify)?;
         output.message_id.ok_or_else(|| SendFailure::transient("SendMessage answered without a message id"))
@@ -132,9 +135,11 @@ impl SqsQueue {
                 .set_message_attributes(Some(Self::attributes(message)?))
                 .set_delay_seconds(self.delay_seconds);
             if self.fifo {
-                entry = entry.message_group_id(&message.group_id).message_deduplication_id(&message.idempotency_key);
+                entry = entry
+                    .message_group_id(fifo_id(&message.group_id))
+                    .message_deduplication_id(fifo_id(&message.idempotency_key));
             }
-            entries.push(entry.build().map_err(|e| SendFailure::permanent(format!("batch entry: {e}")))?);
+            entries.push(entry.build().map_err(|e| SendFailure::message(format!("batch entry: {e}")))?);
         }
         let output = self
             .client
@@ -150,7 +155,13 @@ impl SqsQueue {
         }
         let entry_ids: Vec<String> = messages.iter().map(|m| m.id.to_string()).collect();
         for failed in output.failed() {
-            let kind = if failed.sender_fault() { FailureKind::Permanent } else { FailureKind::Transient };
+            let kind = if is_queue_code(failed.code()) {
+                FailureKind::Queue
+            } else if failed.sender_fault() {
+                FailureKind::Message
+            } else {
+                FailureKind::Transient
+            };
             results.insert(
                 failed.id(),
                 Err(SendFailure {
@@ -187,46 +198,67 @@ impl Queue for SqsQueue {
     ) -> BoxFuture<'a, Result<Vec<SendResult>, SendFailure>> {
         Box::pin(self.send_many(messages))
     }
+}
 
-    fn probe(&self) -> BoxFuture<'_, Result<(), SendFailure>> {
-        Box::pin(async move {
-            self.client
-                .get_queue_attributes()
-                .queue_url(&self.queue_url)
-                .attribute_names(QueueAttributeName::QueueArn)
-                .send()
-                .await
-                .map_err(classify)?;
-            Ok(())
-        })
+/// SQS's rule for MessageGroupId and MessageDeduplicationId: 1-128 ASCII
+/// letters, digits and punctuation. A wallet address or idempotency key that
+/// fits is sent as it is; one that does not (a space, non-ASCII letters, more
+/// than 128 characters) is sent as the hex SHA-256 of its UTF-8 bytes, which
+/// always fits. Each value maps to one id, so deduplication and per-wallet
+/// order hold exactly as for any other value; `/new` accepts both kinds.
+pub fn fifo_id(value: &str) -> Cow<'_, str> {
+    let fits = (1..=128).contains(&value.len())
+        && value.bytes().all(|b| b.is_ascii_alphanumeric() || b.is_ascii_punctuation());
+    if fits {
+        Cow::Borrowed(value)
+    } else {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(value.as_bytes());
+        Cow::Owned(digest.iter().map(|b| format!("{b:02x}")).collect())
     }
 }
 
-/// Error codes meaning the queue is gone or misnamed.
-pub fn is_queue_missing(code: &str) -> bool {
-    matches!(code, "AWS.SimpleQueueService.NonExistentQueue" | "QueueDoesNotExist")
-}
-
-/// Error codes meaning this message (or request) can never be accepted.
-fn is_permanent_code(code: &str) -> bool {
-    is_queue_missing(code)
+/// Error codes about the queue, the account or the credentials rather than
+/// the message, when SQS gives them for one batch entry.
+fn is_queue_code(code: &str) -> bool {
+    let code = code.rsplit('.').next().unwrap_or(code);
+    code.starts_with("Kms")
+        || code.starts_with("KMS")
+        || code.starts_with("AccessDenied")
+        || code.contains("Throttl")
         || matches!(
             code,
-            "InvalidParameterValue"
-                | "InvalidMessageContents"
-                | "MessageTooLong"
-                | "BatchRequestTooLong"
-                | "InvalidAttributeName"
-                | "InvalidAttributeValue"
-                | "MissingParameter"
-                | "UnsupportedOperation"
-                | "AWS.SimpleQueueService.UnsupportedOperation"
+            "NonExistentQueue"
+                | "QueueDoesNotExist"
+                | "RequestThrottled"
+                | "InvalidClientTokenId"
+                | "ExpiredToken"
+                | "UnrecognizedClientException"
+                | "SignatureDoesNotMatch"
+                | "InvalidSecurity"
+                | "OverLimit"
         )
 }
 
-/// Only what is known to be hopeless is permanent; anything unfamiliar
-/// (credentials, throttling, 5xx, the network) is retried with backoff, since
-/// dead-lettering a good payment is worse than retrying a bad one.
+/// Error codes that one message can cause (too large, invalid contents or
+/// attributes): a batch refused with one of them is split to find the
+/// culprit, and a single message refused with one is dead-lettered.
+/// Everything else SQS says about a whole call concerns the queue.
+fn is_message_code(code: &str) -> bool {
+    matches!(
+        code,
+        "InvalidParameterValue"
+            | "InvalidMessageContents"
+            | "MessageTooLong"
+            | "BatchRequestTooLong"
+            | "InvalidAttributeName"
+            | "InvalidAttributeValue"
+            | "MissingParameter"
+    )
+}
+
+/// A whole call that failed concerns the queue (held, no attempt), unless
+/// SQS named something one message can cause.
 fn classify<E, R>(error: SdkError<E, R>) -> SendFailure
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
@@ -235,8 +267,8 @@ where
     if let SdkError::ServiceError(service) = &error {
         let code = service.err().code().map(str::to_owned);
         let kind = match code.as_deref() {
-            Some(code) if is_permanent_code(code) => FailureKind::Permanent,
-            _ => FailureKind::Transient,
+            Some(code) if is_message_code(code) => FailureKind::Message,
+            _ => FailureKind::Queue,
         };
         let message = format!(
             "{}: {}",
@@ -245,7 +277,7 @@ where
         );
         return SendFailure { kind, scope: FailureScope::Request, code, message };
     }
-    SendFailure::transient(truncate(DisplayErrorContext(&error).to_string(), 500))
+    SendFailure::unreachable(truncate(DisplayErrorContext(&error).to_string(), 500))
 }
 
 fn truncate(mut text: String, max: usize) -> String {
@@ -264,13 +296,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn known_hopeless_codes_are_permanent_and_the_rest_transient() {
-        for code in ["InvalidParameterValue", "InvalidMessageContents", "AWS.SimpleQueueService.NonExistentQueue"] {
-            assert!(is_permanent_code(code), "{code}");
+    fn only_what_one_message_can_cause_is_about_the_message() {
+        for code in ["InvalidParameterValue", "InvalidMessageContents", "MessageTooLong", "BatchRequestTooLong"] {
+            assert!(is_message_code(code), "{code}");
         }
-        for code in ["ThrottlingException", "RequestThrottled", "InternalError", "InvalidClientTokenId", "AccessDenied"]
-        {
-            assert!(!is_permanent_code(code), "{code}");
+        for code in [
+            "AWS.SimpleQueueService.NonExistentQueue",
+            "AccessDenied",
+            "KmsAccessDenied",
+            "RequestThrottled",
+            "InvalidClientTokenId",
+            "ExpiredToken",
+        ] {
+            assert!(!is_message_code(code), "{code}");
+            assert!(is_queue_code(code), "{code}: about the queue even for one entry");
         }
+        // A batch entry refused for a passing reason is retried as itself.
+        assert!(!is_queue_code("InternalError") && !is_message_code("InternalError"));
+    }
+
+    #[test]
+    fn fifo_ids_always_fit_and_each_value_keeps_one_id() {
+        assert_eq!(fifo_id("7xKX-wallet_1.a/b"), "7xKX-wallet_1.a/b", "a fitting value is sent as it is");
+        let valid = |id: &str| {
+            (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b.is_ascii_punctuation())
+        };
+        let long = "k".repeat(150);
+        for value in ["has a space", long.as_str(), "clé-ключ", "", "tab\there"] {
+            let id = fifo_id(value);
+            assert!(valid(&id), "{value:?} -> {id:?}");
+            assert_eq!(id.len(), 64, "hex SHA-256");
+            assert_eq!(fifo_id(value), id, "one value, one id");
+        }
+        assert_ne!(fifo_id("a b"), fifo_id("a  b"));
+        assert!(valid(&fifo_id(&"k".repeat(128))) && fifo_id(&"k".repeat(128)).len() == 128);
     }
 }

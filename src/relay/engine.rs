@@ -12,8 +12,9 @@ use tracing::{debug, info, warn};
 use super::{Relay, SweepReport};
 use crate::store::{ClaimMode, StoreError};
 
-/// While the queue is unreachable, it is probed this often, so delivery
-/// resumes within about this long after it returns.
+/// While the queue refuses calls, the oldest due batch is sent this often
+/// as the probe, so delivery resumes within about this long after the
+/// cause is fixed. A real send needs no permission beyond `sqs:SendMessage`.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// Gauges are read from the database at least this often...
 const GAUGE_MAX_AGE: Duration = Duration::from_secs(15);
@@ -34,13 +35,16 @@ struct LoopState {
     db_retry: Duration,
     gauges_at: Option<Instant>,
     retention_at: Option<Instant>,
+    /// When the last probe went out while the queue was refusing calls.
+    probed_at: Option<Instant>,
 }
 
 /// Runs until `stop` turns true (or its sender is dropped). A sweep that
 /// has started finishes its in-flight sends and records them first.
 pub async fn run_loop(relay: Arc<Relay>, mut stop: watch::Receiver<bool>) {
     info!(relay = %relay.id, suspended = relay.config.suspend, "relay loop started");
-    let mut state = LoopState { draining: false, db_retry: DB_RETRY_MIN, gauges_at: None, retention_at: None };
+    let mut state =
+        LoopState { draining: false, db_retry: DB_RETRY_MIN, gauges_at: None, retention_at: None, probed_at: None };
     loop {
         if *stop.borrow() {
             break;
@@ -66,14 +70,26 @@ impl Relay {
             self.refresh_gauges_if_older_than(Duration::ZERO, state).await;
             return GAUGE_MAX_AGE;
         }
-        if !self.queue_is_up() {
-            if let Err(failure) = self.check_queue().await {
-                debug!(relay = %self.id, error = %failure, "queue still unreachable");
-                self.refresh_gauges_if_older_than(GAUGE_MAX_AGE, state).await;
-                return PROBE_INTERVAL;
+        let probing = !self.queue_is_up();
+        if probing {
+            // Woken early (a new row, another replica): the probe still goes
+            // out at most once per interval.
+            if let Some(wait) = state.probed_at.map(|at| PROBE_INTERVAL.saturating_sub(at.elapsed())) {
+                if !wait.is_zero() {
+                    return wait;
+                }
             }
+            state.probed_at = Some(Instant::now());
         }
-        let report = match self.sweep_or_drain(std::mem::take(&mut state.draining), stop).await {
+        let sweep = if probing {
+            // The probe is the oldest due batch: one call, whose rows are
+            // held without an attempt if the queue still refuses it.
+            let limit = self.config.batch_size.min(crate::queue::MAX_BATCH_ENTRIES as u32);
+            self.sweep(ClaimMode::Due, limit, stop).await
+        } else {
+            self.sweep_or_drain(std::mem::take(&mut state.draining), stop).await
+        };
+        let report = match sweep {
             Ok(report) => report,
             Err(error) => {
                 let wait = state.db_retry;
@@ -91,7 +107,12 @@ impl Relay {
         self.apply_retention(state).await;
 
         if report.queue_error.is_some() {
+            debug!(relay = %self.id, error = report.queue_error.as_deref(), "the queue still refuses calls");
             return PROBE_INTERVAL;
+        }
+        if probing && self.queue_is_up() {
+            // The probe went through: the rest of the backlog goes now.
+            return Duration::ZERO;
         }
         if report.claimed >= self.config.batch_size as usize {
             state.draining = true;

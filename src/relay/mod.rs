@@ -8,7 +8,7 @@ pub mod message;
 mod recorder;
 mod sweep;
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,11 +21,11 @@ use tracing::{info, warn};
 pub use engine::{listen_for_due_rows, run_loop};
 pub use sweep::{RetryAllReport, SweepReport};
 
-use crate::metrics::{Accepted, RelayMetrics, SendPath};
-use crate::queue::{FailureScope, Queue, SendFailure};
+use crate::metrics::{Accepted, FailureLabel, RelayMetrics, SendPath};
+use crate::queue::{FailureKind, Queue, SendFailure};
 use crate::secret::Secret;
 use crate::spec::TransactionRelaySpec;
-use crate::store::{Conflict, FailedSend, Gauges, InsertOutcome, Store, StoreError};
+use crate::store::{ClaimRef, Conflict, FailedSend, Gauges, InsertOutcome, Store, StoreError};
 use crate::transaction::{NewTransaction, Transaction};
 use backoff::Backoff;
 use recorder::SentRecorder;
@@ -85,6 +85,18 @@ impl RelayConfig {
     pub fn inline_lease(&self) -> Duration {
         self.inline_send_timeout * 2 + Duration::from_secs(1)
     }
+
+    /// The ceiling on one call to the queue: a quarter of the claim lease
+    /// (1-10 s), so a hung connection cannot outlive the claim.
+    pub fn call_timeout(&self) -> Duration {
+        (self.claim_lease / 4).clamp(Duration::from_secs(1), Duration::from_secs(10))
+    }
+
+    /// What a claim must still have left for a call to start: the call's
+    /// timeout, and as long again to record its result.
+    pub fn lease_needed_per_call(&self) -> Duration {
+        self.call_timeout() * 2
+    }
 }
 
 /// What `/new` did with a transaction.
@@ -104,6 +116,9 @@ pub enum Submission {
 pub struct RelayHealth {
     pub database_error: Option<String>,
     pub queue_error: Option<String>,
+    /// Why the queue refused the last call, as a status-condition reason
+    /// (`NonExistentQueue`, `AccessDenied`, `QueueUnreachable`...).
+    pub queue_error_code: Option<String>,
     pub database_checked: bool,
     pub queue_checked: bool,
     pub gauges: Option<Gauges>,
@@ -126,7 +141,7 @@ pub struct Relay {
     queue_up: AtomicBool,
     /// Rows claimed by this process and not yet recorded: released if the
     /// process has to stop before their results are in.
-    in_flight: Mutex<HashSet<i64>>,
+    in_flight: Mutex<HashMap<i64, ClaimRef>>,
     health: watch::Sender<RelayHealth>,
 }
 
@@ -160,7 +175,7 @@ impl Relay {
             rng: Mutex::new(fastrand::Rng::new()),
             wake: Notify::new(),
             queue_up: AtomicBool::new(true),
-            in_flight: Mutex::new(HashSet::new()),
+            in_flight: Mutex::new(HashMap::new()),
             health: watch::Sender::new(RelayHealth::default()),
         }
     }
@@ -204,27 +219,27 @@ impl Relay {
         self.queue_up.load(Ordering::Acquire)
     }
 
-    fn mark_queue(&self, up: bool, error: Option<&SendFailure>) {
+    /// What the last call to the queue showed: it took messages, or it
+    /// refused a whole call. While the queue is down, inline sends stop and
+    /// the loop probes it by sending the oldest due batch, once a second.
+    fn mark_queue(&self, up: bool, failure: Option<&SendFailure>) {
         let was_up = self.queue_up.swap(up, Ordering::AcqRel);
         if was_up && !up {
-            warn!(relay = %self.id, error = error.map(|e| e.message.as_str()), "queue unreachable; rows stay unsent until it answers");
+            warn!(relay = %self.id, error = failure.map(|e| e.message.as_str()),
+                  "queue refused the request; rows stay unsent, without an attempt, until a send goes through");
         } else if !was_up && up {
-            info!(relay = %self.id, "queue reachable again");
+            info!(relay = %self.id, "queue takes messages again");
         }
-        self.set_queue_health(error.map(|e| e.message.clone()));
-    }
-
-    /// Probes the queue now and records what it said. Only a transient
-    /// failure stops inline sends; a permanent one (a missing queue) is
-    /// reported, and each row meets it when sent.
-    pub async fn check_queue(&self) -> Result<(), SendFailure> {
-        let result = self.queue.probe().await;
-        match &result {
-            Ok(()) => self.mark_queue(true, None),
-            Err(failure) if !failure.is_permanent() => self.mark_queue(false, Some(failure)),
-            Err(failure) => self.set_queue_health(Some(failure.message.clone())),
-        }
-        result
+        self.metrics.set_queue_reachable(up);
+        let error = failure.map(|f| (f.message.clone(), f.reason()));
+        self.health.send_if_modified(|h| {
+            let (message, code) = error.clone().unzip();
+            let changed = !h.queue_checked || h.queue_error != message || h.queue_error_code != code;
+            h.queue_checked = true;
+            h.queue_error = message;
+            h.queue_error_code = code;
+            changed
+        });
     }
 
     fn mark_database(&self, error: Option<&StoreError>) {
@@ -239,28 +254,28 @@ impl Relay {
         });
     }
 
-    fn set_queue_health(&self, error: Option<String>) {
-        self.health.send_if_modified(|h| {
-            let changed = !h.queue_checked || h.queue_error != error;
-            h.queue_checked = true;
-            h.queue_error = error;
-            changed
-        });
-    }
-
     fn jittered_backoff(&self, attempts: u32) -> Duration {
         let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
         self.backoff.delay(attempts, &mut rng)
     }
 
-    fn failed_send(&self, id: i64, attempts_before: i32, failure: &SendFailure) -> FailedSend {
+    fn failed_send(&self, row: ClaimRef, attempts_before: i32, failure: &SendFailure) -> FailedSend {
         let attempts = u32::try_from(attempts_before).unwrap_or(0).saturating_add(1);
         FailedSend {
-            id,
+            row,
             error: failure.message.clone(),
             retry_in: self.jittered_backoff(attempts),
-            permanent: failure.is_permanent(),
+            permanent: failure.dead_letters(),
         }
+    }
+
+    fn count_failures(&self, kind: FailureKind, count: usize) {
+        let label = match kind {
+            FailureKind::Queue => FailureLabel::Queue,
+            FailureKind::Message => FailureLabel::Permanent,
+            FailureKind::Transient => FailureLabel::Transient,
+        };
+        self.metrics.send_failures(label, count);
     }
 
     /// Commits a transaction, then tries to send it inline. A failed or slow
@@ -272,8 +287,8 @@ impl Relay {
         let lease_ms = if inline { millis(self.config.inline_lease()) } else { 0 };
         let outcome = self.store.insert(tx, lease_ms, self.is_fifo()).await;
         self.mark_database(outcome.as_ref().err().filter(|e| e.is_unavailable()));
-        let (transaction, held_back) = match outcome? {
-            InsertOutcome::Created { transaction, held_back } => (transaction, held_back),
+        let (transaction, held_back, claim) = match outcome? {
+            InsertOutcome::Created { transaction, held_back, claim } => (transaction, held_back, claim),
             InsertOutcome::Replayed(existing) => {
                 self.metrics.accepted(Accepted::Replayed);
                 info!(id = existing.id, "replayed: same idempotency key and content");
@@ -293,15 +308,19 @@ impl Relay {
         }
         if held_back {
             // FIFO: an older row of this wallet is still unsent; this one
-            // goes after it, through the loop.
-            self.store.release(&[transaction.id]).await?;
+            // goes after it, through the loop. The row is committed whatever
+            // happens to the release: if it fails, the row waits out its
+            // short inline lease instead, and the answer is still 202.
             info!(id = transaction.id, "held back behind an older unsent transaction of the same wallet");
+            if let Err(error) = self.store.release(&[claim]).await {
+                warn!(id = transaction.id, %error, "could not release the held-back row; it is swept after its inline lease");
+            }
             return Ok(Submission::Queued(transaction));
         }
-        Ok(self.send_inline(transaction, &tx.payload).await)
+        Ok(self.send_inline(transaction, claim, &tx.payload).await)
     }
 
-    async fn send_inline(&self, transaction: Transaction, payload: &str) -> Submission {
+    async fn send_inline(&self, transaction: Transaction, claim: ClaimRef, payload: &str) -> Submission {
         let message = match message::body(payload, self.ledger_token.as_ref()) {
             Ok(body) => crate::queue::OutboundMessage {
                 id: transaction.id,
@@ -312,25 +331,25 @@ impl Relay {
                 group_id: transaction.wallet_address.clone(),
             },
             Err(error) => {
-                return self.inline_failed(transaction, SendFailure::permanent(error)).await;
+                return self.inline_failed(transaction, claim, SendFailure::message(error)).await;
             }
         };
         let sent = tokio::time::timeout(self.config.inline_send_timeout, self.queue.send(&message)).await;
         let message_id = match sent {
             Ok(Ok(message_id)) => message_id,
-            Ok(Err(failure)) => return self.inline_failed(transaction, failure).await,
+            Ok(Err(failure)) => return self.inline_failed(transaction, claim, failure).await,
             Err(_) => {
-                let failure = SendFailure::transient(format!(
+                let failure = SendFailure::unreachable(format!(
                     "inline send timed out after {:?}",
                     self.config.inline_send_timeout
                 ));
-                return self.inline_failed(transaction, failure).await;
+                return self.inline_failed(transaction, claim, failure).await;
             }
         };
         self.mark_queue(true, None);
         self.metrics.sent(SendPath::Inline, 1);
         info!(id = transaction.id, message_id = %message_id, "sent inline");
-        match self.record_with_retry(|| self.sent_recorder.record(vec![(transaction.id, message_id.clone())])).await {
+        match self.record_with_retry(|| self.sent_recorder.record(vec![(claim, message_id.clone())])).await {
             Ok(mut rows) if !rows.is_empty() => Submission::Sent(rows.remove(0)),
             // Already recorded by someone else: nothing more to do.
             Ok(_) => Submission::Sent(transaction),
@@ -343,20 +362,25 @@ impl Relay {
         }
     }
 
-    async fn inline_failed(&self, transaction: Transaction, failure: SendFailure) -> Submission {
-        self.metrics.send_failures(failure.is_permanent(), 1);
-        if failure.scope == FailureScope::Request && !failure.is_permanent() {
+    async fn inline_failed(&self, transaction: Transaction, claim: ClaimRef, failure: SendFailure) -> Submission {
+        self.count_failures(failure.kind, 1);
+        let recorded = if failure.holds() {
             self.mark_queue(false, Some(&failure));
-        }
-        if failure.is_permanent() {
-            warn!(id = transaction.id, error = %failure, "inline send refused for good; dead-lettered");
+            warn!(id = transaction.id, error = %failure, "inline send refused by the queue; the relay will send it, no attempt counted");
+            let held = [(claim, failure.message.clone())];
+            self.record_with_retry(|| self.store.hold(&held)).await
         } else {
-            warn!(id = transaction.id, error = %failure, "inline send failed; the relay will retry");
-        }
-        let failed = self.failed_send(transaction.id, transaction.attempts, &failure);
-        let recorded = self
-            .record_with_retry(|| self.store.record_failures(std::slice::from_ref(&failed), self.config.max_attempts))
-            .await;
+            if failure.dead_letters() {
+                warn!(id = transaction.id, error = %failure, "inline send refused for good; dead-lettered");
+            } else {
+                warn!(id = transaction.id, error = %failure, "inline send failed; the relay will retry");
+            }
+            let failed = self.failed_send(claim, transaction.attempts, &failure);
+            self.record_with_retry(|| {
+                self.store.record_failures(std::slice::from_ref(&failed), self.config.max_attempts)
+            })
+            .await
+        };
         self.wake();
         let store = self.store.clone();
         tokio::spawn(async move {
@@ -395,22 +419,23 @@ impl Relay {
         record().await
     }
 
-    fn track(&self, ids: impl IntoIterator<Item = i64>) {
-        self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).extend(ids);
+    fn track(&self, rows: impl IntoIterator<Item = ClaimRef>) {
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).extend(rows.into_iter().map(|row| (row.id, row)));
     }
 
-    fn untrack(&self, ids: &[i64]) {
+    fn untrack(&self, ids: impl IntoIterator<Item = i64>) {
         let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
         for id in ids {
-            in_flight.remove(id);
+            in_flight.remove(&id);
         }
     }
 
     /// Releases every row this process still holds. Called when shutdown
     /// cannot wait any longer for in-flight sends.
     pub async fn release_in_flight(&self) -> Result<u64, StoreError> {
-        let ids: Vec<i64> = self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).drain().collect();
-        self.store.release(&ids).await
+        let rows: Vec<ClaimRef> =
+            self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).drain().map(|(_, row)| row).collect();
+        self.store.release(&rows).await
     }
 
     /// Reads the backlog from the database and publishes it as metrics.

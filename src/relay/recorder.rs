@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::store::{Store, StoreError};
+use crate::store::{ClaimRef, Store, StoreError};
 use crate::transaction::Transaction;
 
 /// Rows beyond which the writer stops gathering more for one UPDATE.
@@ -17,7 +17,7 @@ type Reply = oneshot::Sender<Result<Vec<Transaction>, StoreError>>;
 
 #[derive(Debug, Clone)]
 pub struct SentRecorder {
-    requests: mpsc::UnboundedSender<(Vec<(i64, String)>, Reply)>,
+    requests: mpsc::UnboundedSender<(Vec<(ClaimRef, String)>, Reply)>,
 }
 
 impl SentRecorder {
@@ -27,9 +27,9 @@ impl SentRecorder {
         Self { requests }
     }
 
-    /// Records `(row id, message id)` pairs; returns the rows as they now
-    /// are, without those another process recorded first.
-    pub async fn record(&self, sent: Vec<(i64, String)>) -> Result<Vec<Transaction>, StoreError> {
+    /// Records `(row, message id)` pairs; returns the rows as they now
+    /// are, without those another process recorded first or claimed since.
+    pub async fn record(&self, sent: Vec<(ClaimRef, String)>) -> Result<Vec<Transaction>, StoreError> {
         let stopped = || StoreError::Unavailable("the message id recorder stopped".into());
         let (reply, answer) = oneshot::channel();
         self.requests.send((sent, reply)).map_err(|_| stopped())?;
@@ -37,7 +37,7 @@ impl SentRecorder {
     }
 }
 
-async fn run(store: Store, mut receiver: mpsc::UnboundedReceiver<(Vec<(i64, String)>, Reply)>) {
+async fn run(store: Store, mut receiver: mpsc::UnboundedReceiver<(Vec<(ClaimRef, String)>, Reply)>) {
     while let Some(first) = receiver.recv().await {
         let mut requests = vec![first];
         let mut rows = requests[0].0.len();
@@ -50,12 +50,12 @@ async fn run(store: Store, mut receiver: mpsc::UnboundedReceiver<(Vec<(i64, Stri
                 Err(_) => break,
             }
         }
-        let sent: Vec<(i64, String)> = requests.iter().flat_map(|(sent, _)| sent.iter().cloned()).collect();
+        let sent: Vec<(ClaimRef, String)> = requests.iter().flat_map(|(sent, _)| sent.iter().cloned()).collect();
         match store.record_sent(&sent).await {
             Ok(recorded) => {
                 let mut recorded: HashMap<i64, Transaction> = recorded.into_iter().map(|row| (row.id, row)).collect();
                 for (sent, reply) in requests {
-                    let rows = sent.iter().filter_map(|(id, _)| recorded.remove(id)).collect();
+                    let rows = sent.iter().filter_map(|(row, _)| recorded.remove(&row.id)).collect();
                     let _ = reply.send(Ok(rows));
                 }
             }

@@ -12,7 +12,7 @@ use tracing::{debug, error, info, warn};
 use super::{Relay, message};
 use crate::metrics::SendPath;
 use crate::queue::{self, OutboundMessage, SendFailure, SendResult};
-use crate::store::{ClaimMode, FailedSend, RetryOneError, StoreError};
+use crate::store::{ClaimMode, ClaimRef, FailedSend, RetryOneError, StoreError};
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SweepReport {
@@ -21,12 +21,15 @@ pub struct SweepReport {
     /// Failed attempts recorded, dead-lettered ones included.
     pub failed: usize,
     pub dead_lettered: usize,
+    /// Refused by the queue as a whole call: given back with the error, no
+    /// attempt counted.
+    pub held: usize,
     /// Claimed but not attempted (queue down, shutdown, lease running out).
     pub released: usize,
     pub failed_ids: Vec<i64>,
     pub released_ids: Vec<i64>,
-    /// Set when a call failed as a whole with a transient error: the queue
-    /// is unreachable and the rest of the sweep was not attempted.
+    /// Set when the queue refused a whole call (missing, denied, throttled,
+    /// unreachable): the rest of the sweep was not attempted.
     pub queue_error: Option<String>,
 }
 
@@ -35,7 +38,9 @@ impl SweepReport {
         self.sent += other.sent;
         self.failed += other.failed;
         self.dead_lettered += other.dead_lettered;
+        self.held += other.held;
         self.failed_ids.extend(other.failed_ids);
+        self.released_ids.extend(other.released_ids);
     }
 }
 
@@ -59,9 +64,19 @@ pub enum RetryError {
     Store(#[from] StoreError),
 }
 
-/// A call must end this long before the claim lease does, or its rows could
-/// be claimed by another process while it is still in flight.
-const LEASE_MARGIN: Duration = Duration::from_secs(10);
+/// What the sweep knows of each claimed row.
+struct Claimed {
+    row: ClaimRef,
+    attempts: i32,
+}
+
+/// The results of one call, sorted by what they mean for the rows.
+#[derive(Default)]
+struct Outcome {
+    sent: Vec<(ClaimRef, String)>,
+    failures: Vec<FailedSend>,
+    held: Vec<(ClaimRef, String)>,
+}
 
 impl Relay {
     /// Claims up to `limit` rows and delivers them. Errors only when the
@@ -72,6 +87,8 @@ impl Relay {
         limit: u32,
         stop: &watch::Receiver<bool>,
     ) -> Result<SweepReport, StoreError> {
+        // Taken before the claim: the lease ends no earlier than this plus
+        // its length, whatever the database's clock says.
         let started = Instant::now();
         let claim = self.store.claim(mode, limit, self.config.claim_lease, self.is_fifo()).await;
         self.mark_database(claim.as_ref().err());
@@ -80,53 +97,44 @@ impl Relay {
         if claim.rows.is_empty() {
             return Ok(report);
         }
-        let claimed_ids: Vec<i64> = claim.rows.iter().map(|r| r.id).collect();
-        self.track(claimed_ids.iter().copied());
-        let send_until = started + claim.lease.saturating_sub(LEASE_MARGIN).max(claim.lease / 2);
-        let attempts: HashMap<i64, i32> = claim.rows.iter().map(|r| (r.id, r.attempts)).collect();
+        let lease_end = started + claim.lease;
+        let claimed: HashMap<i64, Claimed> =
+            claim.rows.iter().map(|r| (r.id, Claimed { row: claim.row_ref(r.id), attempts: r.attempts })).collect();
+        self.track(claimed.values().map(|c| c.row));
 
         let mut messages = Vec::with_capacity(claim.rows.len());
-        let mut unbuildable = Vec::new();
+        let mut unbuildable = Outcome::default();
         for row in &claim.rows {
             match message::outbound(row, self.ledger_token.as_ref()) {
                 Ok(message) => messages.push(message),
-                Err(error) => unbuildable.push((row.id, SendFailure::permanent(error))),
+                Err(error) => {
+                    let failure = SendFailure::message(error);
+                    unbuildable.failures.push(self.failed_send(claim.row_ref(row.id), row.attempts, &failure));
+                }
             }
         }
-        if !unbuildable.is_empty() {
-            let failures = unbuildable.iter().map(|(id, f)| self.failed_send(*id, 0, f)).collect();
-            report.absorb(self.record(Vec::new(), failures).await);
+        if !unbuildable.failures.is_empty() {
+            report.absorb(self.record(unbuildable).await);
         }
 
         let queue_down: Mutex<Option<SendFailure>> = Mutex::new(None);
-        let batches = queue::batches(messages);
-        // Sending and recording overlap: a batch's slot is free again as soon
-        // as the queue answered, while its results are written.
-        let mut deliveries = futures::stream::iter(batches)
-            .map(|batch| self.deliver(batch, &attempts, send_until, stop, &queue_down))
-            .buffer_unordered(self.config.concurrency);
-        let mut recordings = futures::stream::FuturesUnordered::new();
-        loop {
-            tokio::select! {
-                Some(outcome) = deliveries.next() => {
-                    if let Some((sent, failures)) = outcome {
-                        recordings.push(self.record(sent, failures));
-                    }
-                }
-                Some(recorded) = recordings.next(), if !recordings.is_empty() => report.absorb(recorded),
-                else => break,
-            }
+        let delivered: Vec<SweepReport> = futures::stream::iter(queue::batches(messages))
+            .map(|batch| self.deliver(batch, &claimed, lease_end, stop, &queue_down))
+            .buffer_unordered(self.config.concurrency)
+            .collect()
+            .await;
+        for batch in delivered {
+            report.absorb(batch);
         }
-        drop(deliveries);
 
-        let leftover: Vec<i64> = {
+        let leftover: Vec<ClaimRef> = {
             let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-            claimed_ids.iter().copied().filter(|id| in_flight.remove(id)).collect()
+            claimed.keys().filter_map(|id| in_flight.remove(id)).collect()
         };
         if !leftover.is_empty() {
             self.store.release(&leftover).await?;
             report.released = leftover.len();
-            report.released_ids = leftover;
+            report.released_ids.extend(leftover.iter().map(|row| row.id));
         }
         report.queue_error = queue_down.into_inner().unwrap_or_else(|e| e.into_inner()).map(|f| f.message);
         self.metrics.sweep_duration().observe(started.elapsed().as_secs_f64());
@@ -136,6 +144,7 @@ impl Relay {
             sent = report.sent,
             failed = report.failed,
             dead_lettered = report.dead_lettered,
+            held = report.held,
             released = report.released,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "sweep"
@@ -143,71 +152,102 @@ impl Relay {
         Ok(report)
     }
 
-    /// Sends one batch; returns what to record (nothing when the batch was
-    /// not attempted).
+    /// How long the next call may take, if the claim still has room for it
+    /// and for recording its result; `None` when it must not start.
+    fn call_budget(&self, lease_end: Instant) -> Option<Duration> {
+        let left = lease_end.saturating_duration_since(Instant::now());
+        (left >= self.config.lease_needed_per_call()).then(|| self.config.call_timeout())
+    }
+
+    /// Sends one batch and records its results. Rows it does not attempt
+    /// stay tracked, and the sweep releases them.
     async fn deliver(
         &self,
         batch: Vec<OutboundMessage>,
-        attempts: &HashMap<i64, i32>,
-        send_until: Instant,
+        claimed: &HashMap<i64, Claimed>,
+        lease_end: Instant,
         stop: &watch::Receiver<bool>,
         queue_down: &Mutex<Option<SendFailure>>,
-    ) -> Option<(Vec<(i64, String)>, Vec<FailedSend>)> {
-        let already_down = queue_down.lock().unwrap_or_else(|e| e.into_inner()).is_some();
-        if *stop.borrow() || already_down || Instant::now() >= send_until {
-            // Left tracked: the sweep releases these rows untouched.
-            return None;
+    ) -> SweepReport {
+        let must_wait = || *stop.borrow() || queue_down.lock().unwrap_or_else(|e| e.into_inner()).is_some();
+        if must_wait() {
+            return SweepReport::default();
         }
         // `concurrency` is the relay's limit on calls in flight, shared by
-        // the sweeps that overlap during a drain.
-        let Ok(_permit) = self.send_permits.acquire().await else { return None };
+        // the sweeps that overlap during a drain. The permit is held until
+        // the results are recorded, so no more than `concurrency` batches
+        // are ever sent and not yet recorded: what a crash can resend.
+        let Ok(_permit) = self.send_permits.acquire().await else { return SweepReport::default() };
+        // Waiting for the permit took time: look at the lease again.
+        let Some(timeout) = self.call_budget(lease_end).filter(|_| !must_wait()) else {
+            return SweepReport::default();
+        };
         self.metrics.send_batch_size(batch.len());
-        let results: Vec<SendResult> = match self.queue.send_batch(&batch).await {
-            Ok(results) => results,
-            Err(failure) if failure.may_be_one_entry() && batch.len() > 1 => {
+        let results: Vec<SendResult> = match tokio::time::timeout(timeout, self.queue.send_batch(&batch)).await {
+            Ok(Ok(results)) => results,
+            Ok(Err(failure)) if failure.may_be_one_entry() && batch.len() > 1 => {
                 // One bad message can fail the whole call: send them one by
-                // one so only the culprit is dead-lettered.
+                // one, each within what is left of the lease, so only the
+                // culprit is dead-lettered.
                 debug!(relay = %self.id, error = %failure, "batch refused as a whole; sending its entries one by one");
                 let mut results = Vec::with_capacity(batch.len());
                 for message in &batch {
-                    results.push(self.queue.send(message).await);
+                    let Some(timeout) = self.call_budget(lease_end).filter(|_| !must_wait()) else { break };
+                    let result = match tokio::time::timeout(timeout, self.queue.send(message)).await {
+                        Ok(result) => result,
+                        Err(_) => Err(SendFailure::unreachable(format!("SendMessage timed out after {timeout:?}"))),
+                    };
+                    let stop_here = matches!(&result, Err(f) if f.holds());
+                    results.push(result);
+                    if stop_here {
+                        break;
+                    }
                 }
                 results
             }
-            Err(failure) => {
-                if !failure.is_permanent() {
-                    self.mark_queue(false, Some(&failure));
-                    *queue_down.lock().unwrap_or_else(|e| e.into_inner()) = Some(failure.clone());
-                }
-                vec![Err(failure); batch.len()]
-            }
+            Ok(Err(failure)) => vec![Err(failure); batch.len()],
+            Err(_) => vec![
+                Err(SendFailure::unreachable(format!("SendMessageBatch timed out after {timeout:?}")));
+                batch.len()
+            ],
         };
-        if results.iter().any(Result::is_ok) {
-            self.mark_queue(true, None);
+        let refused = results.iter().find_map(|r| r.as_ref().err().filter(|f| f.holds())).cloned();
+        match refused {
+            Some(failure) => {
+                self.mark_queue(false, Some(&failure));
+                *queue_down.lock().unwrap_or_else(|e| e.into_inner()) = Some(failure);
+            }
+            None => self.mark_queue(true, None),
         }
-        let mut sent = Vec::new();
-        let mut failures = Vec::new();
+        let mut outcome = Outcome::default();
+        // `zip` stops where a split batch stopped: the rest stays tracked.
         for (message, result) in batch.iter().zip(results) {
+            let Some(row) = claimed.get(&message.id) else { continue };
             match result {
                 Ok(message_id) => {
                     debug!(relay = %self.id, reference = %message.reference, idempotency_key = %message.idempotency_key,
                            message_id = %message_id, "sent");
-                    sent.push((message.id, message_id));
+                    outcome.sent.push((row.row, message_id));
                 }
                 Err(failure) => {
-                    warn!(relay = %self.id, reference = %message.reference, idempotency_key = %message.idempotency_key,
-                          error = %failure, permanent = failure.is_permanent(), "send failed");
-                    let before = attempts.get(&message.id).copied().unwrap_or(0);
-                    failures.push(self.failed_send(message.id, before, &failure));
+                    self.count_failures(failure.kind, 1);
+                    if failure.holds() {
+                        debug!(relay = %self.id, reference = %message.reference, error = %failure, "held: the queue refused the call");
+                        outcome.held.push((row.row, failure.message));
+                    } else {
+                        warn!(relay = %self.id, reference = %message.reference, idempotency_key = %message.idempotency_key,
+                              error = %failure, dead_letters = failure.dead_letters(), "send failed");
+                        outcome.failures.push(self.failed_send(row.row, row.attempts, &failure));
+                    }
                 }
             }
         }
-        Some((sent, failures))
+        self.record(outcome).await
     }
 
-    /// Records one batch's results: one UPDATE for the sent rows, one for
-    /// the failed ones.
-    async fn record(&self, sent: Vec<(i64, String)>, failures: Vec<FailedSend>) -> SweepReport {
+    /// Records one call's results: one UPDATE per kind of result.
+    async fn record(&self, outcome: Outcome) -> SweepReport {
+        let Outcome { sent, failures, held } = outcome;
         let mut report = SweepReport::default();
         if !sent.is_empty() {
             match self.record_with_retry(|| self.sent_recorder.record(sent.clone())).await {
@@ -221,9 +261,6 @@ impl Relay {
             }
         }
         if !failures.is_empty() {
-            let permanent = failures.iter().filter(|f| f.permanent).count();
-            self.metrics.send_failures(true, permanent);
-            self.metrics.send_failures(false, failures.len() - permanent);
             match self.record_with_retry(|| self.store.record_failures(&failures, self.config.max_attempts)).await {
                 Ok(rows) => {
                     for row in rows.iter().filter(|r| r.failed_at.is_some()) {
@@ -233,15 +270,23 @@ impl Relay {
                         report.dead_lettered += 1;
                     }
                     report.failed = failures.len();
-                    report.failed_ids = failures.iter().map(|f| f.id).collect();
+                    report.failed_ids = failures.iter().map(|f| f.row.id).collect();
                 }
                 Err(error) => {
                     error!(relay = %self.id, %error, rows = failures.len(), "could not record failed sends");
                 }
             }
         }
-        let ids: Vec<i64> = sent.iter().map(|(id, _)| *id).chain(failures.iter().map(|f| f.id)).collect();
-        self.untrack(&ids);
+        if !held.is_empty() {
+            match self.record_with_retry(|| self.store.hold(&held)).await {
+                Ok(_) => report.held = held.len(),
+                Err(error) => {
+                    warn!(relay = %self.id, %error, rows = held.len(), "could not give back held rows; they are retried after the claim lease");
+                }
+            }
+        }
+        let ids = sent.iter().map(|(row, _)| row.id).chain(failures.iter().map(|f| f.row.id));
+        self.untrack(ids.chain(held.iter().map(|(row, _)| row.id)));
         report
     }
 
@@ -282,27 +327,38 @@ impl Relay {
 
     /// Sends one row now (`txrelay retry ID`), reviving it if dead-lettered.
     pub async fn retry_one(&self, id: i64) -> Result<String, RetryError> {
-        let row = self.store.claim_one(id, self.config.claim_lease, self.is_fifo()).await?;
-        self.track([row.id]);
+        let (row, claim) = self.store.claim_one(id, self.config.claim_lease, self.is_fifo()).await?;
+        self.track([claim]);
+        let timeout = self.config.call_timeout();
         let sent = match message::outbound(&row, self.ledger_token.as_ref()) {
-            Ok(message) => self.queue.send(&message).await,
-            Err(error) => Err(SendFailure::permanent(error)),
+            Ok(message) => match tokio::time::timeout(timeout, self.queue.send(&message)).await {
+                Ok(result) => result,
+                Err(_) => Err(SendFailure::unreachable(format!("SendMessage timed out after {timeout:?}"))),
+            },
+            Err(error) => Err(SendFailure::message(error)),
         };
         let result = match sent {
             Ok(message_id) => {
-                self.store.record_sent(&[(row.id, message_id.clone())]).await?;
+                self.mark_queue(true, None);
+                self.store.record_sent(&[(claim, message_id.clone())]).await?;
                 self.metrics.sent(SendPath::Sweep, 1);
                 Ok(message_id)
             }
+            Err(failure) if failure.holds() => {
+                self.count_failures(failure.kind, 1);
+                self.mark_queue(false, Some(&failure));
+                self.store.hold(&[(claim, failure.message.clone())]).await?;
+                Err(RetryError::Send { failure, dead_lettered: false })
+            }
             Err(failure) => {
-                self.metrics.send_failures(failure.is_permanent(), 1);
-                let failed = self.failed_send(row.id, row.attempts, &failure);
+                self.count_failures(failure.kind, 1);
+                let failed = self.failed_send(claim, row.attempts, &failure);
                 let rows = self.store.record_failures(&[failed], self.config.max_attempts).await?;
                 let dead_lettered = rows.iter().any(|r| r.failed_at.is_some());
                 Err(RetryError::Send { failure, dead_lettered })
             }
         };
-        self.untrack(&[row.id]);
+        self.untrack([row.id]);
         result
     }
 }

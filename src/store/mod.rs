@@ -12,7 +12,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 pub use migrations::MigrationStatus;
-pub use outbox::{Claim, ClaimMode, ClaimedRow, FailedSend, Gauges, RetryOneError};
+pub use outbox::{Claim, ClaimMode, ClaimRef, ClaimedRow, FailedSend, Gauges, RetryOneError};
 pub use transactions::{Conflict, InsertOutcome, ListFilter, Stats};
 
 use crate::secret::Secret;

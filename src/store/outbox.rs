@@ -35,11 +35,42 @@ pub struct Claim {
     pub rows: Vec<ClaimedRow>,
     /// Rows are held until this long after the claim.
     pub lease: Duration,
+    /// Written on every row of this claim; see [`ClaimRef`].
+    pub token: i64,
+}
+
+impl Claim {
+    pub fn row_ref(&self, id: i64) -> ClaimRef {
+        ClaimRef { id, token: Some(self.token) }
+    }
+}
+
+/// A row as one claim holds it. Each claim writes a token of its own on its
+/// rows; every later write of that claim (result, failure, release) applies
+/// only while the row still carries the token, so a process whose lease ran
+/// out cannot record over, or release, a claim another process took since.
+/// `token: None` stands for a row nobody claimed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClaimRef {
+    pub id: i64,
+    pub token: Option<i64>,
+}
+
+impl ClaimRef {
+    /// A row no process holds (for tests and tools that write directly).
+    pub fn unclaimed(id: i64) -> Self {
+        Self { id, token: None }
+    }
+}
+
+/// A new claim token: random, so that processes need no coordination.
+pub(crate) fn new_token() -> i64 {
+    fastrand::i64(1..)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FailedSend {
-    pub id: i64,
+    pub row: ClaimRef,
     pub error: String,
     /// Backoff before the next attempt.
     pub retry_in: Duration,
@@ -75,7 +106,7 @@ macro_rules! claim_sql {
             // The ids as an array: the plan stays an index lookup whatever
             // the planner guesses for LIMIT (a join here turns generic plans
             // into a sequential scan).
-            "UPDATE transactions SET claimed_until = now() + $2 * interval '1 millisecond' \
+            "UPDATE transactions SET claimed_until = now() + $2 * interval '1 millisecond', claim_token = $3 \
              WHERE id = ANY (ARRAY(SELECT t.id FROM transactions t WHERE ",
             unsent!("t"),
             " AND ",
@@ -100,7 +131,7 @@ macro_rules! due {
 /// Not held by a running process, and not already tried in this run.
 macro_rules! not_held_nor_skipped {
     () => {
-        "(t.claimed_until IS NULL OR t.claimed_until <= now()) AND NOT (t.id = ANY($3))"
+        "(t.claimed_until IS NULL OR t.claimed_until <= now()) AND NOT (t.id = ANY($4))"
     };
 }
 
@@ -109,21 +140,54 @@ const CLAIM_DUE_FIFO: &str = claim_sql!(concat!(due!(), " AND ", first_of_its_wa
 const CLAIM_FORCE: &str = claim_sql!(not_held_nor_skipped!(), "t.id");
 const CLAIM_FORCE_FIFO: &str = claim_sql!(concat!(not_held_nor_skipped!(), " AND ", first_of_its_wallet!("t")), "t.id");
 
+/// The rows of `$1` (ids) that still carry the claim tokens of `$2`.
+macro_rules! still_held {
+    ($alias:literal) => {
+        concat!(
+            "transactions.id = ",
+            $alias,
+            ".row_id AND transactions.claim_token IS NOT DISTINCT FROM ",
+            $alias,
+            ".row_token AND transactions.message_id IS NULL"
+        )
+    };
+}
+
 const RECORD_SENT: &str = concat!(
     "UPDATE transactions SET message_id = s.sent_message_id, queue_sent_at = now(), \
-     attempts = transactions.attempts + 1, claimed_until = NULL, failed_at = NULL \
-     FROM unnest($1::bigint[], $2::text[]) AS s(sent_id, sent_message_id) \
-     WHERE transactions.id = s.sent_id AND transactions.message_id IS NULL RETURNING ",
+     attempts = transactions.attempts + 1, claimed_until = NULL, claim_token = NULL, failed_at = NULL \
+     FROM unnest($1::bigint[], $2::bigint[], $3::text[]) AS s(row_id, row_token, sent_message_id) WHERE ",
+    still_held!("s"),
+    " RETURNING ",
     columns!()
 );
 
 const RECORD_FAILURES: &str = concat!(
     "UPDATE transactions SET attempts = transactions.attempts + 1, last_error = f.failure, \
-     next_attempt_at = now() + f.delay_ms * interval '1 millisecond', claimed_until = NULL, \
-     failed_at = CASE WHEN f.permanent OR ($5 > 0 AND transactions.attempts + 1 >= $5) THEN now() END \
-     FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bool[]) AS f(failed_id, failure, delay_ms, permanent) \
-     WHERE transactions.id = f.failed_id AND transactions.message_id IS NULL RETURNING ",
+     next_attempt_at = now() + f.delay_ms * interval '1 millisecond', claimed_until = NULL, claim_token = NULL, \
+     failed_at = CASE WHEN f.permanent OR ($6 > 0 AND transactions.attempts + 1 >= $6) THEN now() END \
+     FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], $5::bool[]) \
+     AS f(row_id, row_token, failure, delay_ms, permanent) WHERE ",
+    still_held!("f"),
+    " RETURNING ",
     columns!()
+);
+
+/// Gives rows back after the queue refused the whole call: no attempt is
+/// counted and the backoff is left alone (the rows stay due, and the oldest
+/// of them are the relay's next probe), but the error is shown.
+const HOLD: &str = concat!(
+    "UPDATE transactions SET last_error = h.failure, claimed_until = NULL, claim_token = NULL \
+     FROM unnest($1::bigint[], $2::bigint[], $3::text[]) AS h(row_id, row_token, failure) WHERE ",
+    still_held!("h"),
+    " RETURNING ",
+    columns!()
+);
+
+const RELEASE: &str = concat!(
+    "UPDATE transactions SET claimed_until = NULL, claim_token = NULL \
+     FROM unnest($1::bigint[], $2::bigint[]) AS r(row_id, row_token) WHERE ",
+    still_held!("r")
 );
 
 const GAUGES: &str = concat!(
@@ -152,32 +216,40 @@ const NEXT_DUE_FIFO: &str = next_due_sql!(concat!(" AND ", first_of_its_wallet!(
 
 impl Store {
     /// Claims up to `limit` rows in one short transaction, skipping rows other
-    /// processes hold, and holds them for `lease`.
+    /// processes hold, and holds them for `lease` under a new claim token.
     pub async fn claim(&self, mode: ClaimMode<'_>, limit: u32, lease: Duration, fifo: bool) -> Result<Claim> {
         let lease_ms = millis(lease);
+        let token = new_token();
         let query = match (mode, fifo) {
             (ClaimMode::Due, false) => sqlx::query_as(CLAIM_DUE),
             (ClaimMode::Due, true) => sqlx::query_as(CLAIM_DUE_FIFO),
             (ClaimMode::Force { .. }, false) => sqlx::query_as(CLAIM_FORCE),
             (ClaimMode::Force { .. }, true) => sqlx::query_as(CLAIM_FORCE_FIFO),
         };
-        let mut query = query.bind(i64::from(limit)).bind(lease_ms);
+        let mut query = query.bind(i64::from(limit)).bind(lease_ms).bind(token);
         if let ClaimMode::Force { skip } = mode {
             query = query.bind(skip);
         }
         let mut rows: Vec<ClaimedRow> = query.fetch_all(self.bookkeeping()).await?;
         rows.sort_by_key(|row| row.id);
-        Ok(Claim { rows, lease })
+        Ok(Claim { rows, lease, token })
     }
 
     /// Records the message ids of many rows with a single UPDATE and returns
-    /// the rows as they now are (rows already sent are left alone and absent).
-    pub async fn record_sent(&self, sent: &[(i64, String)]) -> Result<Vec<Transaction>> {
+    /// the rows as they now are. Rows already sent, or no longer held by the
+    /// claim that sent them, are left alone and absent.
+    pub async fn record_sent(&self, sent: &[(ClaimRef, String)]) -> Result<Vec<Transaction>> {
         if sent.is_empty() {
             return Ok(Vec::new());
         }
-        let (ids, message_ids): (Vec<i64>, Vec<&str>) = sent.iter().map(|(id, m)| (*id, m.as_str())).unzip();
-        Ok(sqlx::query_as(RECORD_SENT).bind(&ids).bind(&message_ids).fetch_all(self.bookkeeping()).await?)
+        let (ids, tokens) = split(sent.iter().map(|(row, _)| row));
+        let message_ids: Vec<&str> = sent.iter().map(|(_, m)| m.as_str()).collect();
+        Ok(sqlx::query_as(RECORD_SENT)
+            .bind(&ids)
+            .bind(&tokens)
+            .bind(&message_ids)
+            .fetch_all(self.bookkeeping())
+            .await?)
     }
 
     /// Records failed sends with a single UPDATE and returns the rows as they
@@ -187,12 +259,13 @@ impl Store {
         if failures.is_empty() {
             return Ok(Vec::new());
         }
-        let ids: Vec<i64> = failures.iter().map(|f| f.id).collect();
+        let (ids, tokens) = split(failures.iter().map(|f| &f.row));
         let errors: Vec<&str> = failures.iter().map(|f| f.error.as_str()).collect();
         let delays: Vec<i64> = failures.iter().map(|f| millis(f.retry_in)).collect();
         let permanent: Vec<bool> = failures.iter().map(|f| f.permanent).collect();
         Ok(sqlx::query_as(RECORD_FAILURES)
             .bind(&ids)
+            .bind(&tokens)
             .bind(&errors)
             .bind(&delays)
             .bind(&permanent)
@@ -201,19 +274,25 @@ impl Store {
             .await?)
     }
 
+    /// Gives rows back after the queue refused the call as a whole, keeping
+    /// the error in `last_error`: no attempt, no backoff.
+    pub async fn hold(&self, held: &[(ClaimRef, String)]) -> Result<Vec<Transaction>> {
+        if held.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (ids, tokens) = split(held.iter().map(|(row, _)| row));
+        let errors: Vec<&str> = held.iter().map(|(_, e)| e.as_str()).collect();
+        Ok(sqlx::query_as(HOLD).bind(&ids).bind(&tokens).bind(&errors).fetch_all(self.bookkeeping()).await?)
+    }
+
     /// Gives claimed rows back without an attempt (shutdown, lease running
     /// out, queue found down before sending): due again at once.
-    pub async fn release(&self, ids: &[i64]) -> Result<u64> {
-        if ids.is_empty() {
+    pub async fn release(&self, rows: &[ClaimRef]) -> Result<u64> {
+        if rows.is_empty() {
             return Ok(0);
         }
-        let result = sqlx::query(
-            "UPDATE transactions SET claimed_until = NULL \
-             WHERE id = ANY($1) AND message_id IS NULL",
-        )
-        .bind(ids)
-        .execute(self.bookkeeping())
-        .await?;
+        let (ids, tokens) = split(rows.iter());
+        let result = sqlx::query(RELEASE).bind(&ids).bind(&tokens).execute(self.bookkeeping()).await?;
         Ok(result.rows_affected())
     }
 
@@ -257,9 +336,11 @@ impl Store {
         id: i64,
         lease: Duration,
         fifo: bool,
-    ) -> std::result::Result<ClaimedRow, RetryOneError> {
+    ) -> std::result::Result<(ClaimedRow, ClaimRef), RetryOneError> {
+        let token = new_token();
         let claimed: Option<ClaimedRow> = sqlx::query_as(concat!(
-            "UPDATE transactions SET failed_at = NULL, claimed_until = now() + $2 * interval '1 millisecond' \
+            "UPDATE transactions SET failed_at = NULL, claimed_until = now() + $2 * interval '1 millisecond', \
+             claim_token = $4 \
              WHERE id = $1 AND message_id IS NULL AND (claimed_until IS NULL OR claimed_until <= now()) \
              AND (NOT $3 OR ",
             first_of_its_wallet!("transactions"),
@@ -269,11 +350,12 @@ impl Store {
         .bind(id)
         .bind(millis(lease))
         .bind(fifo)
+        .bind(token)
         .fetch_optional(self.pool())
         .await
         .map_err(StoreError::from)?;
         if let Some(row) = claimed {
-            return Ok(row);
+            return Ok((row, ClaimRef { id, token: Some(token) }));
         }
         let Some(existing) = self.find_by_id(id).await? else {
             return Err(RetryOneError::NotFound(id));
@@ -315,6 +397,11 @@ impl Store {
         .await?;
         Ok(result.rows_affected())
     }
+}
+
+/// Ids and tokens as the two arrays the statements above unnest.
+fn split<'a>(rows: impl Iterator<Item = &'a ClaimRef>) -> (Vec<i64>, Vec<Option<i64>>) {
+    rows.map(|row| (row.id, row.token)).unzip()
 }
 
 fn millis(duration: Duration) -> i64 {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use sqlx::{FromRow, Row};
 
-use super::{Result, Store, StoreError, columns, unsent};
+use super::{ClaimRef, Result, Store, StoreError, columns, unsent};
 use crate::transaction::{NewTransaction, Transaction};
 
 /// What happened to a `/new` insert.
@@ -16,6 +16,8 @@ pub enum InsertOutcome {
     Created {
         transaction: Transaction,
         held_back: bool,
+        /// The inline send's hold on the row (no token when not held).
+        claim: ClaimRef,
     },
     /// The same idempotency key with the same content: the stored row.
     Replayed(Transaction),
@@ -76,9 +78,9 @@ pub struct Stats {
 const INSERT: &str = concat!(
     "INSERT INTO transactions (reference, external_reference, idempotency_key, transaction_type, status, source, \
      instruction_type, incoming_currency, outgoing_currency, value, fee, payer_id, payee_id, first_name, last_name, \
-     wallet_address, ip_address, payload, next_attempt_at, claimed_until) \
+     wallet_address, ip_address, payload, next_attempt_at, claimed_until, claim_token) \
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18::json, \
-     now(), CASE WHEN $19 > 0 THEN now() + $19 * interval '1 millisecond' END) \
+     now(), CASE WHEN $19 > 0 THEN now() + $19 * interval '1 millisecond' END, CASE WHEN $19 > 0 THEN $21 END) \
      ON CONFLICT DO NOTHING RETURNING ",
     columns!(),
     ", ($20 AND EXISTS (SELECT 1 FROM transactions o WHERE o.wallet_address = $16 AND ",
@@ -119,6 +121,7 @@ impl Store {
     pub async fn insert(&self, tx: &NewTransaction, inline_lease_ms: i64, fifo: bool) -> Result<InsertOutcome> {
         // A conflicting row can vanish between the insert and the lookup
         // (retention); one more insert settles it.
+        let token = (inline_lease_ms > 0).then(super::outbox::new_token);
         for _ in 0..2 {
             let row = sqlx::query(INSERT)
                 .bind(&tx.reference)
@@ -141,12 +144,14 @@ impl Store {
                 .bind(&tx.payload)
                 .bind(inline_lease_ms)
                 .bind(fifo)
+                .bind(token)
                 .fetch_optional(self.pool())
                 .await?;
             if let Some(row) = row {
                 let transaction = Transaction::from_row(&row)?;
                 let held_back = row.try_get::<Option<bool>, _>("held_back")?.unwrap_or(false);
-                return Ok(InsertOutcome::Created { transaction, held_back });
+                let claim = ClaimRef { id: transaction.id, token };
+                return Ok(InsertOutcome::Created { transaction, held_back, claim });
             }
             if let Some(outcome) = self.classify_conflict(tx).await? {
                 return Ok(outcome);

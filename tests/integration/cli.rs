@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use txrelay::store::FailedSend;
+use txrelay::store::{ClaimRef, FailedSend};
 
 use crate::common::*;
 
@@ -37,7 +37,8 @@ async fn retry_sends_one_row_now_and_prints_its_message_id() {
 async fn retry_revives_a_dead_lettered_row() {
     let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
     let id = insert_unsent(&db, "w").await;
-    let dead = FailedSend { id, error: "poison".into(), retry_in: Duration::ZERO, permanent: true };
+    let dead =
+        FailedSend { row: ClaimRef::unclaimed(id), error: "poison".into(), retry_in: Duration::ZERO, permanent: true };
     db.store.record_failures(&[dead], 20).await.unwrap();
     let (code, _, stderr) = txrelay(&db, &queue, &["retry", &id.to_string()]).await;
     assert_eq!(code, 0, "{stderr}");
@@ -61,7 +62,15 @@ async fn retry_all_delivers_every_unsent_row_but_not_those_a_relay_holds() {
         .await;
     let dead = ids[5];
     db.store
-        .record_failures(&[FailedSend { id: dead, error: "x".into(), retry_in: Duration::ZERO, permanent: true }], 20)
+        .record_failures(
+            &[FailedSend {
+                row: ClaimRef::unclaimed(dead),
+                error: "x".into(),
+                retry_in: Duration::ZERO,
+                permanent: true,
+            }],
+            20,
+        )
         .await
         .unwrap();
 
@@ -92,7 +101,7 @@ async fn list_and_stats_show_what_is_not_sent() {
     let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
     let sent = insert_unsent(&db, "w").await;
     let unsent = insert_unsent(&db, "w").await;
-    db.store.record_sent(&[(sent, "m-1".into())]).await.unwrap();
+    db.store.record_sent(&[(ClaimRef::unclaimed(sent), "m-1".into())]).await.unwrap();
 
     let (code, stdout, _) = txrelay(&db, &queue, &["list", "--json"]).await;
     assert_eq!(code, 0);

@@ -136,10 +136,6 @@ impl Queue for CommitCheckingQueue {
     ) -> BoxFuture<'a, Result<Vec<SendResult>, SendFailure>> {
         self.inner.send_batch(messages)
     }
-
-    fn probe(&self) -> BoxFuture<'_, Result<(), SendFailure>> {
-        self.inner.probe()
-    }
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@ mod common;
 
 mod cli;
 mod engine;
+mod faults;
 mod ingest;
 mod manifests;
 mod metrics;

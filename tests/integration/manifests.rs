@@ -234,7 +234,8 @@ fn the_dashboard_and_alerts_use_only_exported_metrics() {
     relay.set_backlog(1, 1, 1.0);
     relay.accepted(txrelay::metrics::Accepted::Created);
     relay.sent(txrelay::metrics::SendPath::Inline, 1);
-    relay.send_failures(true, 1);
+    relay.send_failures(txrelay::metrics::FailureLabel::Permanent, 1);
+    relay.set_queue_reachable(true);
     relay.sweep_duration().observe(0.1);
     relay.send_batch_size(10);
     metrics.observe_http("/new", 201, 0.01);

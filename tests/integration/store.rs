@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
-use txrelay::store::{ClaimMode, Conflict, FailedSend, InsertOutcome};
+use txrelay::store::{ClaimMode, ClaimRef, Conflict, FailedSend, InsertOutcome};
 use txrelay::transaction::limits;
 
-use crate::common::{TestDb, insert_created, new_tx, unique};
+use crate::common::{TestDb, insert_created, new_tx, unique, wait_until};
 
 #[tokio::test]
 async fn save_and_fetch_round_trips_every_column() {
@@ -106,7 +106,7 @@ async fn timestamps_are_set_by_the_database_and_updated_at_moves_on_every_update
     assert_eq!(saved.created_at, saved.updated_at);
     assert!(saved.created_at.timezone() == chrono::Utc);
 
-    let sent = db.store.record_sent(&[(saved.id, "message-1".into())]).await.unwrap().remove(0);
+    let sent = db.store.record_sent(&[(ClaimRef::unclaimed(saved.id), "message-1".into())]).await.unwrap().remove(0);
     assert!(sent.updated_at > saved.updated_at, "{} > {}", sent.updated_at, saved.updated_at);
     assert_eq!(sent.created_at, saved.created_at);
     let queue_sent_at = sent.queue_sent_at.expect("queue_sent_at set with the message id");
@@ -143,10 +143,16 @@ async fn migrations_go_up_down_and_up_again() {
     assert!(db.store.status().await.unwrap().iter().all(|m| m.installed_on.is_some()));
     db.store.migrate().await.unwrap();
 
+    let column = || async {
+        db.scalar_i64("SELECT count(*) FROM information_schema.columns WHERE table_schema = current_schema() AND column_name = 'claim_token'").await
+    };
+    assert_eq!(column().await, 1);
     let reverted = db.store.revert_last_migration().await.unwrap();
     assert!(reverted.is_some());
+    assert_eq!((table().await, column().await), (1, 0), "the claim token goes, the table stays");
+    while db.store.revert_last_migration().await.unwrap().is_some() {}
     assert_eq!(table().await, 0);
-    assert!(db.store.status().await.unwrap().iter().any(|m| m.installed_on.is_none()));
+    assert!(db.store.status().await.unwrap().iter().all(|m| m.installed_on.is_none()));
 
     db.store.migrate().await.unwrap();
     assert_eq!(table().await, 1);
@@ -183,9 +189,43 @@ async fn fifo_claims_take_only_the_oldest_unsent_row_of_each_wallet() {
     assert_eq!(ids, [a1.id, b1.id]);
     // While a1 is held (in flight), a2 still waits.
     assert!(db.store.claim(ClaimMode::Due, 10, Duration::from_secs(30), true).await.unwrap().rows.is_empty());
-    db.store.record_sent(&[(a1.id, "m-a1".into())]).await.unwrap();
+    db.store.record_sent(&[(claim.row_ref(a1.id), "m-a1".into())]).await.unwrap();
     let next = db.store.claim(ClaimMode::Due, 10, Duration::from_secs(30), true).await.unwrap();
     assert_eq!(next.rows.iter().map(|r| r.id).collect::<Vec<_>>(), [a2.id]);
+}
+
+#[tokio::test]
+async fn writes_of_a_claim_apply_only_while_it_still_holds_the_row() {
+    let db = TestDb::new().await;
+    let row = insert_created(&db, &new_tx(unique(), "w")).await;
+    let stale = db.store.claim(ClaimMode::Due, 10, Duration::from_millis(1), false).await.unwrap();
+    // The first claim's lease ran out and another process claimed the row.
+    wait_until(Duration::from_secs(5), "the lease runs out", || async {
+        db.scalar_i64(&format!("SELECT count(*) FROM transactions WHERE id = {} AND claimed_until < now()", row.id))
+            .await
+            == 1
+    })
+    .await;
+    let current = db.store.claim(ClaimMode::Due, 10, Duration::from_secs(60), false).await.unwrap();
+    assert_eq!(current.rows.len(), 1);
+    assert_ne!(stale.token, current.token);
+
+    let (old, new) = (stale.row_ref(row.id), current.row_ref(row.id));
+    assert_eq!(db.store.release(&[old]).await.unwrap(), 0, "a stale claim releases nothing");
+    let failure = FailedSend { row: old, error: "late".into(), retry_in: Duration::ZERO, permanent: true };
+    assert!(db.store.record_failures(&[failure], 1).await.unwrap().is_empty(), "nor records a failure");
+    assert!(db.store.hold(&[(old, "late".into())]).await.unwrap().is_empty(), "nor gives it back");
+    assert!(db.store.record_sent(&[(old, "m-late".into())]).await.unwrap().is_empty(), "nor records a send");
+    let stored = db.store.find_by_id(row.id).await.unwrap().unwrap();
+    assert_eq!((stored.attempts, stored.failed_at, stored.message_id), (0, None, None));
+    assert!(
+        db.scalar_i64(&format!("SELECT count(*) FROM transactions WHERE id = {} AND claimed_until > now()", row.id))
+            .await
+            == 1
+    );
+
+    let sent = db.store.record_sent(&[(new, "m-1".into())]).await.unwrap();
+    assert_eq!(sent[0].message_id.as_deref(), Some("m-1"), "the current claim records");
 }
 
 #[tokio::test]
@@ -193,7 +233,12 @@ async fn failures_back_off_and_dead_letter_at_max_attempts_or_when_permanent() {
     let db = TestDb::new().await;
     let first = insert_created(&db, &new_tx(unique(), "w")).await;
     let poison = insert_created(&db, &new_tx(unique(), "w")).await;
-    let failure = |id, permanent| FailedSend { id, error: "boom".into(), retry_in: Duration::from_secs(60), permanent };
+    let failure = |id, permanent| FailedSend {
+        row: ClaimRef::unclaimed(id),
+        error: "boom".into(),
+        retry_in: Duration::from_secs(60),
+        permanent,
+    };
     let rows = db.store.record_failures(&[failure(first.id, false), failure(poison.id, true)], 2).await.unwrap();
     let by_id = |id| rows.iter().find(|r| r.id == id).unwrap().clone();
     assert_eq!(by_id(first.id).attempts, 1);
@@ -216,8 +261,19 @@ async fn retention_deletes_only_old_sent_rows() {
     let old_unsent = insert_created(&db, &new_tx(unique(), "w")).await;
     let old_dead = insert_created(&db, &new_tx(unique(), "w")).await;
     let new_sent = insert_created(&db, &new_tx(unique(), "w")).await;
-    db.store.record_sent(&[(old_sent.id, "m1".into()), (new_sent.id, "m2".into())]).await.unwrap();
-    let dead = FailedSend { id: old_dead.id, error: "x".into(), retry_in: Duration::ZERO, permanent: true };
+    db.store
+        .record_sent(&[
+            (ClaimRef::unclaimed(old_sent.id), "m1".into()),
+            (ClaimRef::unclaimed(new_sent.id), "m2".into()),
+        ])
+        .await
+        .unwrap();
+    let dead = FailedSend {
+        row: ClaimRef::unclaimed(old_dead.id),
+        error: "x".into(),
+        retry_in: Duration::ZERO,
+        permanent: true,
+    };
     db.store.record_failures(&[dead], 0).await.unwrap();
     db.execute(&format!(
         "UPDATE transactions SET created_at = now() - interval '40 days', \

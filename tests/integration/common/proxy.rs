@@ -29,12 +29,34 @@ pub enum SqsMode {
     Delay(Duration),
 }
 
+/// Faults that real SQS shows and moto does not, set beside the mode.
+#[derive(Debug, Clone, Default)]
+pub struct SqsFaults {
+    /// Only `sqs:SendMessage` is allowed (it covers SendMessageBatch), as
+    /// under the usual producer IAM policy: every other action answers
+    /// AccessDenied.
+    pub send_only_policy: bool,
+    /// Sends answer this (HTTP status, error code) without reaching moto.
+    pub send_error: Option<(u16, &'static str)>,
+    /// Batch entries whose body contains the marker are refused with this
+    /// `SenderFault`; the rest of the batch goes through.
+    pub refuse_entries: Option<(String, bool)>,
+    /// SQS's rule for FIFO ids: MessageGroupId and MessageDeduplicationId
+    /// are 1-128 ASCII letters, digits and punctuation. A call that breaks
+    /// it is refused whole with InvalidParameterValue.
+    pub strict_fifo_ids: bool,
+    /// SendMessage and SendMessageBatch wait this long before going on.
+    pub send_delay: Option<Duration>,
+}
+
 struct SqsState {
     mode: Mutex<SqsMode>,
+    faults: Mutex<SqsFaults>,
     cut: watch::Sender<u64>,
     upstream: String,
     client: Client<HttpConnector, Full<Bytes>>,
     send_calls: std::sync::atomic::AtomicU64,
+    denied: std::sync::atomic::AtomicU64,
 }
 
 /// An HTTP proxy in front of moto.
@@ -49,10 +71,12 @@ impl SqsProxy {
         let address = listener.local_addr().expect("proxy address");
         let state = Arc::new(SqsState {
             mode: Mutex::new(SqsMode::Forward),
+            faults: Mutex::new(SqsFaults::default()),
             cut: watch::Sender::new(0),
             upstream: upstream.trim_end_matches('/').to_owned(),
             client: Client::builder(TokioExecutor::new()).build_http(),
             send_calls: 0.into(),
+            denied: 0.into(),
         });
         tokio::spawn(accept_http(listener, state.clone()));
         Self { endpoint: format!("http://{address}"), state }
@@ -65,9 +89,18 @@ impl SqsProxy {
         }
     }
 
+    pub fn faults(&self, change: impl FnOnce(&mut SqsFaults)) {
+        change(&mut self.state.faults.lock().unwrap());
+    }
+
     /// SendMessage and SendMessageBatch calls that reached the proxy.
     pub fn send_calls(&self) -> u64 {
         self.state.send_calls.load(Ordering::Relaxed)
+    }
+
+    /// Calls refused by the send-only policy.
+    pub fn denied(&self) -> u64 {
+        self.state.denied.load(Ordering::Relaxed)
     }
 }
 
@@ -93,51 +126,124 @@ async fn accept_http(listener: TcpListener, state: Arc<SqsState>) {
 
 async fn handle(state: Arc<SqsState>, request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     let target = request.headers().get("x-amz-target").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-    let is_send = target.ends_with(".SendMessage") || target.ends_with(".SendMessageBatch");
+    let is_batch = target.ends_with(".SendMessageBatch");
+    let is_send = is_batch || target.ends_with(".SendMessage");
     if is_send {
         state.send_calls.fetch_add(1, Ordering::Relaxed);
     }
     let mode = *state.mode.lock().unwrap();
+    let faults = state.faults.lock().unwrap().clone();
     match mode {
         SqsMode::Down => return Ok(error(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable")),
         SqsMode::FailSends if is_send => return Ok(error(StatusCode::INTERNAL_SERVER_ERROR, "InternalError")),
         SqsMode::Delay(delay) => tokio::time::sleep(delay).await,
         _ => {}
     }
+    if faults.send_only_policy && !is_send {
+        state.denied.fetch_add(1, Ordering::Relaxed);
+        return Ok(error(StatusCode::FORBIDDEN, "AccessDenied"));
+    }
+    if is_send {
+        if let Some(delay) = faults.send_delay {
+            tokio::time::sleep(delay).await;
+        }
+        if let Some((status, code)) = faults.send_error {
+            return Ok(error(StatusCode::from_u16(status).expect("status"), code));
+        }
+    }
     let (parts, body) = request.into_parts();
-    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let mut body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    if is_send && faults.strict_fifo_ids && !fifo_ids_valid(&body) {
+        return Ok(error(StatusCode::BAD_REQUEST, "InvalidParameterValue"));
+    }
+    let mut refused = Vec::new();
+    if let (true, Some((marker, sender_fault))) = (is_batch, &faults.refuse_entries) {
+        let mut request: serde_json::Value = serde_json::from_slice(&body).expect("batch request");
+        let entries = request["Entries"].as_array_mut().expect("entries");
+        entries.retain(|entry| {
+            let refuse = entry["MessageBody"].as_str().is_some_and(|b| b.contains(marker.as_str()));
+            if refuse {
+                refused.push(serde_json::json!({"Id": entry["Id"], "SenderFault": sender_fault,
+                    "Code": "InternalError", "Message": "entry refused by the test proxy"}));
+            }
+            !refuse
+        });
+        if entries.is_empty() {
+            let answer = serde_json::json!({"Successful": [], "Failed": refused});
+            return Ok(json_response(StatusCode::OK, answer.to_string()));
+        }
+        body = Bytes::from(request.to_string());
+    }
     let uri = format!("{}{}", state.upstream, parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"));
     let mut forwarded = Request::builder().method(parts.method).uri(uri);
     for (name, value) in &parts.headers {
-        forwarded = forwarded.header(name, value);
+        if name != hyper::header::CONTENT_LENGTH {
+            forwarded = forwarded.header(name, value);
+        }
     }
     let forwarded = forwarded.body(Full::new(body)).expect("request");
     match state.client.request(forwarded).await {
         Ok(response) => {
-            let (parts, body) = response.into_parts();
-            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let (mut parts, body) = response.into_parts();
+            let mut body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            if !refused.is_empty() && parts.status.is_success() {
+                let mut answer: serde_json::Value = serde_json::from_slice(&body).expect("batch answer");
+                let failed = answer.as_object_mut().expect("object").entry("Failed").or_insert(serde_json::json!([]));
+                failed.as_array_mut().expect("failed").extend(refused);
+                body = Bytes::from(answer.to_string());
+                parts.headers.remove(hyper::header::CONTENT_LENGTH);
+            }
             Ok(Response::from_parts(parts, Full::new(body)))
         }
         Err(_) => Ok(error(StatusCode::BAD_GATEWAY, "BadGateway")),
     }
 }
 
-fn error(status: StatusCode, code: &str) -> Response<Full<Bytes>> {
-    let body = format!(r#"{{"__type":"{code}","message":"injected by the test proxy"}}"#);
+/// SQS's rule for MessageGroupId and MessageDeduplicationId, on a
+/// SendMessage or SendMessageBatch body.
+fn fifo_ids_valid(body: &[u8]) -> bool {
+    let Ok(request) = serde_json::from_slice::<serde_json::Value>(body) else { return false };
+    let valid = |value: &serde_json::Value| match value {
+        serde_json::Value::Null => true,
+        serde_json::Value::String(id) => {
+            (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b.is_ascii_punctuation())
+        }
+        _ => false,
+    };
+    let entries = match request.get("Entries").and_then(|e| e.as_array()) {
+        Some(entries) => entries.clone(),
+        None => vec![request],
+    };
+    entries.iter().all(|e| valid(&e["MessageGroupId"]) && valid(&e["MessageDeduplicationId"]))
+}
+
+fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
         .header("content-type", "application/x-amz-json-1.0")
-        .header("x-amzn-query-error", format!("{code};Receiver"))
         .body(Full::new(Bytes::from(body)))
         .expect("response")
 }
 
+fn error(status: StatusCode, code: &str) -> Response<Full<Bytes>> {
+    let body = format!(r#"{{"__type":"{code}","message":"injected by the test proxy"}}"#);
+    let mut response = json_response(status, body);
+    let fault = if status.is_client_error() { "Sender" } else { "Receiver" };
+    response.headers_mut().insert("x-amzn-query-error", format!("{code};{fault}").parse().expect("header"));
+    response
+}
+
 /// A TCP proxy in front of PostgreSQL: `set_up(false)` cuts every
-/// connection and refuses new ones, as a stopped server would.
+/// connection and refuses new ones, as a stopped server would;
+/// `set_stalled(true)` accepts new connections and never answers them;
+/// `set_black_hole(true)` freezes every connection, open or new, without
+/// closing any: bytes go nowhere and nothing comes back, as on a network
+/// that silently drops packets. Only client-side timeouts notice that.
 pub struct TcpProxy {
     pub address: SocketAddr,
     up: Arc<AtomicBool>,
     stalled: Arc<AtomicBool>,
+    frozen: watch::Sender<bool>,
     cut: watch::Sender<u64>,
 }
 
@@ -148,7 +254,9 @@ impl TcpProxy {
         let up = Arc::new(AtomicBool::new(true));
         let stalled = Arc::new(AtomicBool::new(false));
         let cut = watch::Sender::new(0u64);
-        let (accept_up, accept_stalled, accept_cut) = (up.clone(), stalled.clone(), cut.clone());
+        let frozen = watch::Sender::new(false);
+        let (accept_up, accept_stalled, accept_cut, accept_frozen) =
+            (up.clone(), stalled.clone(), cut.clone(), frozen.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 if !accept_up.load(Ordering::SeqCst) {
@@ -164,23 +272,32 @@ impl TcpProxy {
                     });
                     continue;
                 }
+                let frozen = accept_frozen.subscribe();
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(upstream).await else { return };
-                    let (mut client, mut server) = (client, server);
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = pump(client_read, server_write, frozen.clone()) => {}
+                        _ = pump(server_read, client_write, frozen) => {}
                         _ = cut.changed() => {}
                     }
                 });
             }
         });
-        Self { address, up, stalled, cut }
+        Self { address, up, stalled, frozen, cut }
     }
 
     /// New connections hang without an answer (existing ones are cut).
     pub fn set_stalled(&self, stalled: bool) {
         self.stalled.store(stalled, Ordering::SeqCst);
         self.cut.send_modify(|g| *g += 1);
+    }
+
+    /// Every connection, open or new, stops carrying bytes but stays open;
+    /// `false` lets them flow again.
+    pub fn set_black_hole(&self, frozen: bool) {
+        self.frozen.send_replace(frozen);
     }
 
     pub fn set_up(&self, up: bool) {
@@ -195,5 +312,27 @@ impl TcpProxy {
         let (scheme_user, rest) = url.split_once('@').expect("URL with user@host");
         let path_start = rest.find('/').unwrap_or(rest.len());
         format!("{scheme_user}@{}{}", self.address, &rest[path_start..])
+    }
+}
+
+/// Copies bytes one way, holding each chunk while the proxy is frozen.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        let Ok(read) = from.read(&mut buffer).await else { return };
+        if read == 0 {
+            return;
+        }
+        if frozen.wait_for(|frozen| !*frozen).await.is_err() {
+            return;
+        }
+        if to.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
     }
 }

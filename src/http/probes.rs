@@ -12,15 +12,23 @@ pub async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// Standalone: ready when the relay's database answers. Under the operator:
-/// ready once serving, with each relay's database state in the body.
+/// Answers at once from what each relay last saw of its database (its loop
+/// checks every second, with a timeout): a stalled database never makes the
+/// probe itself hang. Standalone: ready while the relay's database answers.
+/// Under the operator: ready once serving, with each relay's state in the
+/// body, so one relay's database never takes `/new` away from the others.
 pub async fn readyz(State(state): State<AppState>) -> Response {
     let mut relays = serde_json::Map::new();
     let mut ready = true;
     for handle in state.relays.all() {
-        let reachable = handle.relay.store().ping().await.is_ok();
+        let health = handle.relay.health().borrow().clone();
+        let reachable = health.database_error.is_none();
         ready &= reachable || !state.options.ready_needs_databases;
-        relays.insert(handle.relay.id().to_string(), json!({"database": if reachable { "ok" } else { "unreachable" }}));
+        let mut entry = json!({"database": if reachable { "ok" } else { "unreachable" }});
+        if let Some(code) = health.queue_error_code {
+            entry["queue"] = json!(code);
+        }
+        relays.insert(handle.relay.id().to_string(), entry);
     }
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let body = json!({"status": if ready { "ready" } else { "not ready" }, "relays": relays});

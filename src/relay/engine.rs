@@ -25,6 +25,11 @@ const RETENTION_BATCH: u32 = 500;
 /// Backoff while the database is unreachable.
 const DB_RETRY_MIN: Duration = Duration::from_millis(250);
 const DB_RETRY_MAX: Duration = Duration::from_secs(30);
+/// The relay checks its database this often, on a connection of its own,
+/// and counts it unreachable when it does not answer within the timeout:
+/// `/readyz` and the status read this, and never wait on the database.
+const HEALTH_EVERY: Duration = Duration::from_secs(1);
+const HEALTH_TIMEOUT: Duration = Duration::from_millis(800);
 /// Shortest sleep after a sweep that left due rows behind (held by other
 /// processes, or waiting behind an older row of their wallet).
 const MIN_SLEEP: Duration = Duration::from_millis(20);
@@ -43,6 +48,7 @@ struct LoopState {
 /// has started finishes its in-flight sends and records them first.
 pub async fn run_loop(relay: Arc<Relay>, mut stop: watch::Receiver<bool>) {
     info!(relay = %relay.id, suspended = relay.config.suspend, "relay loop started");
+    let health = tokio::spawn(keep_health_fresh(relay.clone(), stop.clone()));
     let mut state =
         LoopState { draining: false, db_retry: DB_RETRY_MIN, gauges_at: None, retention_at: None, probed_at: None };
     loop {
@@ -60,7 +66,24 @@ pub async fn run_loop(relay: Arc<Relay>, mut stop: watch::Receiver<bool>) {
             changed = stop.changed() => if changed.is_err() { break },
         }
     }
+    health.abort();
     info!(relay = %relay.id, "relay loop stopped");
+}
+
+/// Keeps the relay's view of its database fresh, whatever the loop is
+/// doing (a sweep can wait on a stalled database for up to its call bound).
+async fn keep_health_fresh(relay: Arc<Relay>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let checked = relay.store.ping_within(HEALTH_TIMEOUT).await;
+        if let Err(error) = &checked {
+            debug!(relay = %relay.id, %error, "database health check failed");
+        }
+        relay.mark_database(checked.as_ref().err());
+        tokio::select! {
+            () = tokio::time::sleep(HEALTH_EVERY) => {}
+            changed = stop.changed() => if changed.is_err() || *stop.borrow() { return },
+        }
+    }
 }
 
 impl Relay {

@@ -103,7 +103,11 @@ pub struct StoreOptions {
     pub url: Secret,
     pub schema: String,
     pub max_connections: u32,
+    /// Waiting for a pooled connection, opening a new one included.
     pub acquire_timeout: Duration,
+    /// Enforced by the server, which cannot enforce it when the network
+    /// between us is gone: every call is also bounded on this side, a little
+    /// later (see [`Store::bounded`]).
     pub statement_timeout: Duration,
 }
 
@@ -129,8 +133,17 @@ pub struct Store {
     /// sent again, which the at-least-once guarantee already covers. It
     /// saves a WAL flush per claim and per recorded batch.
     bookkeeping: PgPool,
+    /// One connection for health checks, so a pool busy with requests is
+    /// not mistaken for an unreachable database.
+    health: PgPool,
     schema: String,
+    /// The client-side ceiling on one call (acquire included).
+    call_timeout: Duration,
 }
+
+/// How much longer than `statement_timeout` a call may take on this side:
+/// the server's own timeout should fire first whenever it can.
+const CLIENT_MARGIN: Duration = Duration::from_secs(2);
 
 /// Connections for bookkeeping, whatever the main pool's size: the result
 /// writer, the claims and the failure records.
@@ -166,8 +179,14 @@ impl Store {
         let pool = pool_options().max_connections(options.max_connections).connect_lazy_with(connect.clone());
         let bookkeeping = pool_options()
             .max_connections(BOOKKEEPING_CONNECTIONS)
-            .connect_lazy_with(connect.options([("synchronous_commit", "off")]));
-        Ok(Self { pool, bookkeeping, schema: options.schema.clone() })
+            .connect_lazy_with(connect.clone().options([("synchronous_commit", "off")]));
+        let health = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(options.acquire_timeout)
+            .idle_timeout(Duration::from_secs(600))
+            .connect_lazy_with(connect);
+        let call_timeout = options.statement_timeout + options.acquire_timeout.min(CLIENT_MARGIN);
+        Ok(Self { pool, bookkeeping, health, schema: options.schema.clone(), call_timeout })
     }
 
     /// Connects and checks the database answers.
@@ -196,18 +215,49 @@ impl Store {
     }
 
     pub async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
+        self.ping_within(self.call_timeout).await
+    }
+
+    /// `SELECT 1` on the health connection, answered within `limit` or
+    /// counted as unreachable.
+    pub async fn ping_within(&self, limit: Duration) -> Result<()> {
+        match tokio::time::timeout(limit, sqlx::query("SELECT 1").execute(&self.health)).await {
+            Ok(result) => result.map(|_| ()).map_err(StoreError::from),
+            Err(_) => Err(StoreError::Unavailable(format!("the database did not answer within {limit:?}"))),
+        }
+    }
+
+    /// Runs one store call within the client-side bound. `statement_timeout`
+    /// is enforced by the server; a black-holed network (a stalled proxy, a
+    /// dropped route) leaves a query waiting for an answer that never comes,
+    /// for as long as TCP takes to give up, which is many minutes. The
+    /// abandoned connection is tested again by the pool before reuse.
+    pub(crate) async fn bounded<T, E>(&self, call: impl std::future::Future<Output = std::result::Result<T, E>>) -> std::result::Result<T, E>
+    where
+        E: From<StoreError>,
+    {
+        match tokio::time::timeout(self.call_timeout, call).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "the database did not answer within {:?}",
+                self.call_timeout
+            ))
+            .into()),
+        }
     }
 
     /// Tells every relay listening on this schema to look for due rows.
     pub async fn notify_due(&self) -> Result<()> {
-        sqlx::query("SELECT pg_notify($1, '')").bind(self.due_channel()).execute(&self.pool).await?;
-        Ok(())
+        self.bounded(async {
+            sqlx::query("SELECT pg_notify($1, '')").bind(self.due_channel()).execute(&self.pool).await?;
+            Ok(())
+        })
+        .await
     }
 
     pub async fn close(&self) {
         self.pool.close().await;
         self.bookkeeping.close().await;
+        self.health.close().await;
     }
 }

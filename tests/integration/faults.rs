@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::common::proxy::{SqsMode, SqsProxy};
+use crate::common::proxy::{SqsMode, SqsProxy, TcpProxy};
 use crate::common::sqs::attribute;
 use crate::common::*;
 
@@ -257,4 +257,48 @@ async fn slow_batches_never_outlive_their_claim_with_one_call_in_flight() {
 #[tokio::test]
 async fn slow_batches_never_outlive_their_claim_with_four_calls_in_flight() {
     two_relays_with_slow_batches(4).await;
+}
+
+#[tokio::test]
+async fn a_black_holed_database_fails_readiness_fast_answers_503_and_everything_recovers() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let proxy = TcpProxy::start(database_address(&db.url)).await;
+    let app = TestApp::new(&RelayBuilder::new(&db, &queue).database_url(proxy.url_for(&db.url))).await;
+    let running = RunningLoop::start(&app.relay);
+    let probe = |path: &'static str| {
+        let app = &app;
+        async move {
+            let started = Instant::now();
+            let (status, body) = app.request("GET", path, None, "application/json", Vec::new()).await;
+            assert!(started.elapsed() < Duration::from_secs(1), "{path} took {:?}", started.elapsed());
+            (status, body)
+        }
+    };
+    wait_until(Duration::from_secs(10), "ready", || async { probe("/readyz").await.0 == StatusCode::OK }).await;
+    assert_eq!(app.post_new(&body(unique(), "w")).await.0, StatusCode::CREATED);
+
+    // Bytes go nowhere, nothing comes back, and no connection is closed.
+    proxy.set_black_hole(true);
+    wait_until(Duration::from_secs(10), "/readyz fails", || async { probe("/readyz").await.0 != StatusCode::OK })
+        .await;
+    assert_eq!(probe("/healthz").await.0, StatusCode::OK, "liveness touches no dependency");
+    let started = Instant::now();
+    let (status, error) = app.post_new(&body(unique(), "w")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{error}");
+    assert!(started.elapsed() <= Duration::from_secs(11), "within the request timeout: {:?}", started.elapsed());
+    let (_, ready) = probe("/readyz").await;
+    assert_eq!(ready["relays"][app.relay.id().to_string()]["database"], "unreachable", "{ready}");
+    assert!(app.relay.health().borrow().database_error.is_some());
+
+    proxy.set_black_hole(false);
+    wait_until(Duration::from_secs(30), "/readyz recovers", || async { probe("/readyz").await.0 == StatusCode::OK })
+        .await;
+    let n = unique();
+    let (status, tx) = app.post_new(&body(n, "w")).await;
+    assert!(status == StatusCode::CREATED || status == StatusCode::ACCEPTED, "{status}: {tx}");
+    wait_until(Duration::from_secs(30), "every row delivered", || async {
+        db.scalar_i64("SELECT count(*) FROM transactions WHERE message_id IS NULL").await == 0
+    })
+    .await;
+    running.stop().await;
 }

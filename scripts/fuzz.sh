@@ -38,9 +38,9 @@ if $ci; then examples=25; else examples=400; fi
 .venv/bin/schemathesis --config-file fuzz/schemathesis.toml run openapi.json \
     --url "http://127.0.0.1:$api_port" \
     --header "Authorization: Bearer fuzz-token" \
-    --checks not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance \
+    --checks all \
     --max-examples "$examples" \
-    --phases examples,coverage,fuzzing \
+    --phases examples,coverage,fuzzing,stateful \
     --seed 20261126 \
     --workers 2 \
     --suppress-health-check too_slow

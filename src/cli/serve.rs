@@ -44,6 +44,11 @@ pub async fn run(global: &Global, args: RunArgs) -> Result<(), CliError> {
     } else {
         relay.store().migrate().await?;
     }
+    if !relay.config().suspend {
+        if let crate::relay::QueueCheck::Refused(failure) = relay.check_queue().await {
+            warn!(error = %failure, "the queue refused GetQueueAttributes; transactions are stored and wait for it");
+        }
+    }
     let api_listener = bind(args.http.listen).await?;
     let ops_listener = bind(args.http.metrics_listen).await?;
 

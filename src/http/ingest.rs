@@ -9,9 +9,9 @@ use tracing::debug;
 
 use super::client_ip::client_ip;
 use super::{ApiError, AppState, Target};
-use crate::auth::TokenSet;
 use crate::metrics::Accepted;
 use crate::relay::Submission;
+use crate::settings::RelayHandle;
 use crate::transaction::parse_request_body;
 
 pub async fn new_transaction(
@@ -19,8 +19,7 @@ pub async fn new_transaction(
     Target(target): Target,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let handle = state.relays.resolve(target.as_ref())?;
-    authorize(&state, &handle.ingest_tokens, request.headers())?;
+    let handle = authorize(&state, target.as_ref(), Access::Ingest, request.headers())?;
     let rejected = |error: ApiError| {
         handle.relay.metrics().accepted(Accepted::Rejected);
         debug!(code = error.code(), error = %error, "rejected");
@@ -62,14 +61,39 @@ fn is_json(headers: &HeaderMap) -> bool {
         .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
 }
 
-/// Bearer-token check. Only `--insecure-no-auth` with no tokens configured
-/// lets a request through without one.
-pub fn authorize(state: &AppState, tokens: &TokenSet, headers: &HeaderMap) -> Result<(), ApiError> {
-    if tokens.is_empty() && state.options.insecure_no_auth {
-        return Ok(());
-    }
+/// Which of a relay's token sets a route takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// `POST /new`: the ingest tokens.
+    Ingest,
+    /// The reads: the admin tokens, never opened by `--insecure-no-auth`.
+    Admin,
+}
+
+/// Checks the bearer token, then finds the relay. The token is checked
+/// first against every relay served here, so that a caller without a valid
+/// token learns nothing from the answer, not even which relays exist (404
+/// against 401). Only `POST /new` of a relay with no ingest token, under
+/// `--insecure-no-auth`, lets a request through without one.
+pub fn authorize(
+    state: &AppState,
+    target: Option<&crate::relay::RelayId>,
+    access: Access,
+    headers: &HeaderMap,
+) -> Result<RelayHandle, ApiError> {
     let presented = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    if tokens.accepts_header(presented) { Ok(()) } else { Err(ApiError::Unauthorized) }
+    let admits = |handle: &RelayHandle| match access {
+        Access::Ingest => {
+            (state.options.insecure_no_auth && handle.ingest_tokens.is_empty())
+                || handle.ingest_tokens.accepts_header(presented)
+        }
+        Access::Admin => handle.admin_tokens.accepts_header(presented),
+    };
+    if !state.relays.any(admits) {
+        return Err(ApiError::Unauthorized);
+    }
+    let handle = state.relays.resolve(target)?;
+    if admits(&handle) { Ok(handle) } else { Err(ApiError::Unauthorized) }
 }
 
 #[cfg(test)]

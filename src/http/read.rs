@@ -7,7 +7,7 @@ use axum::extract::{Query, RawPathParams, State};
 use axum::http::HeaderMap;
 use serde::{Deserialize, Serialize};
 
-use super::ingest::authorize;
+use super::ingest::{Access, authorize};
 use super::{ApiError, AppState, Target};
 use crate::settings::RelayHandle;
 use crate::store::ListFilter;
@@ -21,9 +21,16 @@ fn admin(
     target: Option<&crate::relay::RelayId>,
     headers: &HeaderMap,
 ) -> Result<RelayHandle, ApiError> {
-    let handle = state.relays.resolve(target)?;
-    authorize(state, &handle.admin_tokens, headers)?;
-    Ok(handle)
+    authorize(state, target, Access::Admin, headers)
+}
+
+/// PostgreSQL text cannot hold a NUL character: a parameter with one could
+/// match nothing, and the database refuses it outright.
+fn storable(name: &str, value: Option<&str>) -> Result<(), ApiError> {
+    if value.is_some_and(|v| v.contains('\0')) {
+        return Err(ApiError::invalid(name, "must not contain a NUL character"));
+    }
+    Ok(())
 }
 
 pub async fn get_one(
@@ -34,6 +41,7 @@ pub async fn get_one(
 ) -> Result<Json<Transaction>, ApiError> {
     let handle = admin(&state, target.as_ref(), &headers)?;
     let reference = params.iter().find(|(k, _)| *k == "reference").map(|(_, v)| v).unwrap_or_default();
+    storable("reference", Some(reference))?;
     handle
         .relay
         .store()
@@ -78,6 +86,14 @@ pub async fn list(
     }
     if params.after_id.is_some_and(|id| id < 0) {
         return Err(ApiError::invalid("after_id", "must not be negative"));
+    }
+    for (name, value) in [
+        ("status", &params.status),
+        ("wallet_address", &params.wallet_address),
+        ("payer_id", &params.payer_id),
+        ("payee_id", &params.payee_id),
+    ] {
+        storable(name, value.as_deref())?;
     }
     let filter = ListFilter {
         status: params.status,

@@ -14,7 +14,7 @@ use super::secrets::{SecretReader, fingerprint};
 use super::status::{Phase, StatusWriter, desired};
 use super::supervisor::{Change, Supervisor};
 use crate::metrics::Metrics;
-use crate::relay::RelayId;
+use crate::relay::{QueueCheck, RelayId};
 use crate::settings::{RelayHandle, StartError};
 use crate::spec::{SpecError, TransactionRelay};
 
@@ -110,9 +110,18 @@ impl Context {
         }
         let (change, handle) = self.supervisor.ensure(&settings, fingerprint(&settings)).await?;
         handle.relay.refresh_gauges().await.map_err(|e| Error::DatabaseUnreachable(e.to_string()))?;
-        // The queue is not probed here: a relay needs no permission beyond
-        // sqs:SendMessage, and its sends tell the status whether the queue
-        // takes messages (QueueReachable).
+        if !settings.spec.suspend {
+            // An early word on the queue where the IAM policy allows one. It
+            // never fails the reconcile: a relay needs no permission beyond
+            // sqs:SendMessage, and its sends keep QueueReachable true.
+            if let QueueCheck::Refused(failure) = handle.relay.check_queue().await {
+                let note = format!(
+                    "the queue refused GetQueueAttributes ({}); transactions are stored and wait for it",
+                    failure.message
+                );
+                self.event(resource, EventType::Warning, "QueueUnreachable", note).await;
+            }
+        }
         Ok((change, handle))
     }
 

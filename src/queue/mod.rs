@@ -141,6 +141,11 @@ pub trait Queue: Send + Sync + 'static {
     /// a whole.
     fn send_batch<'a>(&'a self, messages: &'a [OutboundMessage])
     -> BoxFuture<'a, Result<Vec<SendResult>, SendFailure>>;
+
+    /// Asks the queue about itself (GetQueueAttributes), which a send-only
+    /// IAM policy does not allow: an optional early word on a missing queue
+    /// or bad credentials, never a condition for sending.
+    fn check(&self) -> BoxFuture<'_, Result<(), SendFailure>>;
 }
 
 /// Splits messages into batches SQS accepts: at most 10 entries and 256 KiB.

@@ -9,7 +9,7 @@ use aws_sdk_sqs::config::retry::RetryConfig;
 use aws_sdk_sqs::config::timeout::TimeoutConfig;
 use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
-use aws_sdk_sqs::types::{MessageAttributeValue, SendMessageBatchRequestEntry};
+use aws_sdk_sqs::types::{MessageAttributeValue, QueueAttributeName, SendMessageBatchRequestEntry};
 use futures::future::BoxFuture;
 
 use super::{FailureKind, FailureScope, OutboundMessage, Queue, SendFailure, SendResult};
@@ -198,6 +198,24 @@ impl Queue for SqsQueue {
     ) -> BoxFuture<'a, Result<Vec<SendResult>, SendFailure>> {
         Box::pin(self.send_many(messages))
     }
+
+    fn check(&self) -> BoxFuture<'_, Result<(), SendFailure>> {
+        Box::pin(async move {
+            self.client
+                .get_queue_attributes()
+                .queue_url(&self.queue_url)
+                .attribute_names(QueueAttributeName::QueueArn)
+                .send()
+                .await
+                .map_err(classify)?;
+            Ok(())
+        })
+    }
+}
+
+/// The caller may not ask this (IAM): says nothing about the queue.
+pub fn is_not_allowed(code: &str) -> bool {
+    code.starts_with("AccessDenied") || code == "AuthorizationError" || code == "UnauthorizedOperation"
 }
 
 /// SQS's rule for MessageGroupId and MessageDeduplicationId: 1-128 ASCII

@@ -61,6 +61,11 @@ impl Relays {
         self.relays.read().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
     }
 
+    /// Whether any running relay satisfies `check` (without cloning them).
+    pub fn any(&self, check: impl Fn(&RelayHandle) -> bool) -> bool {
+        self.relays.read().unwrap_or_else(|e| e.into_inner()).values().any(check)
+    }
+
     pub fn all(&self) -> Vec<RelayHandle> {
         self.relays.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
     }

@@ -139,6 +139,8 @@ pub struct Relay {
     rng: Mutex<fastrand::Rng>,
     wake: Notify,
     queue_up: AtomicBool,
+    /// GetQueueAttributes was denied once: it is not asked again.
+    queue_check_denied: AtomicBool,
     /// Rows claimed by this process and not yet recorded: released if the
     /// process has to stop before their results are in.
     in_flight: Mutex<HashMap<i64, ClaimRef>>,
@@ -175,6 +177,7 @@ impl Relay {
             rng: Mutex::new(fastrand::Rng::new()),
             wake: Notify::new(),
             queue_up: AtomicBool::new(true),
+            queue_check_denied: AtomicBool::new(false),
             in_flight: Mutex::new(HashMap::new()),
             health: watch::Sender::new(RelayHealth::default()),
         }
@@ -444,6 +447,48 @@ impl Relay {
         self.metrics.set_backlog(gauges.unsent, gauges.failed, gauges.oldest_unsent_age_seconds);
         self.health.send_modify(|h| h.gauges = Some(gauges));
         Ok(gauges)
+    }
+}
+
+/// What an optional look at the queue (GetQueueAttributes) found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueueCheck {
+    Reachable,
+    /// The IAM policy does not allow the look (a send-only policy): the
+    /// relay's sends will tell.
+    NotAllowed,
+    Refused(SendFailure),
+}
+
+impl Relay {
+    /// Looks at the queue without sending, where the IAM policy allows it:
+    /// an early word on a missing queue or bad credentials when a relay
+    /// starts or is reconfigured. Nothing depends on it: once denied, it is
+    /// not asked again, and delivery always learns the truth by sending.
+    pub async fn check_queue(&self) -> QueueCheck {
+        if self.queue_check_denied.load(Ordering::Acquire) {
+            return QueueCheck::NotAllowed;
+        }
+        let limit = self.config.call_timeout();
+        let checked = match tokio::time::timeout(limit, self.queue.check()).await {
+            Ok(result) => result,
+            Err(_) => Err(SendFailure::unreachable(format!("GetQueueAttributes timed out after {limit:?}"))),
+        };
+        match checked {
+            Ok(()) => {
+                self.mark_queue(true, None);
+                QueueCheck::Reachable
+            }
+            Err(failure) if failure.code.as_deref().is_some_and(crate::queue::sqs::is_not_allowed) => {
+                info!(relay = %self.id, "GetQueueAttributes is not allowed (a send-only policy); the queue is judged by sends alone");
+                self.queue_check_denied.store(true, Ordering::Release);
+                QueueCheck::NotAllowed
+            }
+            Err(failure) => {
+                self.mark_queue(false, Some(&failure));
+                QueueCheck::Refused(failure)
+            }
+        }
     }
 }
 

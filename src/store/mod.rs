@@ -96,6 +96,43 @@ impl From<sqlx::Error> for StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// A channel name is an identifier: PostgreSQL keeps at most 63 bytes of
+/// it (LISTEN truncates a longer name, `pg_notify` refuses it), and a
+/// schema name alone may take all 63. A name that would not fit is made
+/// from a digest of the schema instead, the same in every replica.
+fn due_channel(schema: &str) -> String {
+    const PREFIX: &str = "txrelay_due_";
+    const MAX: usize = 63;
+    if PREFIX.len() + schema.len() <= MAX {
+        return format!("{PREFIX}{schema}");
+    }
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(schema.as_bytes());
+    let hex: String = digest.iter().take(20).map(|b| format!("{b:02x}")).collect();
+    format!("{PREFIX}{hex}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn due_channels_fit_postgresql_identifiers_and_differ_per_schema() {
+        assert_eq!(due_channel("txrelay"), "txrelay_due_txrelay", "short names stay readable");
+        let longest = format!("s{}", "x".repeat(62));
+        assert!(crate::spec::is_schema_name(&longest), "a valid schema name of 63 bytes");
+        let mut seen = std::collections::HashSet::new();
+        for schema in
+            [longest.clone(), format!("s{}", "y".repeat(62)), format!("s{}", "x".repeat(51)), "txrelay".into()]
+        {
+            let channel = due_channel(&schema);
+            assert!(channel.len() <= 63, "{schema}: {channel} is {} bytes", channel.len());
+            assert_eq!(channel, due_channel(&schema), "every replica computes the same name");
+            assert!(seen.insert(channel), "{schema}: one channel per schema");
+        }
+    }
+}
+
 /// How to reach the database. The URL stays a [`Secret`]: sqlx's own option
 /// type prints the password in its `Debug` output, so it is built only here.
 #[derive(Debug, Clone)]
@@ -211,7 +248,7 @@ impl Store {
 
     /// The LISTEN/NOTIFY channel on which replicas learn that rows became due.
     pub fn due_channel(&self) -> String {
-        format!("txrelay_due_{}", self.schema)
+        due_channel(&self.schema)
     }
 
     pub async fn ping(&self) -> Result<()> {
@@ -232,17 +269,19 @@ impl Store {
     /// dropped route) leaves a query waiting for an answer that never comes,
     /// for as long as TCP takes to give up, which is many minutes. The
     /// abandoned connection is tested again by the pool before reuse.
-    pub(crate) async fn bounded<T, E>(&self, call: impl std::future::Future<Output = std::result::Result<T, E>>) -> std::result::Result<T, E>
+    pub(crate) async fn bounded<T, E>(
+        &self,
+        call: impl std::future::Future<Output = std::result::Result<T, E>>,
+    ) -> std::result::Result<T, E>
     where
         E: From<StoreError>,
     {
         match tokio::time::timeout(self.call_timeout, call).await {
             Ok(result) => result,
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "the database did not answer within {:?}",
-                self.call_timeout
-            ))
-            .into()),
+            Err(_) => {
+                Err(StoreError::Unavailable(format!("the database did not answer within {:?}", self.call_timeout))
+                    .into())
+            }
         }
     }
 

@@ -61,6 +61,11 @@ pub fn parse_request_body(body: &[u8]) -> Result<NewTransaction> {
             IngestError::Syntax(e.to_string())
         }
     })?;
+    // Unknown members are stored and sent as they are, so a key said twice
+    // anywhere is as ambiguous as one of ours said twice.
+    if let Some(path) = raw_json::first_duplicate_key(text) {
+        return Err(IngestError::at(path, "appears more than once"));
+    }
     let top = Fields::new(top, "")?;
     let wallet_address = top.required_str("wallet_address", limits::WALLET_ADDRESS, Rule::Identifier)?;
     let ledger_payload = top.required("ledger_payload")?;
@@ -430,6 +435,14 @@ mod tests {
     fn duplicate_keys_are_refused() {
         let input = br#"{"wallet_address":"w","ledger_payload":{"meta_data":{"idempotency_key":"k","instruction_type":"T"},"payload":{"reference":"r","external_reference":"e","source":"S","transaction_type":"DEPOSIT","status":"P","incoming_currency":"EUR","outgoing_currency":"EUR","value":"1","value":"1000","fee":"0"}}}"#;
         assert_eq!(field_of(parse_request_body(input)), "ledger_payload.payload.value");
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_at_every_depth() {
+        let deep = br#"{"wallet_address":"w","ledger_payload":{"meta_data":{"idempotency_key":"k","instruction_type":"T"},"payload":{"reference":"r","external_reference":"e","source":"S","transaction_type":"DEPOSIT","status":"P","incoming_currency":"EUR","outgoing_currency":"EUR","value":"1","fee":"0","extra":{"notes":[{"a":1},{"b":2,"b":3}]}}}}"#;
+        assert_eq!(field_of(parse_request_body(deep)), "ledger_payload.payload.extra.notes[1].b");
+        let unknown_top = br#"{"wallet_address":"w","x":{"y":1,"y":2},"ledger_payload":{"meta_data":{"idempotency_key":"k","instruction_type":"T"},"payload":{"reference":"r","external_reference":"e","source":"S","transaction_type":"DEPOSIT","status":"P","incoming_currency":"EUR","outgoing_currency":"EUR","value":"1","fee":"0"}}}"#;
+        assert_eq!(field_of(parse_request_body(unknown_top)), "x.y");
     }
 
     #[test]

@@ -98,6 +98,30 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawObject<'a> {
     }
 }
 
+/// The path of the first key that occurs twice in one object, at any depth
+/// of `text` (valid JSON, nesting already bounded): `a.b[2].c`.
+pub fn first_duplicate_key(text: &str) -> Option<String> {
+    fn walk(raw: &RawValue, path: &str) -> Option<String> {
+        let join = |key: &str| if path.is_empty() { key.to_owned() } else { format!("{path}.{key}") };
+        match Kind::of(raw) {
+            Kind::Object => {
+                let object = RawObject::parse(raw.get()).ok()?;
+                if let Some(key) = object.duplicate_key() {
+                    return Some(join(key));
+                }
+                object.members().find_map(|(key, value)| walk(value, &join(key)))
+            }
+            Kind::Array => {
+                let items: Vec<&RawValue> = serde_json::from_str(raw.get()).ok()?;
+                items.iter().enumerate().find_map(|(i, item)| walk(item, &format!("{path}[{i}]")))
+            }
+            _ => None,
+        }
+    }
+    let raw: &RawValue = serde_json::from_str(text).ok()?;
+    walk(raw, "")
+}
+
 /// What kind of JSON value a raw text is, judged by its first byte (the text
 /// is already known to be valid JSON).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -87,13 +87,16 @@ async fn retry_all_delivers_every_unsent_row_but_not_those_a_relay_holds() {
 }
 
 #[tokio::test]
-async fn retry_all_reports_failures_with_exit_code_1() {
+async fn retry_all_stops_with_exit_code_1_when_the_queue_refuses_and_burns_no_attempt() {
     let (db, mut queue) = (TestDb::new().await, TestQueue::standard().await);
-    insert_unsent(&db, "w").await;
+    let id = insert_unsent(&db, "w").await;
     queue.url = format!("{}-missing", queue.url);
-    let (code, stdout, _) = txrelay(&db, &queue, &["retry-all"]).await;
+    let (code, stdout, stderr) = txrelay(&db, &queue, &["retry-all"]).await;
     assert_eq!(code, 1);
-    assert!(stdout.contains("failed: 1"), "{stdout}");
+    assert!(stdout.contains("failed: 0"), "{stdout}");
+    assert!(stderr.contains("stopped early") && stderr.contains("NonExistentQueue"), "{stderr}");
+    let row = db.store.find_by_id(id).await.unwrap().unwrap();
+    assert_eq!((row.attempts, row.failed_at), (0, None), "held for the relay, not dead-lettered");
 }
 
 #[tokio::test]

@@ -279,8 +279,7 @@ async fn a_black_holed_database_fails_readiness_fast_answers_503_and_everything_
 
     // Bytes go nowhere, nothing comes back, and no connection is closed.
     proxy.set_black_hole(true);
-    wait_until(Duration::from_secs(10), "/readyz fails", || async { probe("/readyz").await.0 != StatusCode::OK })
-        .await;
+    wait_until(Duration::from_secs(10), "/readyz fails", || async { probe("/readyz").await.0 != StatusCode::OK }).await;
     assert_eq!(probe("/healthz").await.0, StatusCode::OK, "liveness touches no dependency");
     let started = Instant::now();
     let (status, error) = app.post_new(&body(unique(), "w")).await;

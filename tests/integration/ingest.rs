@@ -136,6 +136,10 @@ impl Queue for CommitCheckingQueue {
     ) -> BoxFuture<'a, Result<Vec<SendResult>, SendFailure>> {
         self.inner.send_batch(messages)
     }
+
+    fn check(&self) -> BoxFuture<'_, Result<(), SendFailure>> {
+        self.inner.check()
+    }
 }
 
 #[tokio::test]
@@ -379,4 +383,31 @@ async fn concurrent_inline_sends_each_get_their_own_message_id_recorded() {
     let delivered: std::collections::HashSet<String> =
         queue.receive(40, Duration::from_secs(20)).await.into_iter().filter_map(|m| m.message_id).collect();
     assert_eq!(delivered, message_ids);
+}
+
+#[tokio::test]
+async fn a_held_back_fifo_row_is_answered_202_even_when_its_release_fails() {
+    let (db, queue) = (TestDb::new().await, TestQueue::fifo().await);
+    let app = TestApp::new(&RelayBuilder::new(&db, &queue)).await;
+    // An older unsent row of the wallet, backing off: the new one waits.
+    let older = insert_created(&db, &new_tx(unique(), "wallet-a")).await;
+    db.execute(&format!("UPDATE transactions SET next_attempt_at = now() + interval '1 hour' WHERE id = {}", older.id))
+        .await;
+    let n = unique();
+    // Releasing the new row fails, as any write can when the database falters.
+    db.execute(
+        "CREATE FUNCTION refuse_release() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'release refused by the test'; END $$",
+    )
+    .await;
+    db.execute(&format!(
+        "CREATE TRIGGER refuse_release BEFORE UPDATE ON transactions FOR EACH ROW \
+         WHEN (NEW.reference = 'MYK-{n:06}' AND OLD.claimed_until IS NOT NULL AND NEW.claimed_until IS NULL) \
+         EXECUTE FUNCTION refuse_release()"
+    ))
+    .await;
+    let (status, tx) = app.post_new(&body(n, "wallet-a")).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "the row is committed, so never 'nothing was stored': {tx}");
+    let stored = db.store.find_by_reference(&format!("MYK-{n:06}")).await.unwrap().expect("committed");
+    assert_eq!(stored.message_id, None);
 }

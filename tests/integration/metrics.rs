@@ -43,7 +43,7 @@ async fn metrics_after_accepted_sent_failed_and_dead_lettered() {
     assert_eq!(app.post_new(&conflict).await.0, StatusCode::CONFLICT); // rejected
 
     proxy.set(SqsMode::FailSends);
-    assert_eq!(app.post_new(&body(unique(), "w")).await.0, StatusCode::ACCEPTED); // created, transient failure
+    assert_eq!(app.post_new(&body(unique(), "w")).await.0, StatusCode::ACCEPTED); // created, held: the queue refused
     proxy.set(SqsMode::Forward);
     let mut poison = body(unique(), "w");
     poison["ledger_payload"]["payload"]["memo"] = json!("x".repeat(2000));
@@ -77,8 +77,9 @@ async fn metrics_after_accepted_sent_failed_and_dead_lettered() {
     assert_eq!(get(r#"txrelay_transactions_accepted_total{outcome="rejected",relay="RELAY"}"#), 2.0);
     assert_eq!(get(r#"txrelay_messages_sent_total{path="inline",relay="RELAY"}"#), 1.0);
     assert_eq!(get(r#"txrelay_messages_sent_total{path="sweep",relay="RELAY"}"#), 1.0);
-    assert_eq!(get(r#"txrelay_send_failures_total{kind="transient",relay="RELAY"}"#), 1.0);
+    assert_eq!(get(r#"txrelay_send_failures_total{kind="queue",relay="RELAY"}"#), 1.0);
     assert_eq!(get(r#"txrelay_send_failures_total{kind="permanent",relay="RELAY"}"#), 1.0);
+    assert_eq!(get(r#"txrelay_queue_reachable{relay="RELAY"}"#), 1.0, "the sweep's send showed the queue back");
     assert_eq!(get(r#"txrelay_unsent_transactions{relay="RELAY"}"#), 0.0);
     assert_eq!(get(r#"txrelay_dead_lettered_transactions{relay="RELAY"}"#), 1.0);
     assert_eq!(get(r#"txrelay_oldest_unsent_age_seconds{relay="RELAY"}"#), 0.0);

@@ -222,6 +222,29 @@ async fn a_spec_or_secret_change_reconfigures_the_loop_and_deletion_stops_it() {
 }
 
 #[tokio::test]
+async fn a_send_only_iam_policy_reconciles_to_ready_and_sends_tell_the_queue_state() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let proxy = crate::common::proxy::SqsProxy::start(&queue.endpoint).await;
+    proxy.faults(|f| f.send_only_policy = true);
+    let op = operator(true);
+    put_secrets(&op.api, &db, &queue);
+    put_queue_secret(&op.api, &queue, &proxy.endpoint, None);
+    let relay = resource(&db, "dapp", 1);
+    op.api.put_relay(&relay);
+    reconcile(Arc::new(relay.clone()), op.ctx.clone()).await.expect("reconciled without GetQueueAttributes");
+    reconcile(Arc::new(relay), op.ctx.clone()).await.expect("and again");
+    let status = op.api.status_patches().last().unwrap()["status"].clone();
+    assert_eq!(condition(&status, "Ready")["status"], "True", "{status}");
+    assert_eq!(proxy.denied(), 1, "asked once, then never again");
+    let handle = op.relays.resolve(None).expect("serving");
+    let n = unique();
+    let submitted = handle.relay.submit(&new_tx(n, "w")).await.expect("stored");
+    assert!(matches!(submitted, txrelay::relay::Submission::Sent(_)), "{submitted:?}");
+    assert!(handle.relay.health().borrow().queue_error.is_none());
+    op.ctx.supervisor.stop_all().await;
+}
+
+#[tokio::test]
 async fn unreachable_database_or_queue_is_reported_without_a_crash() {
     let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
     let op = operator(true);
@@ -241,11 +264,13 @@ async fn unreachable_database_or_queue_is_reported_without_a_crash() {
 
     put_secrets(&op.api, &db, &queue);
     put_queue_secret(&op.api, &queue, "http://127.0.0.1:9", None);
-    let error = reconcile(Arc::new(relay), op.ctx.clone()).await.unwrap_err();
-    assert_eq!(error.reason(), "QueueUnreachable");
+    // An unreachable queue does not fail the reconcile: the relay stores
+    // transactions and its sends find out when the queue is back.
+    reconcile(Arc::new(relay), op.ctx.clone()).await.expect("reconciled");
     let status = op.api.status_patches().last().unwrap()["status"].clone();
     let status = &status;
-    assert_eq!(condition(status, "QueueReachable")["status"], "False");
+    assert_eq!(condition(status, "QueueReachable")["status"], "False", "{status}");
+    assert_eq!(condition(status, "QueueReachable")["reason"], "QueueUnreachable", "{status}");
     assert!(op.api.events().iter().any(|e| e["reason"] == "QueueUnreachable"));
     // The relay runs anyway: transactions are stored and wait for the queue.
     assert_eq!(op.relays.len(), 1);

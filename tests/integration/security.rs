@@ -159,15 +159,22 @@ async fn postgres_tls_is_taken_from_the_url() {
     assert!(!error.to_string().contains("tls-secret-pw"), "{error}");
 }
 
+/// An API over `relays` with the default options.
+fn api_over(relays: std::sync::Arc<txrelay::relay::directory::Relays>, options: HttpOptions) -> axum::Router {
+    txrelay::http::api_router(txrelay::http::AppState::new(relays, txrelay::metrics::Metrics::new(), options))
+}
+
 #[tokio::test]
 async fn a_relay_that_is_not_running_yet_answers_503_not_404() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let running = RelayBuilder::new(&db, &queue);
     let relays = std::sync::Arc::new(txrelay::relay::directory::Relays::new(None));
+    relays.insert(running.handle(&txrelay::metrics::Metrics::new()).await);
     relays.set_not_ready(&RelayId::new("payments", "dapp"), "DatabaseUnreachable");
-    let state = txrelay::http::AppState::new(relays, txrelay::metrics::Metrics::new(), HttpOptions::default());
     let app = TestApp {
-        router: txrelay::http::api_router(state),
-        relay: RelayBuilder::new(&TestDb::new().await, &TestQueue::standard().await).build().await,
-        metrics: txrelay::metrics::Metrics::new(),
+        router: api_over(relays, HttpOptions::default()),
+        relay: running.build().await,
+        metrics: Default::default(),
     };
     let (status, error) =
         app.request("POST", "/relays/payments/dapp/new", Some(INGEST_TOKEN), "application/json", b"{}".to_vec()).await;
@@ -176,4 +183,68 @@ async fn a_relay_that_is_not_running_yet_answers_503_not_404() {
     let (status, _) =
         app.request("POST", "/relays/payments/other/new", Some(INGEST_TOKEN), "application/json", b"{}".to_vec()).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn without_a_valid_token_no_answer_tells_which_relays_exist() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let builder = RelayBuilder::new(&db, &queue);
+    let relays = std::sync::Arc::new(txrelay::relay::directory::Relays::new(None));
+    relays.insert(builder.handle(&txrelay::metrics::Metrics::new()).await);
+    relays.set_not_ready(&RelayId::new("payments", "starting"), "SecretNotFound");
+    let app = TestApp {
+        router: api_over(relays, HttpOptions::default()),
+        relay: builder.build().await,
+        metrics: Default::default(),
+    };
+    let served = format!("/relays/{}/new", builder.id);
+    for path in [served.as_str(), "/relays/payments/starting/new", "/relays/nowhere/nothing/new", "/new"] {
+        for token in [None, Some("not-a-token"), Some(ADMIN_TOKEN)] {
+            let (status, _) = app.request("POST", path, token, "application/json", b"{}".to_vec()).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "POST {path} with {token:?}");
+        }
+    }
+    for path in [format!("/relays/{}/transactions", builder.id), "/relays/nowhere/nothing/transactions".into()] {
+        for token in [None, Some(INGEST_TOKEN)] {
+            let (status, _) = app.request("GET", &path, token, "application/json", Vec::new()).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "GET {path} with {token:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn insecure_no_auth_opens_new_only_and_reads_stay_closed() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let builder = RelayBuilder::new(&db, &queue);
+    let mut handle = builder.handle(&txrelay::metrics::Metrics::new()).await;
+    handle.ingest_tokens = txrelay::auth::TokenSet::parse("");
+    handle.admin_tokens = txrelay::auth::TokenSet::parse("");
+    let relay = handle.relay.clone();
+    let relays = std::sync::Arc::new(txrelay::relay::directory::Relays::new(None));
+    relays.insert(handle);
+    let options = HttpOptions { insecure_no_auth: true, ..HttpOptions::default() };
+    let app = TestApp { router: api_over(relays, options), relay, metrics: Default::default() };
+    let (status, tx) =
+        app.request("POST", "/new", None, "application/json", serde_json::to_vec(&body(unique(), "w")).unwrap()).await;
+    assert_eq!(status, StatusCode::CREATED, "{tx}");
+    for path in ["/transactions", "/transactions/MYK-000001", "/health/transactions"] {
+        for token in [None, Some("anything")] {
+            let (status, _) = app.request("GET", path, token, "application/json", Vec::new()).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "GET {path} with {token:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn characters_postgresql_cannot_store_in_a_read_parameter_are_a_422_naming_it() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let app = TestApp::new(&RelayBuilder::new(&db, &queue)).await;
+    for name in ["status", "wallet_address", "payer_id", "payee_id"] {
+        let (status, error) = app.get(&format!("/transactions?{name}=a%00b")).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{name}: {error}");
+        assert_eq!(error["error"]["field"], name);
+    }
+    let (status, error) = app.get("/transactions/MYK%00").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{error}");
+    assert_eq!(error["error"]["field"], "reference");
 }

@@ -33,16 +33,22 @@ for _ in $(seq 1 100); do
 done
 
 if $ci; then examples=25; else examples=400; fi
-# Every 5xx except the documented 503 fails the run, as does any response
-# that does not match the document (status, content type, headers, schema).
+# Every check and every phase (stateful included) in `just fuzz`. The bounded
+# CI pass leaves out positive_data_acceptance: unknown members of the payload
+# obey the server's payload-wide string rules (no control characters, keys
+# included), which an OpenAPI 3.0 document cannot state for arbitrary keys,
+# so that check draws requests the server rightly refuses. `just fuzz` runs
+# it, and its findings on known fields are real.
+checks=(--checks all)
+$ci && checks+=(--exclude-checks positive_data_acceptance)
 .venv/bin/schemathesis --config-file fuzz/schemathesis.toml run openapi.json \
     --url "http://127.0.0.1:$api_port" \
     --header "Authorization: Bearer fuzz-token" \
-    --checks all \
+    "${checks[@]}" \
     --max-examples "$examples" \
-    --phases examples,coverage,fuzzing,stateful \
-    --seed 20261126 \
-    --workers 2 \
+    --phases "${TXRELAY_FUZZ_PHASES:-examples,coverage,fuzzing,stateful}" \
+    --seed "${TXRELAY_FUZZ_SEED:-20261126}" \
+    --workers 1 \
     --suppress-health-check too_slow
 if ! kill -0 "$relay" 2>/dev/null; then
     echo "txrelay died during the fuzz run; see $log" >&2

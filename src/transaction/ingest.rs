@@ -67,6 +67,9 @@ pub fn parse_request_body(body: &[u8]) -> Result<NewTransaction> {
         return Err(IngestError::at(path, "appears more than once"));
     }
     let top = Fields::new(top, "")?;
+    // Members beside the two known ones are neither stored nor sent, but
+    // the payload-wide string rules hold for the whole body all the same.
+    top.check_every_string(&["ledger_payload"])?;
     let wallet_address = top.required_str("wallet_address", limits::WALLET_ADDRESS, Rule::Identifier)?;
     let ledger_payload = top.required("ledger_payload")?;
     from_ledger_payload(ledger_payload, wallet_address)
@@ -89,6 +92,14 @@ pub fn from_ledger_payload(ledger_payload: &RawValue, wallet_address: String) ->
         })
         .transpose()?;
 
+    // The client's credential is dropped before storing; it must still be
+    // what the document says it is.
+    if let Some(token) = meta.present("token") {
+        let kind = Kind::of(token);
+        if kind != Kind::String {
+            return Err(IngestError::at(meta.path("token"), format!("must be a string, got {}", kind.article_name())));
+        }
+    }
     meta.check_every_string(&[])?;
     body.check_every_string(&[])?;
     root.check_every_string(&["meta_data", "payload"])?;

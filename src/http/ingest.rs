@@ -20,6 +20,7 @@ pub async fn new_transaction(
     request: Request,
 ) -> Result<Response, ApiError> {
     let handle = authorize(&state, target.as_ref(), Access::Ingest, request.headers())?;
+    let _in_progress = handle.relay.enter();
     let rejected = |error: ApiError| {
         handle.relay.metrics().accepted(Accepted::Rejected);
         debug!(code = error.code(), error = %error, "rejected");

@@ -40,6 +40,7 @@ pub async fn get_one(
     headers: HeaderMap,
 ) -> Result<Json<Transaction>, ApiError> {
     let handle = admin(&state, target.as_ref(), &headers)?;
+    let _in_progress = handle.relay.enter();
     let reference = params.iter().find(|(k, _)| *k == "reference").map(|(_, v)| v).unwrap_or_default();
     storable("reference", Some(reference))?;
     handle
@@ -79,6 +80,7 @@ pub async fn list(
     query: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Json<Page>, ApiError> {
     let handle = admin(&state, target.as_ref(), &headers)?;
+    let _in_progress = handle.relay.enter();
     let Query(params) = query.map_err(|e| ApiError::Invalid { field: None, message: e.body_text() })?;
     let limit = params.limit.unwrap_or(DEFAULT_PAGE);
     if !(1..=MAX_PAGE).contains(&limit) {
@@ -125,6 +127,7 @@ pub async fn transaction_health(
     headers: HeaderMap,
 ) -> Result<Json<TransactionHealth>, ApiError> {
     let handle = admin(&state, target.as_ref(), &headers)?;
+    let _in_progress = handle.relay.enter();
     let counts = handle.relay.store().counts().await?;
     let threshold = i64::try_from(handle.relay.config().unsent_warning_threshold).unwrap_or(i64::MAX);
     Ok(Json(TransactionHealth {

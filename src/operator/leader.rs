@@ -2,15 +2,24 @@
 //! only (optimistic concurrency on resourceVersion), so the ClusterRole needs
 //! nothing more. Every replica relays and serves `/new`; only the leader
 //! writes status and publishes Events.
+//!
+//! Why not kube-lease-manager: it is the kept library for this, but it takes
+//! and renews the Lease by server-side apply (`patch`), which the operator's
+//! least-privilege ClusterRole does not grant, and all that is needed here is
+//! one function. What matters from client-go is kept: a Lease held by another
+//! replica is judged expired by *this* replica's clock, from the moment it
+//! last saw the Lease change, never by comparing the holder's `renewTime`
+//! with the local clock, so clock skew between nodes cannot move a handover.
 
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 pub struct LeaderElector {
@@ -18,11 +27,20 @@ pub struct LeaderElector {
     name: String,
     identity: String,
     duration: Duration,
+    /// The Lease record as last seen (holder and resourceVersion) and when,
+    /// on this replica's monotonic clock.
+    observed: std::sync::Mutex<Option<(String, String, Instant)>>,
 }
 
 impl LeaderElector {
     pub fn new(client: Client, namespace: &str, name: &str, identity: &str, duration: Duration) -> Self {
-        Self { api: Api::namespaced(client, namespace), name: name.into(), identity: identity.into(), duration }
+        Self {
+            api: Api::namespaced(client, namespace),
+            name: name.into(),
+            identity: identity.into(),
+            duration,
+            observed: std::sync::Mutex::new(None),
+        }
     }
 
     /// One round: take the lease if it is free or expired, renew it if held.
@@ -42,8 +60,8 @@ impl LeaderElector {
         };
         let spec = lease.spec.clone().unwrap_or_default();
         let holder = spec.holder_identity.as_deref().unwrap_or_default();
-        let duration = SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(0)));
-        let expired = spec.renew_time.as_ref().is_none_or(|renewed| renewed.0 + duration < now);
+        let duration = Duration::from_secs(u64::try_from(spec.lease_duration_seconds.unwrap_or(0)).unwrap_or(0));
+        let expired = spec.renew_time.is_none() || self.unchanged_for(holder, &lease, duration);
         let transitions = spec.lease_transitions.unwrap_or(0);
         let next = if holder == self.identity {
             self.spec(spec.acquire_time.map_or(now, |t| t.0), now, transitions)
@@ -58,6 +76,22 @@ impl LeaderElector {
             // Someone else wrote the lease first: theirs wins this round.
             Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
             Err(error) => Err(error),
+        }
+    }
+
+    /// Whether the Lease has stayed as this replica last saw it for longer
+    /// than `duration`, by the local monotonic clock: a holder that renews
+    /// changes its resourceVersion, whatever its clock says.
+    fn unchanged_for(&self, holder: &str, lease: &Lease, duration: Duration) -> bool {
+        let version = lease.metadata.resource_version.clone().unwrap_or_default();
+        let now = Instant::now();
+        let mut observed = self.observed.lock().unwrap_or_else(|e| e.into_inner());
+        match observed.as_ref() {
+            Some((h, v, at)) if h == holder && *v == version => now.duration_since(*at) > duration,
+            _ => {
+                *observed = Some((holder.to_owned(), version, now));
+                false
+            }
         }
     }
 

@@ -156,37 +156,50 @@ pub async fn run(global: &Global, args: OperatorArgs) -> Result<(), CliError> {
     info!(api = %args.http.listen, metrics = %args.http.metrics_listen, "txrelay operator running");
 
     crate::cli::shutdown_signal().await;
-    info!("shutting down");
+    let grace = args.http.grace();
+    info!(grace_ms = grace.as_millis() as u64, "shutting down: every relay stops claiming now");
+    // Everything is told at once and stops in parallel, all within one grace
+    // period: the relays finish their sends while the HTTP servers drain,
+    // so several busy relays stop in the time of one.
     let _ = stop.send(true);
-    let _ = api_server.await;
-    let _ = controller.await;
     janitor.abort();
-    context.supervisor.stop_all().await;
-    let _ = election.await;
+    let deadline = tokio::time::Instant::now() + grace;
+    tokio::join!(
+        within(deadline, api_server),
+        within(deadline, controller),
+        within(deadline, election),
+        context.supervisor.stop_all(),
+    );
     ops_server.abort();
+    info!("stopped");
     Ok(())
 }
 
-/// Relays whose resource is gone are stopped within seconds. (Deletion
-/// needs no finalizer, so the operator needs no write access to the
-/// resources themselves.)
-async fn stop_deleted_relays(ctx: Arc<Context>, store: Store<TransactionRelay>, mut stop: watch::Receiver<bool>) {
+/// Waits for `task` until `deadline`, then aborts it.
+async fn within<T>(deadline: tokio::time::Instant, task: tokio::task::JoinHandle<T>) {
+    let abort = task.abort_handle();
+    if tokio::time::timeout_at(deadline, task).await.is_err() {
+        abort.abort();
+    }
+}
+
+/// The janitor: relays whose resource is gone are stopped within seconds,
+/// and everything kept about them is forgotten. (Deletion needs no
+/// finalizer, so the operator needs no write access to the resources.)
+pub async fn stop_deleted_relays(ctx: Arc<Context>, store: Store<TransactionRelay>, mut stop: watch::Receiver<bool>) {
     if store.wait_until_ready().await.is_err() {
         return;
     }
     loop {
         let present: std::collections::HashSet<RelayId> =
             store.state().iter().map(|r| RelayId::new(r.namespace().unwrap_or_default(), r.name_any())).collect();
-        ctx.supervisor.retain(|id| present.contains(id)).await;
-        ctx.supervisor.relays().forget_not_ready(|id| present.contains(id));
-        for id in ctx.supervisor.ids().await {
-            if !present.contains(&id) {
-                ctx.status.forget(&id).await;
-            }
-        }
+        ctx.forget_deleted(&present).await;
         tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(2)) => {}
+            () = tokio::time::sleep(JANITOR_EVERY) => {}
             _ = stop.changed() => return,
         }
     }
 }
+
+/// How often the janitor looks for deleted relays.
+pub const JANITOR_EVERY: Duration = Duration::from_secs(2);

@@ -11,7 +11,7 @@ use kube::{Client, Resource, ResourceExt};
 use tracing::{info, warn};
 
 use super::secrets::{SecretReader, fingerprint};
-use super::status::{Phase, StatusWriter, desired};
+use super::status::{Failure, Phase, StatusWriter, desired};
 use super::supervisor::{Change, Supervisor};
 use crate::metrics::Metrics;
 use crate::relay::{QueueCheck, RelayId};
@@ -104,8 +104,23 @@ impl Context {
 
     async fn apply(&self, resource: &TransactionRelay) -> Result<(Change, RelayHandle), Error> {
         let namespace = resource.namespace().unwrap_or_default();
-        let settings = SecretReader::new(self.client.clone(), &namespace).settings(resource, self.pool_size).await?;
+        let id = relay_id(resource);
+        let settings = match SecretReader::new(self.client.clone(), &namespace).settings(resource, self.pool_size).await {
+            Ok(settings) => settings,
+            Err(error) => {
+                // The ingest tokens' Secret or key gone: a token is being
+                // revoked, and the old configuration must not keep
+                // accepting it. Other failures leave the old one serving.
+                if names_ingest_secret(resource, &error) {
+                    self.supervisor.revoke_ingest(&id).await;
+                }
+                return Err(error);
+            }
+        };
         if settings.ingest_tokens.is_empty() && !self.insecure_no_auth {
+            // An emptied key is how a leaked token is revoked: /new now
+            // refuses every token (fail closed) until one is set again.
+            self.supervisor.revoke_ingest(&id).await;
             return Err(Error::IngestTokensMissing);
         }
         let (change, handle) = self.supervisor.ensure(&settings, fingerprint(&settings)).await?;
@@ -147,6 +162,37 @@ impl Context {
     fn succeeded(&self, id: &RelayId) {
         self.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
     }
+
+    /// Stops the relays whose resource is gone and forgets everything kept
+    /// about them (cached status, remembered failure, backoff counter), so a
+    /// relay re-created under the same name starts afresh.
+    pub async fn forget_deleted(&self, present: &std::collections::HashSet<RelayId>) {
+        let keep = |id: &RelayId| present.contains(id);
+        self.supervisor.retain(keep).await;
+        self.supervisor.relays().forget_not_ready(keep);
+        for id in self.status.ids().into_iter().filter(|id| !keep(id)) {
+            self.status.forget(&id);
+        }
+        self.failures.lock().unwrap_or_else(|e| e.into_inner()).retain(|id, _| keep(id));
+    }
+
+    /// Relays with a backoff counter (for tests of the janitor).
+    pub fn backing_off(&self) -> Vec<RelayId> {
+        self.failures.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect()
+    }
+}
+
+/// Whether `error` is about the Secret (or key) holding the relay's ingest tokens.
+fn names_ingest_secret(resource: &TransactionRelay, error: &Error) -> bool {
+    let Some(ingest) = resource.spec.ingest.as_ref() else { return false };
+    let name = &ingest.token_secret_ref.name;
+    match error {
+        Error::SecretNotFound(secret) => secret == name,
+        Error::SecretKeyMissing(secret, key) | Error::SecretKeyInvalid(secret, key) => {
+            secret == name && key == ingest.token_secret_ref.key_or("tokens")
+        }
+        _ => false,
+    }
 }
 
 fn relay_id(resource: &TransactionRelay) -> RelayId {
@@ -162,15 +208,26 @@ pub async fn reconcile(resource: Arc<TransactionRelay>, ctx: Arc<Context>) -> Re
         Err(_) => ctx.supervisor.get(&id).await,
     };
     let health = handle.as_ref().map(|h| h.relay.health().borrow().clone());
-    let phase = match &outcome {
-        Ok(_) => Phase::Running { suspended: resource.spec.suspend },
-        Err(error) => Phase::Failed(error),
+    let failure = outcome.as_ref().err().map(Failure::from);
+    // Remembered for the status follower of a relay still running its old
+    // configuration, so Ready stays false until the edit is fixed.
+    ctx.status.set_failure(&id, failure.clone());
+    let mut slot = ctx.status.slot(&id).await;
+    let previous = slot.previous(Some(&resource));
+    let phase = match &failure {
+        None => Phase::Running { suspended: resource.spec.suspend },
+        Some(failure) => Phase::Failed(failure),
     };
-    let previous = ctx.status.previous(&id, Some(&resource)).await;
-    let status = desired(&phase, health.as_ref(), resource.meta().generation, &previous);
-    if let Err(error) = ctx.status.write(&id, status).await {
+    // The conditions judge this generation; the status observes only a
+    // generation that was applied.
+    let mut status = desired(&phase, health.as_ref(), resource.meta().generation, &previous);
+    if failure.is_some() {
+        status.observed_generation = previous.observed_generation;
+    }
+    if let Err(error) = ctx.status.write(&mut slot, &id, status).await {
         warn!(relay = %id, %error, "could not write status");
     }
+    drop(slot);
     match outcome {
         Ok((change, _)) => {
             ctx.succeeded(&id);
@@ -191,6 +248,14 @@ pub async fn reconcile(resource: Arc<TransactionRelay>, ctx: Arc<Context>) -> Re
             ctx.metrics.reconcile_errors.with_label_values(&[error.metric_label()]).inc();
             info!(relay = %id, reason = error.reason(), %error, "reconcile failed");
             ctx.event(&resource, EventType::Warning, error.reason(), error.to_string()).await;
+            if handle.is_some() {
+                let note = if matches!(error, Error::IngestTokensMissing) || names_ingest_secret(&resource, &error) {
+                    format!("{}: the previous configuration keeps running, and /new refuses every token", error.reason())
+                } else {
+                    format!("{}: the edit was not applied; the previous configuration is still serving", error.reason())
+                };
+                ctx.event(&resource, EventType::Warning, "PreviousConfigurationServing", note).await;
+            }
             Err(error)
         }
     }

@@ -10,7 +10,9 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 use serde_json::json;
-use tokio::sync::{Mutex, watch};
+use std::sync::Mutex;
+
+use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use super::Error;
@@ -25,10 +27,24 @@ pub const QUEUE_REACHABLE: &str = "QueueReachable";
 const HEARTBEAT: Duration = Duration::from_secs(60);
 const MIN_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Why the last reconcile of a relay failed, kept until one succeeds: the
+/// status says so whatever the running (old) configuration reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl From<&Error> for Failure {
+    fn from(error: &Error) -> Self {
+        Self { reason: error.reason(), message: error.to_string() }
+    }
+}
+
 /// Where a relay stands, as far as the status is concerned.
 pub enum Phase<'a> {
     Running { suspended: bool },
-    Failed(&'a Error),
+    Failed(&'a Failure),
 }
 
 struct Tri(&'static str);
@@ -66,7 +82,7 @@ pub fn desired(
     let prior = &previous.conditions;
     let health = health.cloned().unwrap_or_default();
     let ready = match phase {
-        Phase::Failed(error) => condition(READY, FALSE, error.reason(), error.to_string(), generation, prior),
+        Phase::Failed(failure) => condition(READY, FALSE, failure.reason, failure.message.clone(), generation, prior),
         Phase::Running { .. } if health.database_error.is_some() => condition(
             READY,
             FALSE,
@@ -93,8 +109,8 @@ pub fn desired(
         ),
     };
     let database = match (phase, &health.database_error) {
-        (Phase::Failed(error @ Error::DatabaseUnreachable(_)), _) => {
-            condition(DATABASE_REACHABLE, FALSE, "DatabaseUnreachable", error.to_string(), generation, prior)
+        (Phase::Failed(failure), _) if failure.reason == "DatabaseUnreachable" => {
+            condition(DATABASE_REACHABLE, FALSE, "DatabaseUnreachable", failure.message.clone(), generation, prior)
         }
         (_, Some(error)) => {
             condition(DATABASE_REACHABLE, FALSE, "DatabaseUnreachable", error.clone(), generation, prior)
@@ -138,85 +154,183 @@ pub fn desired(
             .map(Time)
             .or_else(|| previous.last_sweep_time.clone()),
         last_error: match phase {
-            Phase::Failed(error) => Some(error.to_string()),
+            Phase::Failed(failure) => Some(failure.message.clone()),
             Phase::Running { .. } => health.database_error.or(health.queue_error),
         },
     }
 }
 
-struct Published {
+/// The status last computed for a relay, and when this replica wrote it
+/// (`None`: computed while following, or not written since leading again).
+pub struct Published {
     status: TransactionRelayStatus,
-    at: Instant,
+    at: Option<Instant>,
 }
 
 /// Writes statuses for this replica, when it leads.
+///
+/// One relay's writes are ordered by a lock of its own, held while its
+/// status is computed and written, so a follower's write can never land
+/// after, and undo, a newer one from the reconciler. No lock shared by
+/// relays is held across a sleep or an API call: one slow patch never holds
+/// up another relay's status.
 pub struct StatusWriter {
     client: Client,
     leading: watch::Receiver<bool>,
-    published: Mutex<HashMap<RelayId, Published>>,
+    published: Mutex<HashMap<RelayId, Arc<tokio::sync::Mutex<Option<Published>>>>>,
+    failures: Mutex<HashMap<RelayId, Failure>>,
+}
+
+/// One relay's status, locked for computing and writing it.
+pub struct Slot(tokio::sync::OwnedMutexGuard<Option<Published>>);
+
+impl Slot {
+    /// The last status written (or seen on the resource), for transition
+    /// times and the observed generation.
+    pub fn previous(&self, resource: Option<&TransactionRelay>) -> TransactionRelayStatus {
+        match &*self.0 {
+            Some(published) => published.status.clone(),
+            None => resource.and_then(|r| r.status.clone()).unwrap_or_default(),
+        }
+    }
+
+    fn is_published(&self) -> bool {
+        self.0.is_some()
+    }
 }
 
 impl StatusWriter {
     pub fn new(client: Client, leading: watch::Receiver<bool>) -> Self {
-        Self { client, leading, published: Mutex::new(HashMap::new()) }
+        Self { client, leading, published: Mutex::new(HashMap::new()), failures: Mutex::new(HashMap::new()) }
     }
 
     pub fn is_leading(&self) -> bool {
         *self.leading.borrow()
     }
 
-    /// The last status written (or seen on the resource), for transition times.
-    pub async fn previous(&self, id: &RelayId, resource: Option<&TransactionRelay>) -> TransactionRelayStatus {
-        if let Some(published) = self.published.lock().await.get(id) {
-            return published.status.clone();
-        }
-        resource.and_then(|r| r.status.clone()).unwrap_or_default()
+    /// Leadership as it changes.
+    pub fn leading(&self) -> watch::Receiver<bool> {
+        self.leading.clone()
     }
 
-    /// Patches the status subresource when this replica leads and the status
-    /// changed in more than its heartbeat, at most once a second.
-    pub async fn write(&self, id: &RelayId, status: TransactionRelayStatus) -> Result<bool, kube::Error> {
+    /// Locks one relay's status for computing and writing it.
+    pub async fn slot(&self, id: &RelayId) -> Slot {
+        let cell = self
+            .published
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(id.clone())
+            .or_default()
+            .clone();
+        Slot(cell.lock_owned().await)
+    }
+
+    /// Remembers why the last reconcile failed (`None`: it succeeded). While
+    /// a failure is remembered, the follower of the relay that still runs
+    /// the old configuration keeps `Ready` false with that reason, instead
+    /// of reporting the old configuration as if the edit had been applied.
+    pub fn set_failure(&self, id: &RelayId, failure: Option<Failure>) {
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        match failure {
+            Some(failure) => failures.insert(id.clone(), failure),
+            None => failures.remove(id),
+        };
+    }
+
+    pub fn failure(&self, id: &RelayId) -> Option<Failure> {
+        self.failures.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
+    }
+
+    /// Writes the status by server-side apply with the operator's field
+    /// manager, when this replica leads and the status changed in more than
+    /// its heartbeat, at most once a second. Server-side apply makes the
+    /// written status the whole truth: a field the operator no longer sets
+    /// (a cleared `lastError`) disappears, and conditions merge by `type`.
+    pub async fn write(&self, slot: &mut Slot, id: &RelayId, status: TransactionRelayStatus) -> Result<bool, kube::Error> {
         if !self.is_leading() {
+            // Kept, so that this replica can write it the moment it leads.
+            *slot.0 = Some(Published { status, at: None });
             return Ok(false);
         }
-        let mut published = self.published.lock().await;
-        if let Some(last) = published.get(id) {
-            let same = without_heartbeat(&last.status) == without_heartbeat(&status);
-            if same && last.at.elapsed() < HEARTBEAT {
-                return Ok(false);
-            }
-            if let Some(wait) = MIN_INTERVAL.checked_sub(last.at.elapsed()) {
-                tokio::time::sleep(wait).await;
+        if let Some(last) = slot.0.as_ref() {
+            if let Some(at) = last.at {
+                let same = without_heartbeat(&last.status) == without_heartbeat(&status);
+                if same && at.elapsed() < HEARTBEAT {
+                    return Ok(false);
+                }
+                if let Some(wait) = MIN_INTERVAL.checked_sub(at.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
             }
         }
         let api: Api<TransactionRelay> = Api::namespaced(self.client.clone(), &id.namespace);
-        api.patch_status(&id.name, &PatchParams::default(), &Patch::Merge(json!({ "status": status }))).await?;
+        let body = json!({
+            "apiVersion": "relay.mykobo.io/v1alpha1",
+            "kind": "TransactionRelay",
+            "status": status,
+        });
+        api.patch_status(&id.name, &PatchParams::apply(super::MANAGER).force(), &Patch::Apply(body)).await?;
         debug!(relay = %id, "status written");
-        published.insert(id.clone(), Published { status, at: Instant::now() });
+        *slot.0 = Some(Published { status, at: Some(Instant::now()) });
         Ok(true)
     }
 
-    pub async fn forget(&self, id: &RelayId) {
-        self.published.lock().await.remove(id);
+    pub fn forget(&self, id: &RelayId) {
+        self.published.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+        self.set_failure(id, None);
+    }
+
+    /// The relays this writer remembers anything of.
+    pub fn ids(&self) -> Vec<RelayId> {
+        let mut ids: Vec<RelayId> = self.published.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+        ids.extend(self.failures.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned());
+        ids.sort();
+        ids.dedup();
+        ids
     }
 
     /// Follows one running relay: rewrites its status after sweeps and
-    /// backlog changes, until `stop`.
+    /// backlog changes, until `stop`. On gaining leadership it writes at
+    /// once, whatever it wrote before: another replica led meanwhile.
     pub async fn follow(self: Arc<Self>, relay: Arc<Relay>, mut stop: watch::Receiver<bool>) {
         let mut health = relay.health();
+        let mut leading = self.leading();
         loop {
+            let mut regained = false;
             tokio::select! {
                 changed = health.changed() => if changed.is_err() { return },
+                changed = leading.changed() => {
+                    if changed.is_err() { return }
+                    regained = *leading.borrow_and_update();
+                }
                 () = tokio::time::sleep(HEARTBEAT / 4) => {}
                 _ = stop.changed() => return,
             }
-            let previous = self.previous(relay.id(), None).await;
-            let snapshot = health.borrow_and_update().clone();
-            let phase = Phase::Running { suspended: relay.config().suspend };
-            let status = desired(&phase, Some(&snapshot), previous.observed_generation, &previous);
-            if let Err(error) = self.write(relay.id(), status).await {
-                warn!(relay = %relay.id(), %error, "could not write status");
+            let mut slot = self.slot(relay.id()).await;
+            // The reconciler computes a relay's first status (it knows the
+            // resource and its generation); the follower keeps it fresh.
+            if slot.is_published() {
+                let mut previous = slot.previous(None);
+                if regained {
+                    // Another replica wrote meanwhile: write whatever we have.
+                    if let Some(published) = slot.0.as_mut() {
+                        published.at = None;
+                    }
+                }
+                let snapshot = health.borrow_and_update().clone();
+                let failure = self.failure(relay.id());
+                let phase = match &failure {
+                    Some(failure) => Phase::Failed(failure),
+                    None => Phase::Running { suspended: relay.config().suspend },
+                };
+                let generation = previous.observed_generation.take();
+                let mut status = desired(&phase, Some(&snapshot), generation, &previous);
+                status.observed_generation = generation;
+                if let Err(error) = self.write(&mut slot, relay.id(), status).await {
+                    warn!(relay = %relay.id(), %error, "could not write status");
+                }
             }
+            drop(slot);
             tokio::select! {
                 () = tokio::time::sleep(MIN_INTERVAL) => {}
                 _ = stop.changed() => return,

@@ -9,6 +9,7 @@ use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use crate::auth::TokenSet;
 use crate::metrics::Metrics;
 use crate::relay::directory::Relays;
 use crate::relay::{Relay, RelayId, listen_for_due_rows, run_loop};
@@ -30,6 +31,9 @@ pub enum Change {
     Reconfigured,
     Unchanged,
 }
+
+/// The ceiling on giving back claimed rows at shutdown.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct Supervisor {
     relays: Arc<Relays>,
@@ -58,6 +62,9 @@ impl Supervisor {
         fingerprint: u64,
     ) -> Result<(Change, RelayHandle), StartError> {
         if let Some(current) = self.running.lock().await.get(&settings.id).filter(|r| r.fingerprint == fingerprint) {
+            // Serve it with its own tokens again, should they have been
+            // revoked while its Secret was missing or empty.
+            self.relays.insert(current.handle.clone());
             return Ok((Change::Unchanged, current.handle.clone()));
         }
         // Built and migrated without holding the lock: a slow database must
@@ -102,6 +109,18 @@ impl Supervisor {
         self.running.lock().await.keys().cloned().collect()
     }
 
+    /// Fails a running relay's `/new` closed: its ingest tokens are gone
+    /// (revoked), so no token is accepted until they are set again and the
+    /// relay is reconciled.
+    pub async fn revoke_ingest(&self, id: &RelayId) {
+        if let Some(running) = self.running.lock().await.get(id) {
+            let mut revoked = running.handle.clone();
+            revoked.ingest_tokens = TokenSet::default();
+            self.relays.insert(revoked);
+            warn!(relay = %id, "ingest tokens revoked: /new refuses every token");
+        }
+    }
+
     /// Stops every relay for which `keep` is false (its resource is gone).
     pub async fn retain(&self, keep: impl Fn(&RelayId) -> bool) {
         let gone: Vec<Running> = {
@@ -111,19 +130,36 @@ impl Supervisor {
             self.metrics.relays.set(running.len() as i64);
             gone
         };
-        for relay in gone {
-            info!(relay = %relay.handle.relay.id(), "relay deleted; stopping it");
-            self.shut_down(relay, true).await;
+        for relay in &gone {
+            info!(relay = %relay.handle.relay.id(), "stopping relay");
         }
+        self.shut_down_all(gone, true).await;
     }
 
+    /// Stops every relay at once, all within one grace period (shutdown).
     pub async fn stop_all(&self) {
         self.retain(|_| false).await;
     }
 
-    /// Stops one relay's tasks, waiting up to the grace period for its
-    /// in-flight sends; `forget` also removes it from `/new` and metrics.
+    /// Every relay gets its stop signal first, then all stop in parallel,
+    /// each within the same grace period: several busy relays stop in the
+    /// time of one, well before Kubernetes' SIGKILL.
+    async fn shut_down_all(&self, relays: Vec<Running>, forget: bool) {
+        let deadline = tokio::time::Instant::now() + self.grace;
+        for relay in &relays {
+            let _ = relay.stop.send(true);
+        }
+        futures::future::join_all(relays.into_iter().map(|relay| self.shut_down_by(relay, forget, deadline))).await;
+    }
+
     async fn shut_down(&self, relay: Running, forget: bool) {
+        self.shut_down_all(vec![relay], forget).await;
+    }
+
+    /// Stops one relay's tasks, waiting until `deadline` for its in-flight
+    /// sends, then for the requests it is still answering, then closes its
+    /// store; `forget` also removes it from `/new` and metrics.
+    async fn shut_down_by(&self, relay: Running, forget: bool, deadline: tokio::time::Instant) {
         let id = relay.handle.relay.id().clone();
         if forget {
             self.relays.remove(&id);
@@ -131,15 +167,27 @@ impl Supervisor {
         }
         let _ = relay.stop.send(true);
         let aborts: Vec<_> = relay.tasks.iter().map(JoinHandle::abort_handle).collect();
-        let finished = tokio::time::timeout(self.grace, futures::future::join_all(relay.tasks)).await;
+        let finished = tokio::time::timeout_at(deadline, futures::future::join_all(relay.tasks)).await;
         if finished.is_err() {
             for abort in aborts {
                 abort.abort();
             }
             warn!(relay = %id, "grace period over; releasing rows still in flight");
-            if let Err(error) = relay.handle.relay.release_in_flight().await {
-                warn!(relay = %id, %error, "could not release claimed rows; they are retried after the claim lease");
+        }
+        // Whatever the loop could not finish goes back now, so no other
+        // replica waits a whole lease for it. Bounded like every call.
+        match tokio::time::timeout(RELEASE_TIMEOUT, relay.handle.relay.release_in_flight()).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(released)) => info!(relay = %id, released, "released claimed rows for other replicas"),
+            Ok(Err(error)) => {
+                warn!(relay = %id, %error, "could not release claimed rows; they are retried after the claim lease")
             }
+            Err(_) => warn!(relay = %id, "releasing claimed rows timed out; they are retried after the claim lease"),
+        }
+        // A request that resolved to this relay before it was replaced may
+        // still be recording its message id: the store stays open for it.
+        if !relay.handle.relay.requests_finished_by(deadline).await {
+            warn!(relay = %id, "grace period over with requests still in progress; closing the store");
         }
         relay.handle.relay.store().close().await;
     }

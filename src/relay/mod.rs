@@ -145,6 +145,20 @@ pub struct Relay {
     /// process has to stop before their results are in.
     in_flight: Mutex<HashMap<i64, ClaimRef>>,
     health: watch::Sender<RelayHealth>,
+    /// HTTP requests being answered by this relay (see [`Relay::enter`]).
+    requests: watch::Sender<usize>,
+}
+
+/// Held while an HTTP request is being answered by a relay: its store is
+/// not closed under it (a reconfigured relay is replaced while requests that
+/// already reached it may still be recording a message id).
+#[derive(Debug)]
+pub struct RequestGuard(Arc<Relay>);
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.0.requests.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 impl fmt::Debug for Relay {
@@ -180,6 +194,7 @@ impl Relay {
             queue_check_denied: AtomicBool::new(false),
             in_flight: Mutex::new(HashMap::new()),
             health: watch::Sender::new(RelayHealth::default()),
+            requests: watch::Sender::new(0),
         }
     }
 
@@ -211,6 +226,22 @@ impl Relay {
 
     pub fn metrics(&self) -> &RelayMetrics {
         &self.metrics
+    }
+
+    /// Marks a request in progress until the guard is dropped.
+    pub fn enter(self: &Arc<Self>) -> RequestGuard {
+        self.requests.send_modify(|n| *n += 1);
+        RequestGuard(self.clone())
+    }
+
+    /// Waits until no request is in progress, or `deadline`; whether they all finished.
+    pub async fn requests_finished_by(&self, deadline: tokio::time::Instant) -> bool {
+        let mut requests = self.requests.subscribe();
+        tokio::time::timeout_at(deadline, async {
+            let _ = requests.wait_for(|n| *n == 0).await;
+        })
+        .await
+        .is_ok()
     }
 
     /// Wakes the loop: a row became due sooner than it planned for.

@@ -288,27 +288,336 @@ async fn only_the_leader_writes_status_and_events() {
     assert!(op.api.events().is_empty());
 }
 
-#[tokio::test]
-async fn leader_election_on_a_lease() {
+#[tokio::test(start_paused = true)]
+async fn leader_election_judges_expiry_by_the_local_clock_not_the_holders() {
     let api = FakeApiServer::start();
-    let one =
-        LeaderElector::new(api.client.clone(), "txrelay-system", "txrelay-operator", "pod-a", Duration::from_secs(15));
-    let two =
-        LeaderElector::new(api.client.clone(), "txrelay-system", "txrelay-operator", "pod-b", Duration::from_secs(15));
+    let elector = |id: &str| {
+        LeaderElector::new(api.client.clone(), "txrelay-system", "txrelay-operator", id, Duration::from_secs(15))
+    };
+    let (one, two, three) = (elector("pod-a"), elector("pod-b"), elector("pod-c"));
     assert!(one.try_lead().await.unwrap(), "the first replica creates and takes the lease");
     assert!(!two.try_lead().await.unwrap(), "a held lease is respected");
     assert!(one.try_lead().await.unwrap(), "the holder renews");
     let lease = api.lease("txrelay-system", "txrelay-operator").unwrap();
     assert_eq!(lease["spec"]["holderIdentity"], "pod-a");
 
-    // The holder stops renewing: once expired, another replica takes over.
-    let mut stale = lease.clone();
-    stale["spec"]["renewTime"] = Value::String("2020-01-01T00:00:00.000000Z".into());
-    api.set_lease("txrelay-system", "txrelay-operator", stale);
-    assert!(two.try_lead().await.unwrap());
-    assert_eq!(api.lease("txrelay-system", "txrelay-operator").unwrap()["spec"]["holderIdentity"], "pod-b");
-    assert_eq!(api.lease("txrelay-system", "txrelay-operator").unwrap()["spec"]["leaseTransitions"], 1);
-    assert!(!one.try_lead().await.unwrap());
-    two.release().await;
+    // The holder's clock is years behind: its renewTime looks ancient, but it
+    // keeps renewing, so it keeps the lease.
+    let mut behind = lease.clone();
+    behind["spec"]["renewTime"] = Value::String("2020-01-01T00:00:00.000000Z".into());
+    api.set_lease("txrelay-system", "txrelay-operator", behind.clone());
+    assert!(!two.try_lead().await.unwrap(), "a skewed clock does not hand the lease over");
+    tokio::time::advance(Duration::from_secs(10)).await;
+    api.set_lease("txrelay-system", "txrelay-operator", behind);
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert!(!two.try_lead().await.unwrap(), "renewed 10 s ago by this replica's clock");
+
+    // The holder stops renewing: a lease duration later by *this* replica's
+    // clock, another takes over.
+    tokio::time::advance(Duration::from_secs(16)).await;
+    assert!(two.try_lead().await.unwrap(), "unchanged for longer than the lease duration");
+    let lease = api.lease("txrelay-system", "txrelay-operator").unwrap();
+    assert_eq!(lease["spec"]["holderIdentity"], "pod-b");
+    assert_eq!(lease["spec"]["leaseTransitions"], 1);
+    assert!(!one.try_lead().await.unwrap(), "the old holder sees it moved and follows");
+
+    // A dead holder whose clock ran ahead (renewTime in the future) is
+    // still replaced once its lease stops changing.
+    let mut ahead = lease.clone();
+    ahead["spec"]["holderIdentity"] = Value::String("pod-gone".into());
+    ahead["spec"]["renewTime"] = Value::String("2100-01-01T00:00:00.000000Z".into());
+    api.set_lease("txrelay-system", "txrelay-operator", ahead);
+    assert!(!three.try_lead().await.unwrap());
+    tokio::time::advance(Duration::from_secs(16)).await;
+    assert!(three.try_lead().await.unwrap(), "a future renewTime does not hold the lease forever");
+    three.release().await;
     assert!(one.try_lead().await.unwrap(), "a released lease is free at once");
+}
+
+#[tokio::test]
+async fn revoking_the_ingest_token_closes_new_within_a_reconcile_and_restoring_it_reopens() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let op = operator(true);
+    put_secrets(&op.api, &db, &queue);
+    let relay = resource(&db, "dapp", 1);
+    op.api.put_relay(&relay);
+    reconcile(Arc::new(relay.clone()), op.ctx.clone()).await.expect("reconciled");
+    let router = api_router(AppState::new(op.relays.clone(), op.metrics.clone(), HttpOptions::default()));
+    let app = TestApp { router, relay: op.relays.resolve(None).unwrap().relay, metrics: op.metrics.clone() };
+    assert_eq!(app.post_new(&body(unique(), "w")).await.0, StatusCode::CREATED);
+
+    for revoke in [
+        Box::new(|api: &FakeApiServer| api.put_secret(NAMESPACE, "dapp-tokens", &[("ingest", " ")]))
+            as Box<dyn Fn(&FakeApiServer)>,
+        Box::new(|api: &FakeApiServer| api.put_secret(NAMESPACE, "dapp-tokens", &[("other", "x")])),
+        Box::new(|api: &FakeApiServer| api.remove_secret(NAMESPACE, "dapp-tokens")),
+    ] {
+        revoke(&op.api);
+        let error = reconcile(Arc::new(relay.clone()), op.ctx.clone()).await.unwrap_err();
+        let (status, _) = app.post_new(&body(unique(), "w")).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{error}: the old token is refused at once");
+        let patch = op.api.status_patches().last().unwrap()["status"].clone();
+        assert_eq!(condition(&patch, "Ready")["status"], "False", "{patch}");
+        assert_eq!(condition(&patch, "Ready")["reason"], error.reason());
+        put_secrets(&op.api, &db, &queue);
+        reconcile(Arc::new(relay.clone()), op.ctx.clone()).await.expect("restored");
+        assert_eq!(app.post_new(&body(unique(), "w")).await.0, StatusCode::CREATED, "the token works again");
+    }
+    op.ctx.supervisor.stop_all().await;
+}
+
+#[tokio::test]
+async fn an_invalid_edit_keeps_ready_false_without_flapping_and_does_not_advance_observed_generation() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let op = operator(true);
+    put_secrets(&op.api, &db, &queue);
+    let good = resource(&db, "dapp", 1);
+    op.api.put_relay(&good);
+    reconcile(Arc::new(good.clone()), op.ctx.clone()).await.expect("reconciled");
+
+    let mut bad = good.clone();
+    bad.spec.batch_size = 5000;
+    bad.metadata.generation = Some(2);
+    op.api.put_relay(&bad);
+    let error = reconcile(Arc::new(bad.clone()), op.ctx.clone()).await.unwrap_err();
+    assert_eq!(error.reason(), "InvalidSpec");
+    let events = op.api.events();
+    assert!(
+        events.iter().any(|e| e["reason"] == "PreviousConfigurationServing"
+            && e["note"].as_str().unwrap_or_default().contains("still serving")),
+        "{events:?}"
+    );
+    // The old configuration keeps serving, and its follower writes status
+    // when its health changes: Ready must stay false with the reason.
+    let handle = op.relays.resolve(None).expect("the old relay still serves");
+    let written = op.api.status_patches().len();
+    // A row backing off changes the backlog, which the follower reports.
+    let waiting = insert_created(&db, &new_tx(unique(), "w")).await;
+    db.execute(&format!("UPDATE transactions SET next_attempt_at = now() + interval '1 hour' WHERE id = {}", waiting.id))
+        .await;
+    handle.relay.wake();
+    wait_until(Duration::from_secs(30), "the follower writes a status", || async {
+        op.api.status_patches().len() > written
+    })
+    .await;
+    for patch in op.api.status_patches().into_iter().skip(written - 1) {
+        let status = &patch["status"];
+        assert_eq!(condition(status, "Ready")["status"], "False", "{status}");
+        assert_eq!(condition(status, "Ready")["reason"], "InvalidSpec");
+        assert_eq!(status["observedGeneration"], 1, "generation 2 was not applied: {status}");
+    }
+
+    let mut fixed = good.clone();
+    fixed.metadata.generation = Some(3);
+    op.api.put_relay(&fixed);
+    reconcile(Arc::new(fixed), op.ctx.clone()).await.expect("fixed");
+    let status = op.api.status_patches().last().unwrap()["status"].clone();
+    assert_eq!(condition(&status, "Ready")["status"], "True");
+    assert_eq!(status["observedGeneration"], 3);
+    op.ctx.supervisor.stop_all().await;
+}
+
+#[tokio::test]
+async fn status_is_written_by_server_side_apply_so_a_cleared_last_error_disappears() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let op = operator(true);
+    let relay = resource(&db, "dapp", 1);
+    op.api.put_relay(&relay);
+    reconcile(Arc::new(relay.clone()), op.ctx.clone()).await.unwrap_err();
+    let failed = op.api.status_patches().last().unwrap()["status"].clone();
+    assert!(failed["lastError"].as_str().unwrap_or_default().contains("dapp-db"), "{failed}");
+
+    put_secrets(&op.api, &db, &queue);
+    tokio::time::sleep(Duration::from_millis(1100)).await; // the writer's once-a-second spacing
+    reconcile(Arc::new(relay), op.ctx.clone()).await.expect("recovered");
+    let writes: Vec<_> = op.api.requests().into_iter().filter(|r| r.path.ends_with("/status")).collect();
+    let last = writes.last().unwrap();
+    assert!(last.body["status"].get("lastError").is_none(), "{}", last.body);
+    assert_eq!(condition(&last.body["status"], "Ready")["status"], "True");
+    for write in &writes {
+        assert_eq!(write.content_type, "application/apply-patch+yaml", "server-side apply");
+        assert!(write.query.contains("fieldManager=txrelay-operator") && write.query.contains("force=true"));
+        assert_eq!(write.body["kind"], "TransactionRelay");
+    }
+    op.ctx.supervisor.stop_all().await;
+}
+
+#[tokio::test]
+async fn the_janitor_forgets_deleted_relays_and_everything_kept_about_them() {
+    use kube::runtime::{reflector, watcher};
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let op = operator(true);
+    put_secrets(&op.api, &db, &queue);
+    let (running, broken) = (resource(&db, "dapp", 1), resource(&db, "broken", 1));
+    let mut broken = broken;
+    broken.spec.database.secret_ref.name = "missing".into();
+    reconcile(Arc::new(running.clone()), op.ctx.clone()).await.expect("reconciled");
+    let error = reconcile(Arc::new(broken.clone()), op.ctx.clone()).await.unwrap_err();
+    let _ = error_policy(Arc::new(broken.clone()), &error, op.ctx.clone());
+    assert_eq!(op.ctx.backing_off().len(), 1);
+
+    let (store, mut writer) = reflector::store::<TransactionRelay>();
+    writer.apply_watcher_event(&watcher::Event::Init);
+    writer.apply_watcher_event(&watcher::Event::InitApply(running.clone()));
+    writer.apply_watcher_event(&watcher::Event::InitApply(broken.clone()));
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+    let (stop, stopped) = watch::channel(false);
+    let janitor = tokio::spawn(txrelay::operator::stop_deleted_relays(op.ctx.clone(), store, stopped));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(op.ctx.supervisor.ids().await.len(), 1, "present relays are kept");
+
+    writer.apply_watcher_event(&watcher::Event::Delete(running.clone()));
+    writer.apply_watcher_event(&watcher::Event::Delete(broken.clone()));
+    let id = RelayId::new(NAMESPACE, "dapp");
+    wait_until(Duration::from_secs(10), "the janitor stops the deleted relay", || async {
+        op.ctx.supervisor.ids().await.is_empty()
+    })
+    .await;
+    wait_until(Duration::from_secs(10), "and forgets its status and backoff", || async {
+        op.ctx.status.ids().is_empty() && op.ctx.backing_off().is_empty()
+    })
+    .await;
+    assert!(op.relays.resolve(Some(&id)).is_err());
+    let _ = stop.send(true);
+    let _ = janitor.await;
+}
+
+#[tokio::test]
+async fn shutdown_stops_every_relay_at_once_within_the_grace_period_leaving_no_row_claimed() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let proxy = crate::common::proxy::SqsProxy::start(&queue.endpoint).await;
+    proxy.faults(|f| f.send_delay = Some(Duration::from_secs(3)));
+    let op = operator(true); // grace period: 5 s
+    let mut dbs = Vec::new();
+    for name in ["one", "two", "three"] {
+        let db = TestDb::new().await;
+        for _ in 0..200 {
+            insert_created(&db, &new_tx(unique(), "w")).await;
+        }
+        let secret = format!("{name}-db");
+        op.api.put_secret(NAMESPACE, &secret, &[("url", &db.url)]);
+        put_queue_secret(&op.api, &queue, &proxy.endpoint, None);
+        op.api.put_secret(NAMESPACE, "dapp-tokens", &[("ingest", INGEST_TOKEN)]);
+        let mut relay = resource(&db, name, 1);
+        relay.spec.database.secret_ref.name = secret;
+        relay.spec.concurrency = 1;
+        reconcile(Arc::new(relay), op.ctx.clone()).await.expect("reconciled");
+        dbs.push(db);
+    }
+    for db in &dbs {
+        wait_until(Duration::from_secs(20), "every relay is mid-drain", || async {
+            db.scalar_i64("SELECT count(*) FROM transactions WHERE claimed_until > now()").await > 0
+        })
+        .await;
+    }
+    let started = std::time::Instant::now();
+    op.ctx.supervisor.stop_all().await;
+    let took = started.elapsed();
+    assert!(took <= Duration::from_secs(6), "three relays stopped within one 5 s grace period: {took:?}");
+    for db in &dbs {
+        let claimed =
+            db.scalar_i64("SELECT count(*) FROM transactions WHERE message_id IS NULL AND claimed_until IS NOT NULL").await;
+        assert_eq!(claimed, 0, "no row left claimed for a lease to run out");
+    }
+    drop(db);
+}
+
+#[tokio::test]
+async fn a_reconfigured_relay_keeps_its_store_open_for_requests_still_in_progress() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let proxy = crate::common::proxy::SqsProxy::start(&queue.endpoint).await;
+    let op = operator(true);
+    put_secrets(&op.api, &db, &queue);
+    put_queue_secret(&op.api, &queue, &proxy.endpoint, None);
+    let relay = resource(&db, "dapp", 1);
+    reconcile(Arc::new(relay.clone()), op.ctx.clone()).await.expect("reconciled");
+    let router = api_router(AppState::new(op.relays.clone(), op.metrics.clone(), HttpOptions::default()));
+    let app = Arc::new(TestApp { router, relay: op.relays.resolve(None).unwrap().relay, metrics: op.metrics.clone() });
+
+    // A request reaches the relay and its send is slow...
+    proxy.faults(|f| f.send_delay = Some(Duration::from_millis(1500)));
+    let n = unique();
+    let request = {
+        let app = app.clone();
+        tokio::spawn(async move { app.post_new(&body(n, "w")).await })
+    };
+    wait_until(Duration::from_secs(5), "the request is sending", || async { proxy.send_calls() > 0 }).await;
+    // ...while the relay is reconfigured (a new ledger token).
+    put_queue_secret(&op.api, &queue, &proxy.endpoint, Some("another-ledger-token"));
+    reconcile(Arc::new(relay), op.ctx.clone()).await.expect("reconfigured");
+    let (status, tx) = request.await.unwrap();
+    assert_eq!(status, StatusCode::CREATED, "its message id was recorded: {tx}");
+    let stored = db.store.find_by_reference(&format!("MYK-{n:06}")).await.unwrap().unwrap();
+    assert_eq!(stored.message_id.as_deref(), tx["message_id"].as_str());
+    op.ctx.supervisor.stop_all().await;
+}
+
+#[tokio::test]
+async fn leadership_moves_status_writing_with_it_and_a_replica_without_the_api_server_keeps_relaying() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let api = FakeApiServer::start();
+    let (leading_tx, leading) = watch::channel(false);
+    let metrics = Metrics::new();
+    let relays = Arc::new(Relays::new(None));
+    let (supervisor, writer) =
+        txrelay::operator::supervisor(api.client.clone(), relays.clone(), metrics.clone(), leading, Duration::from_secs(5));
+    let recorder = Recorder::new(api.client.clone(), Reporter { controller: "txrelay-test".into(), instance: None });
+    let ctx = Arc::new(Context::new(api.client.clone(), supervisor, writer, recorder, metrics, false));
+    let elector = LeaderElector::new(api.client.clone(), "txrelay-system", "txrelay-operator", "pod-a", Duration::from_secs(3));
+    let (stop, stopped) = watch::channel(false);
+    let election = tokio::spawn(elector.run(leading_tx, stopped));
+    let mut leading = ctx.status.leading();
+    wait_until(Duration::from_secs(5), "pod-a leads", || { let l = *leading.borrow_and_update(); async move { l } }).await;
+
+    put_secrets(&api, &db, &queue);
+    let relay = resource(&db, "dapp", 1);
+    api.put_relay(&relay);
+    reconcile(Arc::new(relay.clone()), ctx.clone()).await.expect("reconciled");
+    assert!(!api.status_patches().is_empty(), "the leader writes status");
+
+    // Another replica takes the lease (its renewals change the record).
+    let mut taken = api.lease("txrelay-system", "txrelay-operator").unwrap();
+    taken["spec"]["holderIdentity"] = Value::String("pod-b".into());
+    api.set_lease("txrelay-system", "txrelay-operator", taken);
+    wait_until(Duration::from_secs(2), "pod-a follows within one renew period (1 s)", || {
+        let l = *leading.borrow_and_update();
+        async move { !l }
+    })
+    .await;
+    let written = api.status_patches().len();
+    let events = api.events().len();
+    let handle = relays.resolve(None).unwrap();
+    handle.relay.submit(&new_tx(unique(), "w")).await.unwrap();
+    reconcile(Arc::new(relay.clone()), ctx.clone()).await.expect("reconciled as a follower");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(api.status_patches().len(), written, "a follower writes no status");
+    assert_eq!(api.events().len(), events, "nor Events");
+
+    // pod-b gives the lease up: pod-a leads again and its follower writes.
+    api.set_lease("txrelay-system", "txrelay-operator", serde_json::json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": "txrelay-operator", "namespace": "txrelay-system"}, "spec": {}}));
+    wait_until(Duration::from_secs(3), "pod-a leads again", || { let l = *leading.borrow_and_update(); async move { l } }).await;
+    handle.relay.submit(&new_tx(unique(), "w")).await.unwrap();
+    wait_until(Duration::from_secs(30), "the status follower writes again", || async {
+        api.status_patches().len() > written
+    })
+    .await;
+
+    // The API server goes away: no leadership, but /new and sweeps go on.
+    api.set_down(true);
+    wait_until(Duration::from_secs(3), "no leader without the API server", || {
+        let l = *leading.borrow_and_update();
+        async move { !l }
+    })
+    .await;
+    let submitted = handle.relay.submit(&new_tx(unique(), "w")).await.expect("/new keeps working");
+    assert!(matches!(submitted, txrelay::relay::Submission::Sent(_)), "{submitted:?}");
+    let id = insert_created(&db, &new_tx(unique(), "w")).await.id;
+    handle.relay.wake();
+    wait_until(Duration::from_secs(10), "the loop keeps sweeping", || async {
+        db.store.find_by_id(id).await.unwrap().unwrap().message_id.is_some()
+    })
+    .await;
+    let _ = stop.send(true);
+    let _ = election.await;
+    ctx.supervisor.stop_all().await;
 }

@@ -17,6 +17,8 @@ use txrelay::spec::TransactionRelay;
 pub struct Recorded {
     pub method: Method,
     pub path: String,
+    pub query: String,
+    pub content_type: String,
     pub body: Value,
 }
 
@@ -28,6 +30,8 @@ struct State {
     requests: Vec<Recorded>,
     unexpected: Vec<String>,
     version: u64,
+    /// Every request answers 503, as an API server out of reach would.
+    down: bool,
 }
 
 #[derive(Clone)]
@@ -46,7 +50,19 @@ impl FakeApiServer {
                 let (parts, body) = request.into_parts();
                 let bytes = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
                 let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-                let (status, answer) = answer(&served, &parts.method, parts.uri.path(), body);
+                let request = Recorded {
+                    method: parts.method.clone(),
+                    path: parts.uri.path().to_owned(),
+                    query: parts.uri.query().unwrap_or_default().to_owned(),
+                    content_type: parts
+                        .headers
+                        .get("content-type")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned(),
+                    body,
+                };
+                let (status, answer) = answer(&served, request);
                 let response = Response::builder()
                     .status(status)
                     .header("content-type", "application/json")
@@ -100,7 +116,20 @@ impl FakeApiServer {
     }
 
     pub fn set_lease(&self, namespace: &str, name: &str, lease: Value) {
-        self.state.lock().unwrap().leases.insert(format!("{namespace}/{name}"), lease);
+        let mut state = self.state.lock().unwrap();
+        state.version += 1;
+        let mut lease = lease;
+        lease["metadata"]["resourceVersion"] = json!(state.version.to_string());
+        state.leases.insert(format!("{namespace}/{name}"), lease);
+    }
+
+    /// Takes the API server out of reach (`true`) or brings it back.
+    pub fn set_down(&self, down: bool) {
+        self.state.lock().unwrap().down = down;
+    }
+
+    pub fn remove_secret(&self, namespace: &str, name: &str) {
+        self.state.lock().unwrap().secrets.remove(&format!("{namespace}/{name}"));
     }
 }
 
@@ -118,9 +147,14 @@ fn conflict() -> (StatusCode, Value) {
     )
 }
 
-fn answer(state: &Mutex<State>, method: &Method, path: &str, body: Value) -> (StatusCode, Value) {
+fn answer(state: &Mutex<State>, request: Recorded) -> (StatusCode, Value) {
     let mut state = state.lock().unwrap();
-    state.requests.push(Recorded { method: method.clone(), path: path.to_owned(), body: body.clone() });
+    if state.down {
+        return (StatusCode::SERVICE_UNAVAILABLE, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 503, "reason": "ServiceUnavailable", "message": "the test took the API server away"}));
+    }
+    state.requests.push(request.clone());
+    let Recorded { method, path, body, .. } = request;
+    let (method, path) = (&method, path.as_str());
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (method, segments.as_slice()) {
         (&Method::GET, ["api", "v1", "namespaces", ns, "secrets", name]) => state

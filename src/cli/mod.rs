@@ -2,6 +2,7 @@
 //! administrative commands the old retry tool had.
 
 mod admin;
+mod operator;
 mod serve;
 
 pub use serve::shutdown_signal;
@@ -174,7 +175,7 @@ impl Global {
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Run(args) => serve::run(&cli.global, args).await,
-        Command::Operator(args) => crate::operator::run(&cli.global, args).await,
+        Command::Operator(args) => operator::run(&cli.global, args).await,
         Command::Migrate(args) => admin::migrate(&cli.global, args).await,
         Command::List(args) => admin::list(&cli.global, args).await,
         Command::Stats(args) => admin::stats(&cli.global, args).await,

@@ -1,10 +1,12 @@
 //! `txrelay run`: one relay, standalone.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Args;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use super::{CliError, Global, HttpArgs};
@@ -49,55 +51,82 @@ pub async fn run(global: &Global, args: RunArgs) -> Result<(), CliError> {
             warn!(error = %failure, "the queue refused GetQueueAttributes; transactions are stored and wait for it");
         }
     }
-    let api_listener = bind(args.http.listen).await?;
-    let ops_listener = bind(args.http.metrics_listen).await?;
 
     let relays = Arc::new(Relays::new(None));
     relays.insert(handle);
-    let options = args.http.options();
-    let state = AppState::new(relays, metrics, options.clone());
+    let state = AppState::new(relays, metrics, args.http.options());
     let (stop, stopped) = watch::channel(false);
+    let servers = Servers::start(&args.http, state, stopped.clone()).await?;
     let engine = tokio::spawn(run_loop(relay.clone(), stopped.clone()));
     let listener = tokio::spawn(listen_for_due_rows(relay.clone(), stopped.clone()));
-    let api = tokio::spawn(http::serve(
-        api_listener,
-        http::api_router(state.clone()),
-        options.clone(),
-        wait_for(stopped.clone()),
-    ));
-    let ops = tokio::spawn(http::serve(ops_listener, http::ops_router(state), options, wait_for(stopped.clone())));
     info!(relay = %relay.id(), api = %args.http.listen, metrics = %args.http.metrics_listen, "txrelay running");
 
     shutdown_signal().await;
     info!("shutting down: no new claims; finishing in-flight sends");
     let _ = stop.send(true);
     let grace = args.http.grace();
-    let finished = tokio::time::timeout(grace, async {
-        let _ = api.await;
-        let _ = engine.await;
-    })
-    .await;
+    let deadline = tokio::time::Instant::now() + grace;
+    let (_, finished) = tokio::join!(servers.drain_by(deadline), tokio::time::timeout_at(deadline, engine));
     if finished.is_err() {
         warn!(grace_ms = grace.as_millis() as u64, "grace period over; releasing rows still in flight");
-        match relay.release_in_flight().await {
-            Ok(released) => info!(released, "released claimed rows for other replicas"),
-            Err(error) => {
-                error!(%error, "could not release claimed rows; they are retried after the claim lease")
-            }
-        }
+    }
+    match tokio::time::timeout(Duration::from_secs(2), relay.release_in_flight()).await {
+        Ok(Ok(0)) => {}
+        Ok(Ok(released)) => info!(released, "released claimed rows for other replicas"),
+        Ok(Err(error)) => error!(%error, "could not release claimed rows; they are retried after the claim lease"),
+        Err(_) => error!("releasing claimed rows timed out; they are retried after the claim lease"),
     }
     listener.abort();
-    ops.abort();
     relay.store().close().await;
     info!("stopped");
     Ok(())
+}
+
+/// The two listeners of a process: the API (`/new`, reads) and the ops
+/// listener (probes, metrics), served until the stop signal.
+pub(super) struct Servers {
+    api: JoinHandle<std::io::Result<()>>,
+    ops: JoinHandle<std::io::Result<()>>,
+}
+
+impl Servers {
+    /// Binds both listeners (an error names the address that cannot be
+    /// bound) and serves them until `stopped` turns true.
+    pub(super) async fn start(
+        args: &HttpArgs,
+        state: AppState,
+        stopped: watch::Receiver<bool>,
+    ) -> Result<Self, CliError> {
+        let api_listener = bind(args.listen).await?;
+        let ops_listener = bind(args.metrics_listen).await?;
+        let options = (*state.options).clone();
+        let api = tokio::spawn(http::serve(
+            api_listener,
+            http::api_router(state.clone()),
+            options.clone(),
+            wait_for(stopped.clone()),
+        ));
+        let ops = tokio::spawn(http::serve(ops_listener, http::ops_router(state), options, wait_for(stopped)));
+        Ok(Self { api, ops })
+    }
+
+    /// Lets requests in progress finish until `deadline`, then cuts what is
+    /// left. The ops listener answers probes until the end.
+    pub(super) async fn drain_by(self, deadline: tokio::time::Instant) {
+        let abort = self.api.abort_handle();
+        if tokio::time::timeout_at(deadline, self.api).await.is_err() {
+            warn!("grace period over with HTTP requests still in progress; closing them");
+            abort.abort();
+        }
+        self.ops.abort();
+    }
 }
 
 async fn bind(address: std::net::SocketAddr) -> Result<TcpListener, CliError> {
     TcpListener::bind(address).await.map_err(|e| CliError::Failed(format!("cannot listen on {address}: {e}")))
 }
 
-async fn wait_for(mut stopped: watch::Receiver<bool>) {
+pub(super) async fn wait_for(mut stopped: watch::Receiver<bool>) {
     let _ = stopped.wait_for(|stop| *stop).await;
 }
 

@@ -19,18 +19,14 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, CustomResourceExt, ResourceExt};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::info;
 
 pub use leader::LeaderElector;
 pub use reconcile::{Context, Error, error_policy, reconcile};
 pub use status::{DATABASE_REACHABLE, QUEUE_REACHABLE, READY, StatusWriter};
 pub use supervisor::{Change, Companion, Supervisor};
 
-use crate::cli::{CliError, Global, OperatorArgs};
-use crate::config::ConfigError;
-use crate::http::{self, AppState};
 use crate::metrics::Metrics;
 use crate::relay::RelayId;
 use crate::relay::directory::Relays;
@@ -75,40 +71,56 @@ fn relays_using(store: &Store<TransactionRelay>, namespace: &str, secret: &str) 
         .collect()
 }
 
-pub async fn run(global: &Global, args: OperatorArgs) -> Result<(), CliError> {
-    let default_relay = match &args.default_relay {
-        Some(text) => {
-            let (namespace, name) = text
-                .split_once('/')
-                .filter(|(ns, n)| !ns.is_empty() && !n.is_empty())
-                .ok_or_else(|| ConfigError::new("--default-relay", "must be namespace/name"))?;
-            Some(RelayId::new(namespace, name))
-        }
-        None => None,
-    };
-    if args.http.insecure_no_auth {
-        warn!("--insecure-no-auth: relays without spec.ingest accept /new without a bearer token; never in production");
-    }
-    let client = Client::try_default().await.map_err(|e| CliError::failed(format!("Kubernetes client: {e}")))?;
-    let metrics = Metrics::new();
-    let relays = Arc::new(Relays::new(default_relay));
-    let (stop, stopped) = watch::channel(false);
+/// What the operator needs to know, as plain values (the CLI builds them
+/// from flags and the pod's environment).
+#[derive(Debug, Clone)]
+pub struct OperatorOptions {
+    /// Watch only this namespace (default: all).
+    pub namespace: Option<String>,
+    /// Relays without `spec.ingest` accept `/new` without a token.
+    pub insecure_no_auth: bool,
+    /// Database connections per relay.
+    pub pool_size: u32,
+    /// How long shutdown and reconfiguration wait for in-flight work.
+    pub grace: Duration,
+    /// This replica's name in the leader Lease.
+    pub identity: String,
+    /// Where the leader Lease lives.
+    pub lease_namespace: String,
+    pub lease_duration: Duration,
+}
 
-    let identity = std::env::var("POD_NAME").unwrap_or_else(|_| format!("txrelay-{}", fastrand::u64(..)));
-    let lease_namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "txrelay-system".into());
+/// The operator, in the shape of controller-rs' `controller::run`: reconciles
+/// every `TransactionRelay` into a running relay in `relays` (which the
+/// caller serves over HTTP) until `shutdown` resolves, then stops every
+/// relay at once and returns within `options.grace`.
+pub async fn run(
+    client: Client,
+    relays: Arc<Relays>,
+    metrics: Metrics,
+    options: OperatorOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let (stop, stopped) = watch::channel(false);
     let (leading_tx, leading) = watch::channel(false);
-    let elector = LeaderElector::new(client.clone(), &lease_namespace, MANAGER, &identity, Duration::from_secs(15));
+    let elector = LeaderElector::new(
+        client.clone(),
+        &options.lease_namespace,
+        MANAGER,
+        &options.identity,
+        options.lease_duration,
+    );
     let election = tokio::spawn(elector.run(leading_tx, stopped.clone()));
 
-    let (supervisor, writer) = supervisor(client.clone(), relays.clone(), metrics.clone(), leading, args.http.grace());
-    let reporter = Reporter { controller: MANAGER.into(), instance: Some(identity) };
+    let (supervisor, writer) = supervisor(client.clone(), relays, metrics.clone(), leading, options.grace);
+    let reporter = Reporter { controller: MANAGER.into(), instance: Some(options.identity.clone()) };
     let recorder = Recorder::new(client.clone(), reporter);
-    let mut context =
-        Context::new(client.clone(), supervisor, writer, recorder, metrics.clone(), args.http.insecure_no_auth);
-    context.pool_size = global.db_pool_size;
+    let mut context = Context::new(client.clone(), supervisor, writer, recorder, metrics, options.insecure_no_auth);
+    context.pool_size = options.pool_size;
     let context = Arc::new(context);
 
-    let (relay_api, secret_api): (Api<TransactionRelay>, Api<PartialObjectMeta<KubeSecret>>) = match &args.namespace {
+    let (relay_api, secret_api): (Api<TransactionRelay>, Api<PartialObjectMeta<KubeSecret>>) = match &options.namespace
+    {
         Some(namespace) => (Api::namespaced(client.clone(), namespace), Api::namespaced(client.clone(), namespace)),
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
@@ -138,41 +150,17 @@ pub async fn run(global: &Global, args: OperatorArgs) -> Result<(), CliError> {
         });
     let controller = tokio::spawn(controller);
     let janitor = tokio::spawn(stop_deleted_relays(context.clone(), reader, stopped.clone()));
+    info!(identity = %options.identity, namespace = options.namespace.as_deref().unwrap_or("(all)"), "operator running");
 
-    let options = crate::http::HttpOptions { ready_needs_databases: false, ..args.http.options() };
-    let state = AppState::new(relays, metrics, options.clone());
-    let api = TcpListener::bind(args.http.listen)
-        .await
-        .map_err(|e| CliError::failed(format!("{}: {e}", args.http.listen)))?;
-    let ops = TcpListener::bind(args.http.metrics_listen)
-        .await
-        .map_err(|e| CliError::failed(format!("{}: {e}", args.http.metrics_listen)))?;
-    let wait = |mut stopped: watch::Receiver<bool>| async move {
-        let _ = stopped.wait_for(|stop| *stop).await;
-    };
-    let api_server =
-        tokio::spawn(http::serve(api, http::api_router(state.clone()), options.clone(), wait(stopped.clone())));
-    let ops_server = tokio::spawn(http::serve(ops, http::ops_router(state), options, wait(stopped.clone())));
-    info!(api = %args.http.listen, metrics = %args.http.metrics_listen, "txrelay operator running");
-
-    crate::cli::shutdown_signal().await;
-    let grace = args.http.grace();
-    info!(grace_ms = grace.as_millis() as u64, "shutting down: every relay stops claiming now");
-    // Everything is told at once and stops in parallel, all within one grace
-    // period: the relays finish their sends while the HTTP servers drain,
-    // so several busy relays stop in the time of one.
+    shutdown.await;
+    info!(grace_ms = options.grace.as_millis() as u64, "operator stopping: every relay stops claiming now");
+    // Everything is told at once and stops in parallel, all within one
+    // grace period, so several busy relays stop in the time of one.
     let _ = stop.send(true);
     janitor.abort();
-    let deadline = tokio::time::Instant::now() + grace;
-    tokio::join!(
-        within(deadline, api_server),
-        within(deadline, controller),
-        within(deadline, election),
-        context.supervisor.stop_all(),
-    );
-    ops_server.abort();
-    info!("stopped");
-    Ok(())
+    let deadline = tokio::time::Instant::now() + options.grace;
+    tokio::join!(within(deadline, controller), within(deadline, election), context.supervisor.stop_all());
+    info!("operator stopped");
 }
 
 /// Waits for `task` until `deadline`, then aborts it.

@@ -105,7 +105,8 @@ impl Context {
     async fn apply(&self, resource: &TransactionRelay) -> Result<(Change, RelayHandle), Error> {
         let namespace = resource.namespace().unwrap_or_default();
         let id = relay_id(resource);
-        let settings = match SecretReader::new(self.client.clone(), &namespace).settings(resource, self.pool_size).await {
+        let settings = match SecretReader::new(self.client.clone(), &namespace).settings(resource, self.pool_size).await
+        {
             Ok(settings) => settings,
             Err(error) => {
                 // The ingest tokens' Secret or key gone: a token is being
@@ -250,7 +251,10 @@ pub async fn reconcile(resource: Arc<TransactionRelay>, ctx: Arc<Context>) -> Re
             ctx.event(&resource, EventType::Warning, error.reason(), error.to_string()).await;
             if handle.is_some() {
                 let note = if matches!(error, Error::IngestTokensMissing) || names_ingest_secret(&resource, &error) {
-                    format!("{}: the previous configuration keeps running, and /new refuses every token", error.reason())
+                    format!(
+                        "{}: the previous configuration keeps running, and /new refuses every token",
+                        error.reason()
+                    )
                 } else {
                     format!("{}: the edit was not applied; the previous configuration is still serving", error.reason())
                 };

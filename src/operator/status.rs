@@ -215,13 +215,7 @@ impl StatusWriter {
 
     /// Locks one relay's status for computing and writing it.
     pub async fn slot(&self, id: &RelayId) -> Slot {
-        let cell = self
-            .published
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(id.clone())
-            .or_default()
-            .clone();
+        let cell = self.published.lock().unwrap_or_else(|e| e.into_inner()).entry(id.clone()).or_default().clone();
         Slot(cell.lock_owned().await)
     }
 
@@ -246,7 +240,12 @@ impl StatusWriter {
     /// its heartbeat, at most once a second. Server-side apply makes the
     /// written status the whole truth: a field the operator no longer sets
     /// (a cleared `lastError`) disappears, and conditions merge by `type`.
-    pub async fn write(&self, slot: &mut Slot, id: &RelayId, status: TransactionRelayStatus) -> Result<bool, kube::Error> {
+    pub async fn write(
+        &self,
+        slot: &mut Slot,
+        id: &RelayId,
+        status: TransactionRelayStatus,
+    ) -> Result<bool, kube::Error> {
         if !self.is_leading() {
             // Kept, so that this replica can write it the moment it leads.
             *slot.0 = Some(Published { status, at: None });

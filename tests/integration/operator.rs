@@ -393,8 +393,11 @@ async fn an_invalid_edit_keeps_ready_false_without_flapping_and_does_not_advance
     let written = op.api.status_patches().len();
     // A row backing off changes the backlog, which the follower reports.
     let waiting = insert_created(&db, &new_tx(unique(), "w")).await;
-    db.execute(&format!("UPDATE transactions SET next_attempt_at = now() + interval '1 hour' WHERE id = {}", waiting.id))
-        .await;
+    db.execute(&format!(
+        "UPDATE transactions SET next_attempt_at = now() + interval '1 hour' WHERE id = {}",
+        waiting.id
+    ))
+    .await;
     handle.relay.wake();
     wait_until(Duration::from_secs(30), "the follower writes a status", || async {
         op.api.status_patches().len() > written
@@ -515,8 +518,9 @@ async fn shutdown_stops_every_relay_at_once_within_the_grace_period_leaving_no_r
     let took = started.elapsed();
     assert!(took <= Duration::from_secs(6), "three relays stopped within one 5 s grace period: {took:?}");
     for db in &dbs {
-        let claimed =
-            db.scalar_i64("SELECT count(*) FROM transactions WHERE message_id IS NULL AND claimed_until IS NOT NULL").await;
+        let claimed = db
+            .scalar_i64("SELECT count(*) FROM transactions WHERE message_id IS NULL AND claimed_until IS NOT NULL")
+            .await;
         assert_eq!(claimed, 0, "no row left claimed for a lease to run out");
     }
     drop(db);
@@ -559,15 +563,25 @@ async fn leadership_moves_status_writing_with_it_and_a_replica_without_the_api_s
     let (leading_tx, leading) = watch::channel(false);
     let metrics = Metrics::new();
     let relays = Arc::new(Relays::new(None));
-    let (supervisor, writer) =
-        txrelay::operator::supervisor(api.client.clone(), relays.clone(), metrics.clone(), leading, Duration::from_secs(5));
+    let (supervisor, writer) = txrelay::operator::supervisor(
+        api.client.clone(),
+        relays.clone(),
+        metrics.clone(),
+        leading,
+        Duration::from_secs(5),
+    );
     let recorder = Recorder::new(api.client.clone(), Reporter { controller: "txrelay-test".into(), instance: None });
     let ctx = Arc::new(Context::new(api.client.clone(), supervisor, writer, recorder, metrics, false));
-    let elector = LeaderElector::new(api.client.clone(), "txrelay-system", "txrelay-operator", "pod-a", Duration::from_secs(3));
+    let elector =
+        LeaderElector::new(api.client.clone(), "txrelay-system", "txrelay-operator", "pod-a", Duration::from_secs(3));
     let (stop, stopped) = watch::channel(false);
     let election = tokio::spawn(elector.run(leading_tx, stopped));
     let mut leading = ctx.status.leading();
-    wait_until(Duration::from_secs(5), "pod-a leads", || { let l = *leading.borrow_and_update(); async move { l } }).await;
+    wait_until(Duration::from_secs(5), "pod-a leads", || {
+        let l = *leading.borrow_and_update();
+        async move { l }
+    })
+    .await;
 
     put_secrets(&api, &db, &queue);
     let relay = resource(&db, "dapp", 1);
@@ -595,7 +609,11 @@ async fn leadership_moves_status_writing_with_it_and_a_replica_without_the_api_s
 
     // pod-b gives the lease up: pod-a leads again and its follower writes.
     api.set_lease("txrelay-system", "txrelay-operator", serde_json::json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": "txrelay-operator", "namespace": "txrelay-system"}, "spec": {}}));
-    wait_until(Duration::from_secs(3), "pod-a leads again", || { let l = *leading.borrow_and_update(); async move { l } }).await;
+    wait_until(Duration::from_secs(3), "pod-a leads again", || {
+        let l = *leading.borrow_and_update();
+        async move { l }
+    })
+    .await;
     handle.relay.submit(&new_tx(unique(), "w")).await.unwrap();
     wait_until(Duration::from_secs(30), "the status follower writes again", || async {
         api.status_patches().len() > written
@@ -620,4 +638,52 @@ async fn leadership_moves_status_writing_with_it_and_a_replica_without_the_api_s
     let _ = stop.send(true);
     let _ = election.await;
     ctx.supervisor.stop_all().await;
+}
+
+#[tokio::test]
+async fn the_controller_reconfigures_a_relay_when_a_referenced_secret_changes_and_stops_within_the_grace() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let api = FakeApiServer::start();
+    put_secrets(&api, &db, &queue);
+    api.put_relay(&resource(&db, "dapp", 1));
+    let relays = Arc::new(Relays::new(None));
+    let options = txrelay::operator::OperatorOptions {
+        namespace: None,
+        insecure_no_auth: false,
+        pool_size: 4,
+        grace: Duration::from_secs(5),
+        identity: "pod-a".into(),
+        lease_namespace: "txrelay-system".into(),
+        lease_duration: Duration::from_secs(3),
+    };
+    let (stop, mut stopped) = watch::channel(false);
+    let shutdown = async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+    };
+    let operator =
+        tokio::spawn(txrelay::operator::run(api.client.clone(), relays.clone(), Metrics::new(), options, shutdown));
+    wait_until(Duration::from_secs(20), "the controller starts the relay from the watch", || async {
+        relays.resolve(None).is_ok()
+    })
+    .await;
+    let accepts = |token: &str| relays.resolve(None).is_ok_and(|handle| handle.ingest_tokens.accepts(token));
+    assert!(accepts(INGEST_TOKEN));
+
+    // Only the Secret changes: the controller's Secret watch must notice.
+    api.put_secret(NAMESPACE, "dapp-tokens", &[("ingest", "rotated-ingest-token")]);
+    wait_until(Duration::from_secs(10), "the Secret watch reconfigures the relay", || async {
+        accepts("rotated-ingest-token") && !accepts(INGEST_TOKEN)
+    })
+    .await;
+    wait_until(Duration::from_secs(5), "and says so in an Event", || async {
+        api.events().iter().any(|e| e["reason"] == "RelayReconfigured")
+    })
+    .await;
+
+    let started = std::time::Instant::now();
+    let _ = stop.send(true);
+    operator.await.unwrap();
+    assert!(started.elapsed() <= Duration::from_secs(6), "stopped within the grace period: {:?}", started.elapsed());
+    assert!(relays.resolve(None).is_err(), "no relay left serving");
+    assert!(api.unexpected().is_empty(), "{:?}", api.unexpected());
 }

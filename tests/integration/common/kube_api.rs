@@ -1,16 +1,24 @@
 //! A mocked Kubernetes API server (kube's tower-test pattern): a
 //! `kube::Client` whose requests are answered by a task that keeps Secrets,
 //! TransactionRelays and Leases in memory and records every request, so a
-//! test can assert what the operator asked for and wrote.
+//! test can assert what the operator asked for and wrote. Lists and watches
+//! of TransactionRelays and of Secret metadata are served too (a watch is a
+//! stream of newline-separated events that stays open), so the operator's
+//! controller can run against it as it would against a cluster.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
+use futures::StreamExt;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::BodyExt;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
 use kube::Client;
 use kube::client::Body;
 use serde_json::{Value, json};
+use std::convert::Infallible;
 use txrelay::spec::TransactionRelay;
 
 #[derive(Debug, Clone)]
@@ -22,8 +30,20 @@ pub struct Recorded {
     pub body: Value,
 }
 
+/// One change, as a watch reports it.
+#[derive(Clone)]
+struct Change {
+    version: u64,
+    collection: &'static str,
+    namespace: String,
+    kind: &'static str,
+    object: Value,
+}
+
 #[derive(Default)]
 struct State {
+    changes: Vec<Change>,
+    watchers: Vec<tokio::sync::mpsc::UnboundedSender<Change>>,
     secrets: HashMap<String, Value>,
     relays: HashMap<String, Value>,
     leases: HashMap<String, Value>,
@@ -42,7 +62,7 @@ pub struct FakeApiServer {
 
 impl FakeApiServer {
     pub fn start() -> Self {
-        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<ResponseBody>>();
         let state = Arc::new(Mutex::new(State::default()));
         let served = state.clone();
         tokio::spawn(async move {
@@ -62,11 +82,22 @@ impl FakeApiServer {
                         .to_owned(),
                     body,
                 };
+                let metadata_only = parts
+                    .headers
+                    .get("accept")
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|accept| accept.contains("as=PartialObjectMetadata"));
+                if request.method == Method::GET {
+                    if let Some(response) = list_or_watch(&served, &request, metadata_only) {
+                        respond.send_response(response);
+                        continue;
+                    }
+                }
                 let (status, answer) = answer(&served, request);
                 let response = Response::builder()
                     .status(status)
                     .header("content-type", "application/json")
-                    .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                    .body(Full::new(Bytes::from(serde_json::to_vec(&answer).unwrap())).boxed_unsync())
                     .unwrap();
                 respond.send_response(response);
             }
@@ -78,7 +109,11 @@ impl FakeApiServer {
         let encoded: serde_json::Map<String, Value> =
             data.iter().map(|(k, v)| ((*k).to_owned(), json!(base64_encode(v.as_bytes())))).collect();
         let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": namespace}, "data": encoded});
-        self.state.lock().unwrap().secrets.insert(format!("{namespace}/{name}"), secret);
+        let mut state = self.state.lock().unwrap();
+        let key = format!("{namespace}/{name}");
+        let kind = if state.secrets.contains_key(&key) { "MODIFIED" } else { "ADDED" };
+        let secret = state.changed("secrets", namespace, kind, secret);
+        state.secrets.insert(key, secret);
     }
 
     pub fn put_relay(&self, relay: &TransactionRelay) {
@@ -87,7 +122,11 @@ impl FakeApiServer {
             relay.metadata.namespace.clone().unwrap_or_default(),
             relay.metadata.name.clone().unwrap_or_default()
         );
-        self.state.lock().unwrap().relays.insert(key, serde_json::to_value(relay).unwrap());
+        let namespace = relay.metadata.namespace.clone().unwrap_or_default();
+        let mut state = self.state.lock().unwrap();
+        let kind = if state.relays.contains_key(&key) { "MODIFIED" } else { "ADDED" };
+        let relay = state.changed("transactionrelays", &namespace, kind, serde_json::to_value(relay).unwrap());
+        state.relays.insert(key, relay);
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
@@ -129,8 +168,103 @@ impl FakeApiServer {
     }
 
     pub fn remove_secret(&self, namespace: &str, name: &str) {
-        self.state.lock().unwrap().secrets.remove(&format!("{namespace}/{name}"));
+        let mut state = self.state.lock().unwrap();
+        if let Some(secret) = state.secrets.remove(&format!("{namespace}/{name}")) {
+            state.changed("secrets", namespace, "DELETED", secret);
+        }
     }
+}
+
+type ResponseBody = UnsyncBoxBody<Bytes, Infallible>;
+
+impl State {
+    /// Gives `object` the next resourceVersion, records the change and tells
+    /// every open watch; returns the object as stored.
+    fn changed(&mut self, collection: &'static str, namespace: &str, kind: &'static str, mut object: Value) -> Value {
+        self.version += 1;
+        object["metadata"]["resourceVersion"] = json!(self.version.to_string());
+        let change =
+            Change { version: self.version, collection, namespace: namespace.to_owned(), kind, object: object.clone() };
+        self.watchers.retain(|watcher| watcher.send(change.clone()).is_ok());
+        self.changes.push(change);
+        object
+    }
+}
+
+/// `GET` of a collection (`.../transactionrelays`, `.../secrets`, in one
+/// namespace or all): a list, or with `watch=true` a stream of changes after
+/// the given resourceVersion. `None` for any other request.
+fn list_or_watch(state: &Mutex<State>, request: &Recorded, metadata_only: bool) -> Option<Response<ResponseBody>> {
+    let segments: Vec<&str> = request.path.trim_matches('/').split('/').collect();
+    let (collection, namespace) = match segments.as_slice() {
+        ["apis", "relay.mykobo.io", "v1alpha1", "transactionrelays"] => ("transactionrelays", None),
+        ["apis", "relay.mykobo.io", "v1alpha1", "namespaces", ns, "transactionrelays"] => {
+            ("transactionrelays", Some(*ns))
+        }
+        ["api", "v1", "secrets"] => ("secrets", None),
+        ["api", "v1", "namespaces", ns, "secrets"] => ("secrets", Some(*ns)),
+        _ => return None,
+    };
+    let query: HashMap<&str, &str> = request.query.split('&').filter_map(|pair| pair.split_once('=')).collect();
+    let shown = move |object: &Value| -> Value {
+        if metadata_only {
+            json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": object["metadata"]})
+        } else {
+            object.clone()
+        }
+    };
+    let namespace: Option<String> = namespace.map(str::to_owned);
+    let in_scope = move |ns: &str| namespace.as_deref().is_none_or(|wanted| wanted == ns);
+    let mut state = state.lock().unwrap();
+    state.requests.push(request.clone());
+    if !matches!(query.get("watch"), Some(&"true") | Some(&"1")) {
+        let objects = if collection == "secrets" { &state.secrets } else { &state.relays };
+        let items: Vec<Value> = objects
+            .values()
+            .filter(|o| in_scope(o["metadata"]["namespace"].as_str().unwrap_or_default()))
+            .map(&shown)
+            .collect();
+        let (api_version, kind) = match (collection, metadata_only) {
+            (_, true) => ("meta.k8s.io/v1", "PartialObjectMetadataList"),
+            ("secrets", false) => ("v1", "SecretList"),
+            _ => ("relay.mykobo.io/v1alpha1", "TransactionRelayList"),
+        };
+        let list = json!({"apiVersion": api_version, "kind": kind,
+                          "metadata": {"resourceVersion": state.version.to_string()}, "items": items});
+        return Some(json_response(StatusCode::OK, &list));
+    }
+    let after: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let in_scope_too = in_scope.clone();
+    let relevant = move |change: &Change| change.collection == collection && in_scope_too(&change.namespace);
+    let backlog: Vec<Change> = state.changes.iter().filter(|c| c.version > after && relevant(c)).cloned().collect();
+    let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+    state.watchers.push(sender);
+    let line = move |change: Change| {
+        let mut text = serde_json::to_vec(&json!({"type": change.kind, "object": shown(&change.object)})).unwrap();
+        text.push(b'\n');
+        Ok::<_, Infallible>(Frame::data(Bytes::from(text)))
+    };
+    let line_for_backlog = line.clone();
+    let live = futures::stream::unfold(receiver, |mut receiver| async move {
+        let change = receiver.recv().await?;
+        Some((change, receiver))
+    })
+    .filter(move |change| std::future::ready(relevant(change) && change.version > after));
+    let stream = futures::stream::iter(backlog).map(line_for_backlog).chain(live.map(line));
+    let response = Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .body(StreamBody::new(stream).boxed_unsync())
+        .unwrap();
+    Some(response)
+}
+
+fn json_response(status: StatusCode, value: &Value) -> Response<ResponseBody> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(serde_json::to_vec(value).unwrap())).boxed_unsync())
+        .unwrap()
 }
 
 fn not_found(what: &str) -> (StatusCode, Value) {
@@ -150,7 +284,10 @@ fn conflict() -> (StatusCode, Value) {
 fn answer(state: &Mutex<State>, request: Recorded) -> (StatusCode, Value) {
     let mut state = state.lock().unwrap();
     if state.down {
-        return (StatusCode::SERVICE_UNAVAILABLE, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 503, "reason": "ServiceUnavailable", "message": "the test took the API server away"}));
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 503, "reason": "ServiceUnavailable", "message": "the test took the API server away"}),
+        );
     }
     state.requests.push(request.clone());
     let Recorded { method, path, body, .. } = request;

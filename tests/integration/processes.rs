@@ -343,8 +343,11 @@ async fn slow_and_idle_clients_are_cut_off_on_both_listeners_while_normal_reques
         &["--header-read-timeout", "1s", "--max-connections", "200"],
     )
     .await;
-    let logs = without_colours(&process.logs());
-    assert!(logs.contains("header_read_timeout_ms=1000") && logs.contains("max_connections=200"), "{logs}");
+    wait_until(Duration::from_secs(10), "the limits are logged at start", || async {
+        let logs = without_colours(&process.logs());
+        logs.contains("header_read_timeout_ms=1000") && logs.contains("max_connections=200")
+    })
+    .await;
     let mut slow = Vec::new();
     for i in 0..64 {
         let address = if i % 4 == 0 { process.metrics } else { process.api };

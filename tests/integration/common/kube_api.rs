@@ -244,13 +244,12 @@ fn list_or_watch(state: &Mutex<State>, request: &Recorded, metadata_only: bool) 
         text.push(b'\n');
         Ok::<_, Infallible>(Frame::data(Bytes::from(text)))
     };
-    let line_for_backlog = line.clone();
     let live = futures::stream::unfold(receiver, |mut receiver| async move {
         let change = receiver.recv().await?;
         Some((change, receiver))
     })
     .filter(move |change| std::future::ready(relevant(change) && change.version > after));
-    let stream = futures::stream::iter(backlog).map(line_for_backlog).chain(live.map(line));
+    let stream = futures::stream::iter(backlog).map(line).chain(live.map(line));
     let response = Response::builder()
         .status(StatusCode::OK)
         .header("content-type", "application/json")

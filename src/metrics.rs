@@ -19,6 +19,7 @@ pub struct Metrics {
     queue_reachable: IntGaugeVec,
     sweep_duration: HistogramVec,
     send_batch_size: HistogramVec,
+    ingest_group_size: HistogramVec,
     http_duration: HistogramVec,
     pub reconcile_total: IntCounter,
     pub reconcile_errors: IntCounterVec,
@@ -118,6 +119,12 @@ impl Metrics {
                 relay,
             )
             .expect("valid metric"),
+            ingest_group_size: HistogramVec::new(
+                HistogramOpts::new("txrelay_ingest_group_size", "/new requests committed together in one INSERT")
+                    .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 100.0]),
+                relay,
+            )
+            .expect("valid metric"),
             http_duration: HistogramVec::new(
                 HistogramOpts::new("txrelay_http_request_duration_seconds", "HTTP request duration")
                     .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
@@ -149,6 +156,7 @@ impl Metrics {
             Box::new(self.queue_reachable.clone()),
             Box::new(self.sweep_duration.clone()),
             Box::new(self.send_batch_size.clone()),
+            Box::new(self.ingest_group_size.clone()),
             Box::new(self.http_duration.clone()),
             Box::new(self.reconcile_total.clone()),
             Box::new(self.reconcile_errors.clone()),
@@ -243,6 +251,10 @@ impl RelayMetrics {
         self.metrics.send_batch_size.with_label_values(&[&self.relay]).observe(entries as f64);
     }
 
+    pub fn ingest_group(&self, rows: usize) {
+        self.metrics.ingest_group_size.with_label_values(&[&self.relay]).observe(rows as f64);
+    }
+
     /// Forgets this relay's series (the relay was deleted).
     pub fn remove(&self) {
         let m = &self.metrics;
@@ -253,6 +265,7 @@ impl RelayMetrics {
         let _ = m.queue_reachable.remove_label_values(&relay);
         let _ = m.sweep_duration.remove_label_values(&relay);
         let _ = m.send_batch_size.remove_label_values(&relay);
+        let _ = m.ingest_group_size.remove_label_values(&relay);
         for outcome in ["created", "replayed", "rejected"] {
             let _ = m.accepted.remove_label_values(&[self.relay.as_str(), outcome]);
         }

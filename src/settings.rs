@@ -39,6 +39,8 @@ pub enum StartError {
     Store(#[from] crate::store::StoreError),
     #[error("queue: {0}")]
     Queue(#[from] crate::queue::sqs::SqsConfigError),
+    #[error("the process is stopping")]
+    Stopping,
 }
 
 /// One relay, ready to serve: its store (lazily connected), queue client and
@@ -48,6 +50,10 @@ pub struct RelayHandle {
     pub relay: Arc<Relay>,
     pub ingest_tokens: TokenSet,
     pub admin_tokens: TokenSet,
+    /// `/new` needs a token (tokens are configured, or the spec names their
+    /// Secret): `--insecure-no-auth` never opens such a relay, not even
+    /// while its tokens are revoked.
+    pub ingest_required: bool,
 }
 
 impl RelaySettings {
@@ -88,6 +94,7 @@ impl RelaySettings {
             relay: Arc::new(relay),
             ingest_tokens: self.ingest_tokens.clone(),
             admin_tokens: self.admin_tokens.clone(),
+            ingest_required: self.spec.ingest.is_some() || !self.ingest_tokens.is_empty(),
         })
     }
 }

@@ -65,22 +65,33 @@ pub async fn run(global: &Global, args: RunArgs) -> Result<(), CliError> {
     info!("shutting down: no new claims; finishing in-flight sends");
     let _ = stop.send(true);
     let grace = args.http.grace();
+    // The last part of the grace period is kept for giving rows back.
     let deadline = tokio::time::Instant::now() + grace;
-    let (_, finished) = tokio::join!(servers.drain_by(deadline), tokio::time::timeout_at(deadline, engine));
+    let sends_by = deadline - RELEASE_RESERVE.min(grace / 4);
+    let engine_abort = engine.abort_handle();
+    let (_, finished) = tokio::join!(servers.drain_by(sends_by), tokio::time::timeout_at(sends_by, engine));
     if finished.is_err() {
+        // Stopped for good before its rows are released: a sweep still
+        // running would otherwise record over rows given back.
+        engine_abort.abort();
         warn!(grace_ms = grace.as_millis() as u64, "grace period over; releasing rows still in flight");
     }
-    match tokio::time::timeout(Duration::from_secs(2), relay.release_in_flight()).await {
+    match tokio::time::timeout_at(deadline, relay.release_in_flight()).await {
         Ok(Ok(0)) => {}
         Ok(Ok(released)) => info!(released, "released claimed rows for other replicas"),
         Ok(Err(error)) => error!(%error, "could not release claimed rows; they are retried after the claim lease"),
         Err(_) => error!("releasing claimed rows timed out; they are retried after the claim lease"),
     }
     listener.abort();
-    relay.store().close().await;
+    if tokio::time::timeout(Duration::from_secs(1), relay.store().close()).await.is_err() {
+        warn!("closing the database connections timed out");
+    }
     info!("stopped");
     Ok(())
 }
+
+/// The part of the grace period kept for giving claimed rows back.
+const RELEASE_RESERVE: Duration = Duration::from_secs(2);
 
 /// The two listeners of a process: the API (`/new`, reads) and the ops
 /// listener (probes, metrics), served until the stop signal.

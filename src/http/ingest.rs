@@ -74,8 +74,10 @@ pub enum Access {
 /// Checks the bearer token, then finds the relay. The token is checked
 /// first against every relay served here, so that a caller without a valid
 /// token learns nothing from the answer, not even which relays exist (404
-/// against 401). Only `POST /new` of a relay with no ingest token, under
-/// `--insecure-no-auth`, lets a request through without one.
+/// against 401). Only `POST /new` of a relay that needs no ingest token (none
+/// configured, none named by its spec), under `--insecure-no-auth`, lets a
+/// request through without one; a relay whose tokens were revoked refuses
+/// every request.
 pub fn authorize(
     state: &AppState,
     target: Option<&crate::relay::RelayId>,
@@ -85,7 +87,7 @@ pub fn authorize(
     let presented = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let admits = |handle: &RelayHandle| match access {
         Access::Ingest => {
-            (state.options.insecure_no_auth && handle.ingest_tokens.is_empty())
+            (state.options.insecure_no_auth && !handle.ingest_required && handle.ingest_tokens.is_empty())
                 || handle.ingest_tokens.accepts_header(presented)
         }
         Access::Admin => handle.admin_tokens.accepts_header(presented),

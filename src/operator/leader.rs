@@ -124,10 +124,16 @@ impl LeaderElector {
     pub async fn run(self, leading: watch::Sender<bool>, mut stop: watch::Receiver<bool>) {
         let period = self.duration / 3;
         loop {
-            let now_leading = match self.try_lead().await {
-                Ok(leading) => leading,
-                Err(error) => {
+            // A renewal that hangs must not leave this replica believing it
+            // leads after its lease ran out: it gets a third of the lease.
+            let now_leading = match tokio::time::timeout(period, self.try_lead()).await {
+                Ok(Ok(leading)) => leading,
+                Ok(Err(error)) => {
                     warn!(%error, "leader election failed; acting as a follower");
+                    false
+                }
+                Err(_) => {
+                    warn!("leader election timed out; acting as a follower");
                     false
                 }
             };

@@ -38,6 +38,8 @@ pub enum Error {
     InvalidQueue(String),
     #[error("Kubernetes API error: {0}")]
     Kube(#[source] kube::Error),
+    #[error("the operator is stopping")]
+    Stopping,
 }
 
 impl Error {
@@ -52,6 +54,7 @@ impl Error {
             Self::DatabaseUnreachable(_) => "DatabaseUnreachable",
             Self::InvalidQueue(_) => "InvalidQueue",
             Self::Kube(_) => "KubernetesApiError",
+            Self::Stopping => "OperatorStopping",
         }
     }
 
@@ -66,6 +69,7 @@ impl From<StartError> for Error {
         match error {
             StartError::Store(store) => Self::DatabaseUnreachable(store.to_string()),
             StartError::Queue(queue) => Self::InvalidQueue(queue.to_string()),
+            StartError::Stopping => Self::Stopping,
         }
     }
 }
@@ -105,25 +109,22 @@ impl Context {
     async fn apply(&self, resource: &TransactionRelay) -> Result<(Change, RelayHandle), Error> {
         let namespace = resource.namespace().unwrap_or_default();
         let id = relay_id(resource);
-        let settings = match SecretReader::new(self.client.clone(), &namespace).settings(resource, self.pool_size).await
-        {
-            Ok(settings) => settings,
-            Err(error) => {
-                // The ingest tokens' Secret or key gone: a token is being
-                // revoked, and the old configuration must not keep
-                // accepting it. Other failures leave the old one serving.
-                if names_ingest_secret(resource, &error) {
-                    self.supervisor.revoke_ingest(&id).await;
-                }
-                return Err(error);
-            }
-        };
-        if settings.ingest_tokens.is_empty() && !self.insecure_no_auth {
-            // An emptied key is how a leaked token is revoked: /new now
-            // refuses every token (fail closed) until one is set again.
-            self.supervisor.revoke_ingest(&id).await;
+        let reader = SecretReader::new(self.client.clone(), &namespace);
+        // The tokens first, each on its own, and applied to the running
+        // relay whatever else this edit gets wrong: a token removed from
+        // its Secret (leaked, revoked) stops working at once, and a rotated
+        // one works at once. Only an API error leaves them as they were.
+        let spec = &resource.spec;
+        let ingest = reader.tokens(spec.ingest.as_ref().map(|i| &i.token_secret_ref)).await;
+        let admin = reader.tokens(spec.admin.as_ref().map(|a| &a.token_secret_ref)).await;
+        if !matches!(ingest, Err(Error::Kube(_))) && !matches!(admin, Err(Error::Kube(_))) {
+            self.supervisor.set_tokens(&id, ingest.as_ref().ok(), admin.as_ref().ok()).await;
+        }
+        let (ingest_tokens, admin_tokens) = (ingest?, admin?);
+        if ingest_tokens.is_empty() && !self.insecure_no_auth {
             return Err(Error::IngestTokensMissing);
         }
+        let settings = reader.settings(resource, self.pool_size, ingest_tokens, admin_tokens).await?;
         let (change, handle) = self.supervisor.ensure(&settings, fingerprint(&settings)).await?;
         handle.relay.refresh_gauges().await.map_err(|e| Error::DatabaseUnreachable(e.to_string()))?;
         if !settings.spec.suspend {
@@ -183,19 +184,6 @@ impl Context {
     }
 }
 
-/// Whether `error` is about the Secret (or key) holding the relay's ingest tokens.
-fn names_ingest_secret(resource: &TransactionRelay, error: &Error) -> bool {
-    let Some(ingest) = resource.spec.ingest.as_ref() else { return false };
-    let name = &ingest.token_secret_ref.name;
-    match error {
-        Error::SecretNotFound(secret) => secret == name,
-        Error::SecretKeyMissing(secret, key) | Error::SecretKeyInvalid(secret, key) => {
-            secret == name && key == ingest.token_secret_ref.key_or("tokens")
-        }
-        _ => false,
-    }
-}
-
 fn relay_id(resource: &TransactionRelay) -> RelayId {
     RelayId::new(resource.namespace().unwrap_or_default(), resource.name_any())
 }
@@ -250,14 +238,11 @@ pub async fn reconcile(resource: Arc<TransactionRelay>, ctx: Arc<Context>) -> Re
             info!(relay = %id, reason = error.reason(), %error, "reconcile failed");
             ctx.event(&resource, EventType::Warning, error.reason(), error.to_string()).await;
             if handle.is_some() {
-                let note = if matches!(error, Error::IngestTokensMissing) || names_ingest_secret(&resource, &error) {
-                    format!(
-                        "{}: the previous configuration keeps running, and /new refuses every token",
-                        error.reason()
-                    )
-                } else {
-                    format!("{}: the edit was not applied; the previous configuration is still serving", error.reason())
-                };
+                let note = format!(
+                    "{}: the edit was not applied; the previous configuration is still serving, \
+                     with the tokens its Secrets hold now",
+                    error.reason()
+                );
                 ctx.event(&resource, EventType::Warning, "PreviousConfigurationServing", note).await;
             }
             Err(error)

@@ -42,15 +42,23 @@ impl SecretReader {
             .ok_or_else(|| Error::SecretKeyMissing(reference.name.clone(), key.into()))
     }
 
-    async fn tokens(&self, reference: Option<&SecretKeyRef>) -> Result<TokenSet, Error> {
+    /// The tokens of a Secret key (none when the spec names no Secret).
+    pub async fn tokens(&self, reference: Option<&SecretKeyRef>) -> Result<TokenSet, Error> {
         match reference {
             Some(reference) => Ok(TokenSet::parse(&self.key(reference, "tokens").await?)),
             None => Ok(TokenSet::default()),
         }
     }
 
-    /// Everything a relay needs, read fresh from the API server.
-    pub async fn settings(&self, relay: &TransactionRelay, pool_size: u32) -> Result<RelaySettings, Error> {
+    /// Everything a relay needs, read fresh from the API server, with the
+    /// tokens already read (they are read first and on their own).
+    pub async fn settings(
+        &self,
+        relay: &TransactionRelay,
+        pool_size: u32,
+        ingest_tokens: TokenSet,
+        admin_tokens: TokenSet,
+    ) -> Result<RelaySettings, Error> {
         let spec = &relay.spec;
         spec.validate().map_err(Error::InvalidSpec)?;
         let database_url = self.key(&spec.database.secret_ref, "url").await?;
@@ -76,8 +84,6 @@ impl SecretReader {
             secret_access_key: optional(&mut queue, "secretAccessKey").map(Secret::new),
             ledger_token: optional(&mut queue, "ledgerToken").map(Secret::new),
         };
-        let ingest_tokens = self.tokens(spec.ingest.as_ref().map(|i| &i.token_secret_ref)).await?;
-        let admin_tokens = self.tokens(spec.admin.as_ref().map(|a| &a.token_secret_ref)).await?;
         Ok(RelaySettings {
             id: RelayId::new(relay.namespace().unwrap_or_default(), relay.name_any()),
             spec: spec.clone(),
@@ -91,7 +97,9 @@ impl SecretReader {
 }
 
 /// A digest of everything that, when changed, means the relay must be
-/// rebuilt: the spec and every secret value. Never printed.
+/// rebuilt: the spec and every secret value but the tokens, which are
+/// applied to the running relay as they are (a rotation or a revocation
+/// must never wait on a rebuild that may fail). Never printed.
 pub fn fingerprint(settings: &RelaySettings) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     serde_json::to_string(&settings.spec).unwrap_or_default().hash(&mut hasher);
@@ -101,7 +109,5 @@ pub fn fingerprint(settings: &RelaySettings) -> u64 {
     (&q.queue_url, &q.region, &q.endpoint_url, &q.access_key_id).hash(&mut hasher);
     q.secret_access_key.as_ref().map(Secret::expose).hash(&mut hasher);
     q.ledger_token.as_ref().map(Secret::expose).hash(&mut hasher);
-    settings.ingest_tokens.hash(&mut hasher);
-    settings.admin_tokens.hash(&mut hasher);
     hasher.finish()
 }

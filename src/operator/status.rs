@@ -259,6 +259,11 @@ impl StatusWriter {
                 }
                 if let Some(wait) = MIN_INTERVAL.checked_sub(at.elapsed()) {
                     tokio::time::sleep(wait).await;
+                    // Leadership may have moved while waiting.
+                    if !self.is_leading() {
+                        *slot.0 = Some(Published { status, at: None });
+                        return Ok(false);
+                    }
                 }
             }
         }
@@ -322,9 +327,17 @@ impl StatusWriter {
                     Some(failure) => Phase::Failed(failure),
                     None => Phase::Running { suspended: relay.config().suspend },
                 };
-                let generation = previous.observed_generation.take();
-                let mut status = desired(&phase, Some(&snapshot), generation, &previous);
-                status.observed_generation = generation;
+                // The conditions keep the generation the reconciler judged
+                // (a failed edit's, too); the status keeps the applied one.
+                let observed = previous.observed_generation.take();
+                let judged = previous
+                    .conditions
+                    .iter()
+                    .find(|c| c.type_ == READY)
+                    .and_then(|c| c.observed_generation)
+                    .or(observed);
+                let mut status = desired(&phase, Some(&snapshot), judged, &previous);
+                status.observed_generation = observed;
                 if let Err(error) = self.write(&mut slot, relay.id(), status).await {
                     warn!(relay = %relay.id(), %error, "could not write status");
                 }

@@ -32,8 +32,10 @@ pub enum Change {
     Unchanged,
 }
 
-/// The ceiling on giving back claimed rows at shutdown.
-const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The part of the grace period kept for giving claimed rows back.
+const RELEASE_RESERVE: Duration = Duration::from_secs(2);
+/// The ceiling on closing a relay's database connections.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub struct Supervisor {
     relays: Arc<Relays>,
@@ -41,11 +43,20 @@ pub struct Supervisor {
     running: Mutex<HashMap<RelayId, Running>>,
     companion: Companion,
     grace: Duration,
+    /// Set by `stop_all`: nothing starts any more.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 impl Supervisor {
     pub fn new(relays: Arc<Relays>, metrics: Metrics, companion: Companion, grace: Duration) -> Self {
-        Self { relays, metrics, running: Mutex::new(HashMap::new()), companion, grace }
+        Self {
+            relays,
+            metrics,
+            running: Mutex::new(HashMap::new()),
+            companion,
+            grace,
+            closing: std::sync::atomic::AtomicBool::new(false),
+        }
     }
 
     pub fn relays(&self) -> &Arc<Relays> {
@@ -61,9 +72,12 @@ impl Supervisor {
         settings: &RelaySettings,
         fingerprint: u64,
     ) -> Result<(Change, RelayHandle), StartError> {
-        if let Some(current) = self.running.lock().await.get(&settings.id).filter(|r| r.fingerprint == fingerprint) {
-            // Serve it with its own tokens again, should they have been
-            // revoked while its Secret was missing or empty.
+        if let Some(current) = self.running.lock().await.get_mut(&settings.id).filter(|r| r.fingerprint == fingerprint)
+        {
+            // Tokens are not part of the fingerprint: they are applied to
+            // the running relay as they are.
+            current.handle.ingest_tokens = settings.ingest_tokens.clone();
+            current.handle.admin_tokens = settings.admin_tokens.clone();
             self.relays.insert(current.handle.clone());
             return Ok((Change::Unchanged, current.handle.clone()));
         }
@@ -79,11 +93,18 @@ impl Supervisor {
             tokio::spawn(listen_for_due_rows(relay.clone(), stopped.clone())),
             (self.companion)(relay.clone(), stopped),
         ];
-        self.relays.insert(handle.clone());
+        let new = Running { fingerprint, handle: handle.clone(), stop, tasks };
         let previous = {
             let mut running = self.running.lock().await;
-            let previous =
-                running.insert(settings.id.clone(), Running { fingerprint, handle: handle.clone(), stop, tasks });
+            // Checked under the lock `stop_all` takes: a relay built while
+            // the process shuts down is stopped, never left claiming.
+            if self.closing.load(std::sync::atomic::Ordering::Acquire) {
+                drop(running);
+                self.shut_down_all(vec![new], false).await;
+                return Err(StartError::Stopping);
+            }
+            self.relays.insert(handle.clone());
+            let previous = running.insert(settings.id.clone(), new);
             self.metrics.relays.set(running.len() as i64);
             previous
         };
@@ -109,16 +130,23 @@ impl Supervisor {
         self.running.lock().await.keys().cloned().collect()
     }
 
-    /// Fails a running relay's `/new` closed: its ingest tokens are gone
-    /// (revoked), so no token is accepted until they are set again and the
-    /// relay is reconciled.
-    pub async fn revoke_ingest(&self, id: &RelayId) {
-        if let Some(running) = self.running.lock().await.get(id) {
-            let mut revoked = running.handle.clone();
-            revoked.ingest_tokens = TokenSet::default();
-            self.relays.insert(revoked);
+    /// Applies tokens read from the Secrets to a running relay at once;
+    /// `None` means they could not be read (the Secret or key is gone):
+    /// revoked, so that set accepts no token (fail closed).
+    pub async fn set_tokens(&self, id: &RelayId, ingest: Option<&TokenSet>, admin: Option<&TokenSet>) {
+        let mut running = self.running.lock().await;
+        let Some(current) = running.get_mut(id) else { return };
+        let ingest = ingest.cloned().unwrap_or_default();
+        let admin = admin.cloned().unwrap_or_default();
+        if current.handle.ingest_tokens == ingest && current.handle.admin_tokens == admin {
+            return;
+        }
+        if ingest.is_empty() {
             warn!(relay = %id, "ingest tokens revoked: /new refuses every token");
         }
+        current.handle.ingest_tokens = ingest;
+        current.handle.admin_tokens = admin;
+        self.relays.insert(current.handle.clone());
     }
 
     /// Stops every relay for which `keep` is false (its resource is gone).
@@ -136,8 +164,13 @@ impl Supervisor {
         self.shut_down_all(gone, true).await;
     }
 
-    /// Stops every relay at once, all within one grace period (shutdown).
+    /// Stops every relay at once, all within one grace period (shutdown);
+    /// nothing starts afterwards.
     pub async fn stop_all(&self) {
+        {
+            let _running = self.running.lock().await;
+            self.closing.store(true, std::sync::atomic::Ordering::Release);
+        }
         self.retain(|_| false).await;
     }
 
@@ -167,7 +200,9 @@ impl Supervisor {
         }
         let _ = relay.stop.send(true);
         let aborts: Vec<_> = relay.tasks.iter().map(JoinHandle::abort_handle).collect();
-        let finished = tokio::time::timeout_at(deadline, futures::future::join_all(relay.tasks)).await;
+        // The last part of the grace period is kept for giving rows back.
+        let sends_by = deadline - RELEASE_RESERVE.min(self.grace / 4);
+        let finished = tokio::time::timeout_at(sends_by, futures::future::join_all(relay.tasks)).await;
         if finished.is_err() {
             for abort in aborts {
                 abort.abort();
@@ -176,7 +211,7 @@ impl Supervisor {
         }
         // Whatever the loop could not finish goes back now, so no other
         // replica waits a whole lease for it. Bounded like every call.
-        match tokio::time::timeout(RELEASE_TIMEOUT, relay.handle.relay.release_in_flight()).await {
+        match tokio::time::timeout_at(deadline, relay.handle.relay.release_in_flight()).await {
             Ok(Ok(0)) => {}
             Ok(Ok(released)) => info!(relay = %id, released, "released claimed rows for other replicas"),
             Ok(Err(error)) => {
@@ -189,6 +224,8 @@ impl Supervisor {
         if !relay.handle.relay.requests_finished_by(deadline).await {
             warn!(relay = %id, "grace period over with requests still in progress; closing the store");
         }
-        relay.handle.relay.store().close().await;
+        if tokio::time::timeout(CLOSE_TIMEOUT, relay.handle.relay.store().close()).await.is_err() {
+            warn!(relay = %id, "closing the database connections timed out");
+        }
     }
 }

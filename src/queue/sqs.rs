@@ -263,6 +263,7 @@ fn is_queue_code(code: &str) -> bool {
 /// culprit, and a single message refused with one is dead-lettered.
 /// Everything else SQS says about a whole call concerns the queue.
 fn is_message_code(code: &str) -> bool {
+    let code = code.rsplit('.').next().unwrap_or(code);
     matches!(
         code,
         "InvalidParameterValue"

@@ -4,6 +4,7 @@
 pub mod backoff;
 pub mod directory;
 mod engine;
+mod ingest;
 pub mod message;
 mod recorder;
 mod sweep;
@@ -21,12 +22,12 @@ use tracing::{info, warn};
 pub use engine::{listen_for_due_rows, run_loop};
 pub use sweep::{RetryAllReport, SweepReport};
 
-use crate::metrics::{Accepted, FailureLabel, RelayMetrics, SendPath};
+use crate::metrics::{FailureLabel, RelayMetrics};
 use crate::queue::{FailureKind, Queue, SendFailure};
 use crate::secret::Secret;
 use crate::spec::TransactionRelaySpec;
-use crate::store::{ClaimRef, Conflict, FailedSend, Gauges, InsertOutcome, Store, StoreError};
-use crate::transaction::{NewTransaction, Transaction};
+use crate::store::{ClaimRef, Conflict, FailedSend, Gauges, Store, StoreError};
+use crate::transaction::Transaction;
 use backoff::Backoff;
 use recorder::SentRecorder;
 
@@ -86,10 +87,10 @@ impl RelayConfig {
         self.inline_send_timeout * 2 + Duration::from_secs(1)
     }
 
-    /// The ceiling on one call to the queue: a quarter of the claim lease
+    /// The ceiling on one call to the queue: a third of the claim lease
     /// (1-10 s), so a hung connection cannot outlive the claim.
     pub fn call_timeout(&self) -> Duration {
-        (self.claim_lease / 4).clamp(Duration::from_secs(1), Duration::from_secs(10))
+        (self.claim_lease / 3).clamp(Duration::from_secs(1), Duration::from_secs(10))
     }
 
     /// What a claim must still have left for a call to start: the call's
@@ -139,14 +140,18 @@ pub struct Relay {
     rng: Mutex<fastrand::Rng>,
     wake: Notify,
     queue_up: AtomicBool,
-    /// GetQueueAttributes was denied once: it is not asked again.
-    queue_check_denied: AtomicBool,
+    /// GetQueueAttributes was asked: it is not asked again.
+    queue_check_asked: AtomicBool,
     /// Rows claimed by this process and not yet recorded: released if the
     /// process has to stop before their results are in.
     in_flight: Mutex<HashMap<i64, ClaimRef>>,
     health: watch::Sender<RelayHealth>,
     /// HTTP requests being answered by this relay (see [`Relay::enter`]).
     requests: watch::Sender<usize>,
+    /// The group-commit task's queue, started by the first `/new`.
+    ingest: std::sync::OnceLock<ingest::Requests>,
+    /// Requests in that queue, not yet taken into a group.
+    waiting: watch::Sender<usize>,
 }
 
 /// Held while an HTTP request is being answered by a relay: its store is
@@ -191,10 +196,12 @@ impl Relay {
             rng: Mutex::new(fastrand::Rng::new()),
             wake: Notify::new(),
             queue_up: AtomicBool::new(true),
-            queue_check_denied: AtomicBool::new(false),
+            queue_check_asked: AtomicBool::new(false),
             in_flight: Mutex::new(HashMap::new()),
             health: watch::Sender::new(RelayHealth::default()),
             requests: watch::Sender::new(0),
+            ingest: std::sync::OnceLock::new(),
+            waiting: watch::Sender::new(0),
         }
     }
 
@@ -312,130 +319,11 @@ impl Relay {
         self.metrics.send_failures(label, count);
     }
 
-    /// Commits a transaction, then tries to send it inline. A failed or slow
-    /// send never fails the request: the row is committed and the loop will
-    /// deliver it.
-    #[tracing::instrument(skip_all, fields(relay = %self.id, reference = %tx.reference, idempotency_key = %tx.idempotency_key))]
-    pub async fn submit(&self, tx: &NewTransaction) -> Result<Submission, StoreError> {
-        let inline = !self.config.suspend && self.queue_is_up();
-        let lease_ms = if inline { millis(self.config.inline_lease()) } else { 0 };
-        let outcome = self.store.insert(tx, lease_ms, self.is_fifo()).await;
-        self.mark_database(outcome.as_ref().err().filter(|e| e.is_unavailable()));
-        let (transaction, held_back, claim) = match outcome? {
-            InsertOutcome::Created { transaction, held_back, claim } => (transaction, held_back, claim),
-            InsertOutcome::Replayed(existing) => {
-                self.metrics.accepted(Accepted::Replayed);
-                info!(id = existing.id, "replayed: same idempotency key and content");
-                return Ok(Submission::Replayed(existing));
-            }
-            InsertOutcome::Conflict(conflict) => {
-                self.metrics.accepted(Accepted::Rejected);
-                info!(field = conflict.field(), "conflict with a stored transaction");
-                return Ok(Submission::Conflict(conflict));
-            }
-        };
-        self.metrics.accepted(Accepted::Created);
-        info!(id = transaction.id, "committed");
-        if !inline {
-            self.wake();
-            return Ok(Submission::Queued(transaction));
-        }
-        if held_back {
-            // FIFO: an older row of this wallet is still unsent; this one
-            // goes after it, through the loop. The row is committed whatever
-            // happens to the release: if it fails, the row waits out its
-            // short inline lease instead, and the answer is still 202.
-            info!(id = transaction.id, "held back behind an older unsent transaction of the same wallet");
-            if let Err(error) = self.store.release(&[claim]).await {
-                warn!(id = transaction.id, %error, "could not release the held-back row; it is swept after its inline lease");
-            }
-            return Ok(Submission::Queued(transaction));
-        }
-        Ok(self.send_inline(transaction, claim, &tx.payload).await)
-    }
-
-    async fn send_inline(&self, transaction: Transaction, claim: ClaimRef, payload: &str) -> Submission {
-        let message = match message::body(payload, self.ledger_token.as_ref()) {
-            Ok(body) => crate::queue::OutboundMessage {
-                id: transaction.id,
-                body,
-                idempotency_key: transaction.idempotency_key.clone(),
-                reference: transaction.reference.clone(),
-                source: transaction.source.clone(),
-                group_id: transaction.wallet_address.clone(),
-            },
-            Err(error) => {
-                return self.inline_failed(transaction, claim, SendFailure::message(error)).await;
-            }
-        };
-        let sent = tokio::time::timeout(self.config.inline_send_timeout, self.queue.send(&message)).await;
-        let message_id = match sent {
-            Ok(Ok(message_id)) => message_id,
-            Ok(Err(failure)) => return self.inline_failed(transaction, claim, failure).await,
-            Err(_) => {
-                let failure = SendFailure::unreachable(format!(
-                    "inline send timed out after {:?}",
-                    self.config.inline_send_timeout
-                ));
-                return self.inline_failed(transaction, claim, failure).await;
-            }
-        };
-        self.mark_queue(true, None);
-        self.metrics.sent(SendPath::Inline, 1);
-        info!(id = transaction.id, message_id = %message_id, "sent inline");
-        match self.record_with_retry(|| self.sent_recorder.record(vec![(claim, message_id.clone())])).await {
-            Ok(mut rows) if !rows.is_empty() => Submission::Sent(rows.remove(0)),
-            // Already recorded by someone else: nothing more to do.
-            Ok(_) => Submission::Sent(transaction),
-            Err(error) => {
-                // Sent but not recorded: the row is swept again after its lease,
-                // a duplicate the ledger drops by idempotency key.
-                warn!(id = transaction.id, %error, "sent but could not record the message id");
-                Submission::Queued(transaction)
-            }
-        }
-    }
-
-    async fn inline_failed(&self, transaction: Transaction, claim: ClaimRef, failure: SendFailure) -> Submission {
-        self.count_failures(failure.kind, 1);
-        let recorded = if failure.holds() {
-            self.mark_queue(false, Some(&failure));
-            warn!(id = transaction.id, error = %failure, "inline send refused by the queue; the relay will send it, no attempt counted");
-            let held = [(claim, failure.message.clone())];
-            self.record_with_retry(|| self.store.hold(&held)).await
-        } else {
-            if failure.dead_letters() {
-                warn!(id = transaction.id, error = %failure, "inline send refused for good; dead-lettered");
-            } else {
-                warn!(id = transaction.id, error = %failure, "inline send failed; the relay will retry");
-            }
-            let failed = self.failed_send(claim, transaction.attempts, &failure);
-            self.record_with_retry(|| {
-                self.store.record_failures(std::slice::from_ref(&failed), self.config.max_attempts)
-            })
-            .await
-        };
-        self.wake();
-        let store = self.store.clone();
-        tokio::spawn(async move {
-            if let Err(error) = store.notify_due().await {
-                warn!(%error, "could not notify other replicas");
-            }
-        });
-        match recorded {
-            Ok(mut rows) if !rows.is_empty() => Submission::Queued(rows.remove(0)),
-            Ok(_) => Submission::Queued(transaction),
-            Err(error) => {
-                // The row keeps its inline lease and is swept when it runs out.
-                warn!(id = transaction.id, %error, "could not record the failed inline send");
-                Submission::Queued(transaction)
-            }
-        }
-    }
-
     /// Recording a result is retried briefly: a blip must not turn a
-    /// delivered message into a duplicate.
-    async fn record_with_retry<T, F, Fut>(&self, mut record: F) -> Result<T, StoreError>
+    /// delivered message into a duplicate. Never past `deadline` (the end of
+    /// the claim): after it the row may be another process's, and the claim
+    /// token would refuse the write anyway.
+    async fn record_with_retry<T, F, Fut>(&self, deadline: tokio::time::Instant, mut record: F) -> Result<T, StoreError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, StoreError>>,
@@ -443,7 +331,7 @@ impl Relay {
         let mut delay = Duration::from_millis(100);
         for _ in 0..3 {
             match record().await {
-                Err(error) if error.is_unavailable() => {
+                Err(error) if error.is_unavailable() && tokio::time::Instant::now() + delay < deadline => {
                     tokio::time::sleep(delay).await;
                     delay *= 2;
                 }
@@ -488,6 +376,8 @@ pub enum QueueCheck {
     /// The IAM policy does not allow the look (a send-only policy): the
     /// relay's sends will tell.
     NotAllowed,
+    /// Asked already: once per relay is enough.
+    Skipped,
     Refused(SendFailure),
 }
 
@@ -497,8 +387,10 @@ impl Relay {
     /// starts or is reconfigured. Nothing depends on it: once denied, it is
     /// not asked again, and delivery always learns the truth by sending.
     pub async fn check_queue(&self) -> QueueCheck {
-        if self.queue_check_denied.load(Ordering::Acquire) {
-            return QueueCheck::NotAllowed;
+        // Asked once per relay: a later answer could only contradict what
+        // its sends have shown since.
+        if self.queue_check_asked.swap(true, Ordering::AcqRel) {
+            return QueueCheck::Skipped;
         }
         let limit = self.config.call_timeout();
         let checked = match tokio::time::timeout(limit, self.queue.check()).await {
@@ -507,12 +399,14 @@ impl Relay {
         };
         match checked {
             Ok(()) => {
-                self.mark_queue(true, None);
+                // Only a first word: it never overrides what a send showed.
+                if !self.health.borrow().queue_checked {
+                    self.mark_queue(true, None);
+                }
                 QueueCheck::Reachable
             }
             Err(failure) if failure.code.as_deref().is_some_and(crate::queue::sqs::is_not_allowed) => {
                 info!(relay = %self.id, "GetQueueAttributes is not allowed (a send-only policy); the queue is judged by sends alone");
-                self.queue_check_denied.store(true, Ordering::Release);
                 QueueCheck::NotAllowed
             }
             Err(failure) => {

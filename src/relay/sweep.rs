@@ -114,7 +114,7 @@ impl Relay {
             }
         }
         if !unbuildable.failures.is_empty() {
-            report.absorb(self.record(unbuildable).await);
+            report.absorb(self.record(unbuildable, lease_end).await);
         }
 
         let queue_down: Mutex<Option<SendFailure>> = Mutex::new(None);
@@ -242,15 +242,16 @@ impl Relay {
                 }
             }
         }
-        self.record(outcome).await
+        self.record(outcome, lease_end).await
     }
 
     /// Records one call's results: one UPDATE per kind of result.
-    async fn record(&self, outcome: Outcome) -> SweepReport {
+    async fn record(&self, outcome: Outcome, lease_end: Instant) -> SweepReport {
+        let deadline = tokio::time::Instant::from_std(lease_end);
         let Outcome { sent, failures, held } = outcome;
         let mut report = SweepReport::default();
         if !sent.is_empty() {
-            match self.record_with_retry(|| self.sent_recorder.record(sent.clone())).await {
+            match self.record_with_retry(deadline, || self.sent_recorder.record(sent.clone())).await {
                 Ok(_) => {
                     report.sent = sent.len();
                     self.metrics.sent(SendPath::Sweep, sent.len());
@@ -261,7 +262,10 @@ impl Relay {
             }
         }
         if !failures.is_empty() {
-            match self.record_with_retry(|| self.store.record_failures(&failures, self.config.max_attempts)).await {
+            match self
+                .record_with_retry(deadline, || self.store.record_failures(&failures, self.config.max_attempts))
+                .await
+            {
                 Ok(rows) => {
                     for row in rows.iter().filter(|r| r.failed_at.is_some()) {
                         error!(relay = %self.id, reference = %row.reference, idempotency_key = %row.idempotency_key,
@@ -278,7 +282,7 @@ impl Relay {
             }
         }
         if !held.is_empty() {
-            match self.record_with_retry(|| self.store.hold(&held)).await {
+            match self.record_with_retry(deadline, || self.store.hold(&held)).await {
                 Ok(_) => report.held = held.len(),
                 Err(error) => {
                     warn!(relay = %self.id, %error, rows = held.len(), "could not give back held rows; they are retried after the claim lease");

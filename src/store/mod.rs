@@ -76,7 +76,10 @@ impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
         use sqlx::Error as E;
         match &error {
-            E::Io(_) | E::Tls(_) | E::PoolTimedOut | E::PoolClosed | E::WorkerCrashed => {
+            // A protocol error is what a connection cut mid-handshake looks
+            // like (an SSLRequest answered by a closed socket): the database
+            // is out of reach, which is worth retrying, not a bug in the query.
+            E::Io(_) | E::Tls(_) | E::Protocol(_) | E::PoolTimedOut | E::PoolClosed | E::WorkerCrashed => {
                 Self::Unavailable(error.to_string())
             }
             E::Database(db) => {
@@ -95,6 +98,49 @@ impl From<sqlx::Error> for StoreError {
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// One pooled connection, for statements bounded on this side.
+///
+/// `statement_timeout` is enforced by the server, which cannot enforce it
+/// when the network between us is gone: a black-holed connection (a
+/// stalled proxy, a dropped route after a failover) leaves a query waiting
+/// for an answer that never comes, for as long as TCP takes to give up,
+/// which is many minutes. So every statement is also bounded here, and a
+/// connection whose statement ran out of time is closed rather than
+/// returned to the pool: the pool would otherwise test it with a ping that
+/// has no timeout, holding a slot for those same minutes.
+pub(crate) struct Bounded {
+    connection: sqlx::pool::PoolConnection<sqlx::Postgres>,
+    limit: Duration,
+    abandoned: bool,
+}
+
+impl Bounded {
+    pub(crate) async fn run<'s, T, F>(
+        &'s mut self,
+        statement: impl FnOnce(&'s mut sqlx::PgConnection) -> F,
+    ) -> Result<T>
+    where
+        F: std::future::Future<Output = std::result::Result<T, sqlx::Error>> + 's,
+    {
+        let limit = self.limit;
+        match tokio::time::timeout(limit, statement(&mut self.connection)).await {
+            Ok(result) => result.map_err(StoreError::from),
+            Err(_) => {
+                self.abandoned = true;
+                Err(StoreError::Unavailable(format!("the database did not answer within {limit:?}")))
+            }
+        }
+    }
+}
+
+impl Drop for Bounded {
+    fn drop(&mut self) {
+        if self.abandoned {
+            self.connection.close_on_drop();
+        }
+    }
+}
 
 /// A channel name is an identifier: PostgreSQL keeps at most 63 bytes of
 /// it (LISTEN truncates a longer name, `pg_notify` refuses it), and a
@@ -143,8 +189,8 @@ pub struct StoreOptions {
     /// Waiting for a pooled connection, opening a new one included.
     pub acquire_timeout: Duration,
     /// Enforced by the server, which cannot enforce it when the network
-    /// between us is gone: every call is also bounded on this side, a little
-    /// later (see [`Store::bounded`]).
+    /// between us is gone: every statement is also bounded on this side, a
+    /// little later (see [`Bounded`]).
     pub statement_timeout: Duration,
 }
 
@@ -258,40 +304,28 @@ impl Store {
     /// `SELECT 1` on the health connection, answered within `limit` or
     /// counted as unreachable.
     pub async fn ping_within(&self, limit: Duration) -> Result<()> {
-        match tokio::time::timeout(limit, sqlx::query("SELECT 1").execute(&self.health)).await {
-            Ok(result) => result.map(|_| ()).map_err(StoreError::from),
+        let ping = async {
+            let mut connection = self.on(&self.health).await?;
+            connection.limit = limit;
+            connection.run(|c| sqlx::query("SELECT 1").execute(c)).await
+        };
+        match tokio::time::timeout(limit, ping).await {
+            Ok(result) => result.map(|_| ()),
             Err(_) => Err(StoreError::Unavailable(format!("the database did not answer within {limit:?}"))),
-        }
-    }
-
-    /// Runs one store call within the client-side bound. `statement_timeout`
-    /// is enforced by the server; a black-holed network (a stalled proxy, a
-    /// dropped route) leaves a query waiting for an answer that never comes,
-    /// for as long as TCP takes to give up, which is many minutes. The
-    /// abandoned connection is tested again by the pool before reuse.
-    pub(crate) async fn bounded<T, E>(
-        &self,
-        call: impl std::future::Future<Output = std::result::Result<T, E>>,
-    ) -> std::result::Result<T, E>
-    where
-        E: From<StoreError>,
-    {
-        match tokio::time::timeout(self.call_timeout, call).await {
-            Ok(result) => result,
-            Err(_) => {
-                Err(StoreError::Unavailable(format!("the database did not answer within {:?}", self.call_timeout))
-                    .into())
-            }
         }
     }
 
     /// Tells every relay listening on this schema to look for due rows.
     pub async fn notify_due(&self) -> Result<()> {
-        self.bounded(async {
-            sqlx::query("SELECT pg_notify($1, '')").bind(self.due_channel()).execute(&self.pool).await?;
-            Ok(())
-        })
-        .await
+        let channel = self.due_channel();
+        self.on(self.pool()).await?.run(|c| sqlx::query("SELECT pg_notify($1, '')").bind(channel).execute(c)).await?;
+        Ok(())
+    }
+
+    /// A connection of `pool` for one statement, bounded on this side: see
+    /// [`Bounded`]. Waiting for it is bounded by the acquire timeout.
+    pub(crate) async fn on(&self, pool: &PgPool) -> Result<Bounded> {
+        Ok(Bounded { connection: pool.acquire().await?, limit: self.call_timeout, abandoned: false })
     }
 
     pub async fn close(&self) {

@@ -218,7 +218,7 @@ impl Store {
     /// Claims up to `limit` rows in one short transaction, skipping rows other
     /// processes hold, and holds them for `lease` under a new claim token.
     pub async fn claim(&self, mode: ClaimMode<'_>, limit: u32, lease: Duration, fifo: bool) -> Result<Claim> {
-        self.bounded(async {
+        (async {
             let lease_ms = millis(lease);
             let token = new_token();
             let query = match (mode, fifo) {
@@ -231,7 +231,7 @@ impl Store {
             if let ClaimMode::Force { skip } = mode {
                 query = query.bind(skip);
             }
-            let mut rows: Vec<ClaimedRow> = query.fetch_all(self.bookkeeping()).await?;
+            let mut rows: Vec<ClaimedRow> = self.on(self.bookkeeping()).await?.run(|c| query.fetch_all(c)).await?;
             rows.sort_by_key(|row| row.id);
             Ok(Claim { rows, lease, token })
         })
@@ -242,17 +242,16 @@ impl Store {
     /// the rows as they now are. Rows already sent, or no longer held by the
     /// claim that sent them, are left alone and absent.
     pub async fn record_sent(&self, sent: &[(ClaimRef, String)]) -> Result<Vec<Transaction>> {
-        self.bounded(async {
+        (async {
             if sent.is_empty() {
                 return Ok(Vec::new());
             }
             let (ids, tokens) = split(sent.iter().map(|(row, _)| row));
             let message_ids: Vec<&str> = sent.iter().map(|(_, m)| m.as_str()).collect();
-            Ok(sqlx::query_as(RECORD_SENT)
-                .bind(&ids)
-                .bind(&tokens)
-                .bind(&message_ids)
-                .fetch_all(self.bookkeeping())
+            Ok(self
+                .on(self.bookkeeping())
+                .await?
+                .run(|c| sqlx::query_as(RECORD_SENT).bind(&ids).bind(&tokens).bind(&message_ids).fetch_all(c))
                 .await?)
         })
         .await
@@ -262,7 +261,7 @@ impl Store {
     /// now are: `failed_at` is set on those dead-lettered (permanent error, or
     /// `max_attempts` reached).
     pub async fn record_failures(&self, failures: &[FailedSend], max_attempts: u32) -> Result<Vec<Transaction>> {
-        self.bounded(async {
+        (async {
             if failures.is_empty() {
                 return Ok(Vec::new());
             }
@@ -270,14 +269,19 @@ impl Store {
             let errors: Vec<&str> = failures.iter().map(|f| f.error.as_str()).collect();
             let delays: Vec<i64> = failures.iter().map(|f| millis(f.retry_in)).collect();
             let permanent: Vec<bool> = failures.iter().map(|f| f.permanent).collect();
-            Ok(sqlx::query_as(RECORD_FAILURES)
-                .bind(&ids)
-                .bind(&tokens)
-                .bind(&errors)
-                .bind(&delays)
-                .bind(&permanent)
-                .bind(i64::from(max_attempts))
-                .fetch_all(self.bookkeeping())
+            Ok(self
+                .on(self.bookkeeping())
+                .await?
+                .run(|c| {
+                    sqlx::query_as(RECORD_FAILURES)
+                        .bind(&ids)
+                        .bind(&tokens)
+                        .bind(&errors)
+                        .bind(&delays)
+                        .bind(&permanent)
+                        .bind(i64::from(max_attempts))
+                        .fetch_all(c)
+                })
                 .await?)
         })
         .await
@@ -286,13 +290,17 @@ impl Store {
     /// Gives rows back after the queue refused the call as a whole, keeping
     /// the error in `last_error`: no attempt, no backoff.
     pub async fn hold(&self, held: &[(ClaimRef, String)]) -> Result<Vec<Transaction>> {
-        self.bounded(async {
+        (async {
             if held.is_empty() {
                 return Ok(Vec::new());
             }
             let (ids, tokens) = split(held.iter().map(|(row, _)| row));
             let errors: Vec<&str> = held.iter().map(|(_, e)| e.as_str()).collect();
-            Ok(sqlx::query_as(HOLD).bind(&ids).bind(&tokens).bind(&errors).fetch_all(self.bookkeeping()).await?)
+            Ok(self
+                .on(self.bookkeeping())
+                .await?
+                .run(|c| sqlx::query_as(HOLD).bind(&ids).bind(&tokens).bind(&errors).fetch_all(c))
+                .await?)
         })
         .await
     }
@@ -300,12 +308,16 @@ impl Store {
     /// Gives claimed rows back without an attempt (shutdown, lease running
     /// out, queue found down before sending): due again at once.
     pub async fn release(&self, rows: &[ClaimRef]) -> Result<u64> {
-        self.bounded(async {
+        (async {
             if rows.is_empty() {
                 return Ok(0);
             }
             let (ids, tokens) = split(rows.iter());
-            let result = sqlx::query(RELEASE).bind(&ids).bind(&tokens).execute(self.bookkeeping()).await?;
+            let result = self
+                .on(self.bookkeeping())
+                .await?
+                .run(|c| sqlx::query(RELEASE).bind(&ids).bind(&tokens).execute(c))
+                .await?;
             Ok(result.rows_affected())
         })
         .await
@@ -313,8 +325,8 @@ impl Store {
 
     /// Unsent rows, dead-lettered rows and the age of the oldest unsent row.
     pub async fn gauges(&self) -> Result<Gauges> {
-        self.bounded(async {
-            let row = sqlx::query(GAUGES).fetch_one(self.pool()).await?;
+        (async {
+            let row = self.on(self.pool()).await?.run(|c| sqlx::query(GAUGES).fetch_one(c)).await?;
             Ok(Gauges {
                 unsent: row.try_get("unsent")?,
                 failed: row.try_get("failed")?,
@@ -327,9 +339,9 @@ impl Store {
     /// How long until the next row a sweep could claim becomes due; `None`
     /// when nothing is waiting.
     pub async fn next_due_in(&self, fifo: bool) -> Result<Option<Duration>> {
-        self.bounded(async {
+        (async {
             let sql = if fifo { NEXT_DUE_FIFO } else { NEXT_DUE };
-            let millis: Option<i64> = sqlx::query_scalar(sql).fetch_one(self.pool()).await?;
+            let millis: Option<i64> = self.on(self.pool()).await?.run(|c| sqlx::query_scalar(sql).fetch_one(c)).await?;
             Ok(millis.map(|ms| Duration::from_millis(u64::try_from(ms).unwrap_or(0))))
         })
         .await
@@ -338,17 +350,22 @@ impl Store {
     /// Deletes up to `batch` sent rows that were created and sent more than
     /// `age` ago. Unsent and dead-lettered rows are never touched.
     pub async fn delete_sent_older_than(&self, age: Duration, batch: u32) -> Result<u64> {
-        self.bounded(async {
-            let result = sqlx::query(
-                "DELETE FROM transactions WHERE id IN (SELECT id FROM transactions \
+        (async {
+            let result = self
+                .on(self.bookkeeping())
+                .await?
+                .run(|c| {
+                    sqlx::query(
+                        "DELETE FROM transactions WHERE id IN (SELECT id FROM transactions \
                  WHERE message_id IS NOT NULL AND failed_at IS NULL \
                  AND queue_sent_at < now() - $1 * interval '1 millisecond' \
                  AND created_at < now() - $1 * interval '1 millisecond' ORDER BY queue_sent_at LIMIT $2)",
-            )
-            .bind(millis(age))
-            .bind(i64::from(batch))
-            .execute(self.bookkeeping())
-            .await?;
+                    )
+                    .bind(millis(age))
+                    .bind(i64::from(batch))
+                    .execute(c)
+                })
+                .await?;
             Ok(result.rows_affected())
         })
         .await
@@ -361,9 +378,13 @@ impl Store {
         lease: Duration,
         fifo: bool,
     ) -> std::result::Result<(ClaimedRow, ClaimRef), RetryOneError> {
-        self.bounded(async {
+        (async {
             let token = new_token();
-            let claimed: Option<ClaimedRow> = sqlx::query_as(concat!(
+            let claimed: Option<ClaimedRow> = self
+                .on(self.pool())
+                .await?
+                .run(|c| {
+                    sqlx::query_as(concat!(
                 "UPDATE transactions SET failed_at = NULL, claimed_until = now() + $2 * interval '1 millisecond', \
                  claim_token = $4 \
                  WHERE id = $1 AND message_id IS NULL AND (claimed_until IS NULL OR claimed_until <= now()) \
@@ -376,9 +397,10 @@ impl Store {
             .bind(millis(lease))
             .bind(fifo)
             .bind(token)
-            .fetch_optional(self.pool())
-            .await
-            .map_err(StoreError::from)?;
+            .fetch_optional(c)
+                })
+                .await
+                .map_err(StoreError::from)?;
             if let Some(row) = claimed {
                 return Ok((row, ClaimRef { id, token: Some(token) }));
             }
@@ -388,24 +410,33 @@ impl Store {
             if let Some(message_id) = existing.message_id {
                 return Err(RetryOneError::AlreadySent { id, message_id });
             }
-            let older: Option<i64> = sqlx::query_scalar(concat!(
-                "SELECT max(id) FROM transactions o WHERE wallet_address = $1 AND id < $2 AND ",
-                unsent!("o")
-            ))
-            .bind(&existing.wallet_address)
-            .bind(id)
-            .fetch_one(self.pool())
-            .await
-            .map_err(StoreError::from)?;
+            let older: Option<i64> = self
+                .on(self.pool())
+                .await?
+                .run(|c| {
+                    sqlx::query_scalar(concat!(
+                        "SELECT max(id) FROM transactions o WHERE wallet_address = $1 AND id < $2 AND ",
+                        unsent!("o")
+                    ))
+                    .bind(&existing.wallet_address)
+                    .bind(id)
+                    .fetch_one(c)
+                })
+                .await
+                .map_err(StoreError::from)?;
             match older {
                 Some(older) if fifo => Err(RetryOneError::WaitsForOlder { id, older }),
                 _ => {
-                    let until: Option<DateTime<Utc>> =
-                        sqlx::query_scalar("SELECT claimed_until FROM transactions WHERE id = $1")
-                            .bind(id)
-                            .fetch_one(self.pool())
-                            .await
-                            .map_err(StoreError::from)?;
+                    let until: Option<DateTime<Utc>> = self
+                        .on(self.pool())
+                        .await?
+                        .run(|c| {
+                            sqlx::query_scalar("SELECT claimed_until FROM transactions WHERE id = $1")
+                                .bind(id)
+                                .fetch_one(c)
+                        })
+                        .await
+                        .map_err(StoreError::from)?;
                     Err(RetryOneError::Held { id, until: until.unwrap_or_else(Utc::now) })
                 }
             }
@@ -415,14 +446,19 @@ impl Store {
 
     /// Revives dead-lettered rows (`retry-all --include-dead`): due at once.
     pub async fn revive_dead_lettered(&self, limit: i64) -> Result<u64> {
-        self.bounded(async {
-            let result = sqlx::query(
-                "UPDATE transactions SET failed_at = NULL, next_attempt_at = now() WHERE id IN \
+        (async {
+            let result = self
+                .on(self.pool())
+                .await?
+                .run(|c| {
+                    sqlx::query(
+                        "UPDATE transactions SET failed_at = NULL, next_attempt_at = now() WHERE id IN \
                  (SELECT id FROM transactions WHERE failed_at IS NOT NULL AND message_id IS NULL ORDER BY id LIMIT $1)",
-            )
-            .bind(limit)
-            .execute(self.pool())
-            .await?;
+                    )
+                    .bind(limit)
+                    .execute(c)
+                })
+                .await?;
             Ok(result.rows_affected())
         })
         .await

@@ -88,6 +88,30 @@ const INSERT: &str = concat!(
     ")) AS held_back"
 );
 
+/// Many rows in one statement (group commit). Rows come out of `unnest` in
+/// request order, so ids (and a wallet's FIFO order) follow it; a row whose
+/// keys already exist, in the table or earlier in the same group, is
+/// skipped and classified afterwards. `held_back` sees only rows committed
+/// before this statement; later rows of a wallet within the group are
+/// judged by the caller.
+const INSERT_MANY: &str = concat!(
+    "INSERT INTO transactions (reference, external_reference, idempotency_key, transaction_type, status, source, \
+     instruction_type, incoming_currency, outgoing_currency, value, fee, payer_id, payee_id, first_name, last_name, \
+     wallet_address, ip_address, payload, next_attempt_at, claimed_until, claim_token) \
+     SELECT r, er, ik, tt, st, so, it, ic, oc, va, fe, pa, pe, fi, la, wa, ip, pl::json, now(), \
+     CASE WHEN tok IS NOT NULL THEN now() + $19 * interval '1 millisecond' END, tok \
+     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], \
+     $9::text[], $10::numeric[], $11::numeric[], $12::text[], $13::text[], $14::text[], $15::text[], $16::text[], \
+     $17::text[], $18::text[], $20::bigint[]) WITH ORDINALITY \
+     AS i(r, er, ik, tt, st, so, it, ic, oc, va, fe, pa, pe, fi, la, wa, ip, pl, tok, ord) ORDER BY ord \
+     ON CONFLICT DO NOTHING RETURNING ",
+    columns!(),
+    ", claim_token AS claim_token_out, ($21 AND EXISTS (SELECT 1 FROM transactions o \
+     WHERE o.wallet_address = transactions.wallet_address AND ",
+    unsent!("o"),
+    ")) AS held_back"
+);
+
 const FIND_CONFLICT: &str = concat!(
     "SELECT ",
     columns!(),
@@ -119,34 +143,39 @@ impl Store {
     /// long the row is held for the inline send (0 when there is none), so a
     /// sweep never races it; if the process dies, the row is swept afterwards.
     pub async fn insert(&self, tx: &NewTransaction, inline_lease_ms: i64, fifo: bool) -> Result<InsertOutcome> {
-        self.bounded(async {
+        (async {
             // A conflicting row can vanish between the insert and the lookup
             // (retention); one more insert settles it.
             let token = (inline_lease_ms > 0).then(super::outbox::new_token);
             for _ in 0..2 {
-                let row = sqlx::query(INSERT)
-                    .bind(&tx.reference)
-                    .bind(&tx.external_reference)
-                    .bind(&tx.idempotency_key)
-                    .bind(tx.transaction_type.as_str())
-                    .bind(&tx.status)
-                    .bind(&tx.source)
-                    .bind(&tx.instruction_type)
-                    .bind(&tx.incoming_currency)
-                    .bind(&tx.outgoing_currency)
-                    .bind(tx.value)
-                    .bind(tx.fee)
-                    .bind(&tx.payer_id)
-                    .bind(&tx.payee_id)
-                    .bind(&tx.first_name)
-                    .bind(&tx.last_name)
-                    .bind(&tx.wallet_address)
-                    .bind(&tx.ip_address)
-                    .bind(&tx.payload)
-                    .bind(inline_lease_ms)
-                    .bind(fifo)
-                    .bind(token)
-                    .fetch_optional(self.pool())
+                let row = self
+                    .on(self.pool())
+                    .await?
+                    .run(|c| {
+                        sqlx::query(INSERT)
+                            .bind(&tx.reference)
+                            .bind(&tx.external_reference)
+                            .bind(&tx.idempotency_key)
+                            .bind(tx.transaction_type.as_str())
+                            .bind(&tx.status)
+                            .bind(&tx.source)
+                            .bind(&tx.instruction_type)
+                            .bind(&tx.incoming_currency)
+                            .bind(&tx.outgoing_currency)
+                            .bind(tx.value)
+                            .bind(tx.fee)
+                            .bind(&tx.payer_id)
+                            .bind(&tx.payee_id)
+                            .bind(&tx.first_name)
+                            .bind(&tx.last_name)
+                            .bind(&tx.wallet_address)
+                            .bind(&tx.ip_address)
+                            .bind(&tx.payload)
+                            .bind(inline_lease_ms)
+                            .bind(fifo)
+                            .bind(token)
+                            .fetch_optional(c)
+                    })
                     .await?;
                 if let Some(row) = row {
                     let transaction = Transaction::from_row(&row)?;
@@ -163,14 +192,108 @@ impl Store {
         .await
     }
 
+    /// Commits a group of new transactions in one statement and one
+    /// transaction; the answer for each is in the order given. `inline[i]`
+    /// says whether row `i` is held for an inline send (for
+    /// `inline_lease_ms`). A group that fails for another reason than the
+    /// database being unavailable (a constraint one row breaks) is retried
+    /// row by row, so one bad row never fails its neighbours; an unavailable
+    /// database fails every row of the group.
+    pub async fn insert_many(
+        &self,
+        txs: &[&NewTransaction],
+        inline: &[bool],
+        inline_lease_ms: i64,
+        fifo: bool,
+    ) -> Vec<Result<InsertOutcome>> {
+        match self.insert_group(txs, inline, inline_lease_ms, fifo).await {
+            Ok(outcomes) => outcomes,
+            Err(error) if error.is_unavailable() => {
+                let text = error.to_string();
+                txs.iter().map(|_| Err(StoreError::Unavailable(text.clone()))).collect()
+            }
+            Err(_) => {
+                let mut outcomes = Vec::with_capacity(txs.len());
+                for (tx, inline) in txs.iter().zip(inline) {
+                    outcomes.push(self.insert(tx, if *inline { inline_lease_ms } else { 0 }, fifo).await);
+                }
+                outcomes
+            }
+        }
+    }
+
+    async fn insert_group(
+        &self,
+        txs: &[&NewTransaction],
+        inline: &[bool],
+        inline_lease_ms: i64,
+        fifo: bool,
+    ) -> Result<Vec<Result<InsertOutcome>>> {
+        let text = |f: fn(&NewTransaction) -> &str| txs.iter().map(|t| f(t).to_owned()).collect::<Vec<String>>();
+        let optional = |f: fn(&NewTransaction) -> &Option<String>| txs.iter().map(|t| f(t).clone()).collect::<Vec<_>>();
+        let tokens: Vec<Option<i64>> = inline.iter().map(|inline| inline.then(super::outbox::new_token)).collect();
+        let query = sqlx::query(INSERT_MANY)
+            .bind(text(|t| &t.reference))
+            .bind(text(|t| &t.external_reference))
+            .bind(text(|t| &t.idempotency_key))
+            .bind(text(|t| t.transaction_type.as_str()))
+            .bind(text(|t| &t.status))
+            .bind(text(|t| &t.source))
+            .bind(text(|t| &t.instruction_type))
+            .bind(text(|t| &t.incoming_currency))
+            .bind(text(|t| &t.outgoing_currency))
+            .bind(txs.iter().map(|t| t.value).collect::<Vec<_>>())
+            .bind(txs.iter().map(|t| t.fee).collect::<Vec<_>>())
+            .bind(optional(|t| &t.payer_id))
+            .bind(optional(|t| &t.payee_id))
+            .bind(optional(|t| &t.first_name))
+            .bind(optional(|t| &t.last_name))
+            .bind(text(|t| &t.wallet_address))
+            .bind(optional(|t| &t.ip_address))
+            .bind(text(|t| &t.payload))
+            .bind(inline_lease_ms)
+            .bind(tokens)
+            .bind(fifo);
+        let rows = self.on(self.pool()).await?.run(|c| query.fetch_all(c)).await?;
+        let mut inserted: std::collections::HashMap<String, sqlx::postgres::PgRow> = rows
+            .into_iter()
+            .filter_map(|row| row.try_get::<String, _>("idempotency_key").ok().map(|key| (key, row)))
+            .collect();
+        let mut outcomes = Vec::with_capacity(txs.len());
+        for tx in txs {
+            match inserted.remove(&tx.idempotency_key) {
+                Some(row) => {
+                    let transaction = Transaction::from_row(&row)?;
+                    let held_back = row.try_get::<Option<bool>, _>("held_back")?.unwrap_or(false);
+                    let token: Option<i64> = row.try_get("claim_token_out")?;
+                    let claim = ClaimRef { id: transaction.id, token };
+                    outcomes.push(Ok(InsertOutcome::Created { transaction, held_back, claim }));
+                }
+                // Skipped: its keys exist (a replay, a conflict, or an
+                // earlier row of this very group). Judged as one insert is.
+                None => outcomes.push(match self.classify_conflict(tx).await {
+                    Ok(Some(outcome)) => Ok(outcome),
+                    Ok(None) => self.insert(tx, 0, fifo).await,
+                    Err(error) => Err(error),
+                }),
+            }
+        }
+        Ok(outcomes)
+    }
+
     async fn classify_conflict(&self, tx: &NewTransaction) -> Result<Option<InsertOutcome>> {
-        let Some(row) = sqlx::query(FIND_CONFLICT)
-            .bind(&tx.idempotency_key)
-            .bind(&tx.reference)
-            .bind(&tx.external_reference)
-            .bind(&tx.payload)
-            .bind(&tx.wallet_address)
-            .fetch_optional(self.pool())
+        let Some(row) = self
+            .on(self.pool())
+            .await?
+            .run(|c| {
+                sqlx::query(FIND_CONFLICT)
+                    .bind(&tx.idempotency_key)
+                    .bind(&tx.reference)
+                    .bind(&tx.external_reference)
+                    .bind(&tx.payload)
+                    .bind(&tx.wallet_address)
+                    .fetch_optional(c)
+            })
             .await?
         else {
             return Ok(None);
@@ -191,35 +314,40 @@ impl Store {
     }
 
     pub async fn find_by_reference(&self, reference: &str) -> Result<Option<Transaction>> {
-        self.bounded(async {
+        (async {
             let sql = concat!("SELECT ", columns!(), " FROM transactions WHERE reference = $1");
-            Ok(sqlx::query_as(sql).bind(reference).fetch_optional(self.pool()).await?)
+            Ok(self.on(self.pool()).await?.run(|c| sqlx::query_as(sql).bind(reference).fetch_optional(c)).await?)
         })
         .await
     }
 
     pub async fn find_by_id(&self, id: i64) -> Result<Option<Transaction>> {
-        self.bounded(async {
+        (async {
             let sql = concat!("SELECT ", columns!(), " FROM transactions WHERE id = $1");
-            Ok(sqlx::query_as(sql).bind(id).fetch_optional(self.pool()).await?)
+            Ok(self.on(self.pool()).await?.run(|c| sqlx::query_as(sql).bind(id).fetch_optional(c)).await?)
         })
         .await
     }
 
     /// Keyset pagination by id: rows after `after_id`, oldest first.
     pub async fn list(&self, filter: &ListFilter) -> Result<Vec<Transaction>> {
-        self.bounded(async {
-            Ok(sqlx::query_as(LIST)
-                .bind(&filter.status)
-                .bind(&filter.wallet_address)
-                .bind(&filter.payer_id)
-                .bind(&filter.payee_id)
-                .bind(filter.unsent)
-                .bind(filter.failed)
-                .bind(filter.not_sent)
-                .bind(filter.after_id.unwrap_or(0))
-                .bind(filter.limit)
-                .fetch_all(self.pool())
+        (async {
+            Ok(self
+                .on(self.pool())
+                .await?
+                .run(|c| {
+                    sqlx::query_as(LIST)
+                        .bind(&filter.status)
+                        .bind(&filter.wallet_address)
+                        .bind(&filter.payer_id)
+                        .bind(&filter.payee_id)
+                        .bind(filter.unsent)
+                        .bind(filter.failed)
+                        .bind(filter.not_sent)
+                        .bind(filter.after_id.unwrap_or(0))
+                        .bind(filter.limit)
+                        .fetch_all(c)
+                })
                 .await?)
         })
         .await
@@ -227,8 +355,8 @@ impl Store {
 
     /// Totals without the per-status breakdown (`/health/transactions`).
     pub async fn counts(&self) -> Result<Stats> {
-        self.bounded(async {
-            let row = sqlx::query(STATS).fetch_one(self.pool()).await?;
+        (async {
+            let row = self.on(self.pool()).await?.run(|c| sqlx::query(STATS).fetch_one(c)).await?;
             Ok(Stats {
                 total: row.try_get("total")?,
                 sent: row.try_get("sent")?,
@@ -241,12 +369,16 @@ impl Store {
     }
 
     pub async fn stats(&self) -> Result<Stats> {
-        self.bounded(async {
+        (async {
             let mut stats = self.counts().await?;
-            let by_status: Vec<(String, i64)> =
-                sqlx::query_as("SELECT status, count(*) FROM transactions GROUP BY status ORDER BY status")
-                    .fetch_all(self.pool())
-                    .await?;
+            let by_status: Vec<(String, i64)> = self
+                .on(self.pool())
+                .await?
+                .run(|c| {
+                    sqlx::query_as("SELECT status, count(*) FROM transactions GROUP BY status ORDER BY status")
+                        .fetch_all(c)
+                })
+                .await?;
             stats.by_status = by_status.into_iter().collect();
             Ok(stats)
         })

@@ -112,6 +112,21 @@ struct CommitCheckingQueue {
     seen_committed: std::sync::Mutex<Vec<bool>>,
 }
 
+impl CommitCheckingQueue {
+    /// Records, from another connection, whether each row is committed.
+    async fn look(&self, messages: &[OutboundMessage]) {
+        let other = TestDb::store_at(&self.db.url, &self.db.schema);
+        for message in messages {
+            let visible: i64 = sqlx::query_scalar("SELECT count(*) FROM transactions WHERE idempotency_key = $1")
+                .bind(&message.idempotency_key)
+                .fetch_one(other.pool())
+                .await
+                .unwrap();
+            self.seen_committed.lock().unwrap().push(visible == 1);
+        }
+    }
+}
+
 impl Queue for CommitCheckingQueue {
     fn is_fifo(&self) -> bool {
         self.inner.is_fifo()
@@ -119,13 +134,7 @@ impl Queue for CommitCheckingQueue {
 
     fn send<'a>(&'a self, message: &'a OutboundMessage) -> BoxFuture<'a, SendResult> {
         Box::pin(async move {
-            let other = TestDb::store_at(&self.db.url, &self.db.schema);
-            let visible: i64 = sqlx::query_scalar("SELECT count(*) FROM transactions WHERE idempotency_key = $1")
-                .bind(&message.idempotency_key)
-                .fetch_one(other.pool())
-                .await
-                .unwrap();
-            self.seen_committed.lock().unwrap().push(visible == 1);
+            self.look(std::slice::from_ref(message)).await;
             self.inner.send(message).await
         })
     }
@@ -134,7 +143,10 @@ impl Queue for CommitCheckingQueue {
         &'a self,
         messages: &'a [OutboundMessage],
     ) -> BoxFuture<'a, Result<Vec<SendResult>, SendFailure>> {
-        self.inner.send_batch(messages)
+        Box::pin(async move {
+            self.look(messages).await;
+            self.inner.send_batch(messages).await
+        })
     }
 
     fn check(&self) -> BoxFuture<'_, Result<(), SendFailure>> {
@@ -153,14 +165,14 @@ async fn the_row_is_committed_before_the_message_is_sent() {
         db: TestDb { url: db.url.clone(), schema: db.schema.clone(), store: db.store.clone() },
         seen_committed: Default::default(),
     });
-    let relay = Relay::new(
+    let relay = Arc::new(Relay::new(
         real.id().clone(),
         RelayConfig::from(&builder.spec),
         db.store.clone(),
         checking.clone(),
         None,
         Metrics::new().relay("test"),
-    );
+    ));
     let tx = new_tx(unique(), "w");
     assert!(matches!(relay.submit(&tx).await.unwrap(), txrelay::relay::Submission::Sent(_)));
     assert_eq!(*checking.seen_committed.lock().unwrap(), [true]);

@@ -6,6 +6,7 @@ mod common;
 mod cli;
 mod engine;
 mod faults;
+mod group;
 mod ingest;
 mod manifests;
 mod metrics;

@@ -90,6 +90,7 @@ fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
 async fn a_missing_secret_sets_ready_false_publishes_an_event_and_retries_with_backoff() {
     let db = TestDb::new().await;
     let op = operator(true);
+    op.api.put_secret(NAMESPACE, "dapp-tokens", &[("ingest", INGEST_TOKEN)]);
     let relay = resource(&db, "dapp", 1);
     op.api.put_relay(&relay);
     let error = reconcile(Arc::new(relay.clone()), op.ctx.clone()).await.unwrap_err();
@@ -363,6 +364,23 @@ async fn revoking_the_ingest_token_closes_new_within_a_reconcile_and_restoring_i
         reconcile(Arc::new(relay.clone()), op.ctx.clone()).await.expect("restored");
         assert_eq!(app.post_new(&body(unique(), "w")).await.0, StatusCode::CREATED, "the token works again");
     }
+
+    // Revoked while another part of the edit is broken too: still revoked.
+    let mut broken = relay.clone();
+    broken.spec.batch_size = 5000;
+    op.api.put_secret(NAMESPACE, "dapp-tokens", &[("ingest", "")]);
+    let error = reconcile(Arc::new(broken), op.ctx.clone()).await.unwrap_err();
+    assert_eq!(app.post_new(&body(unique(), "w")).await.0, StatusCode::UNAUTHORIZED, "{error}");
+
+    // Rotated while the new database cannot be reached: the relay cannot be
+    // rebuilt, but the rotation takes effect on the running one.
+    op.api.put_secret(NAMESPACE, "dapp-tokens", &[("ingest", "rotated-token")]);
+    op.api.put_secret(NAMESPACE, "dapp-db", &[("url", "postgres://relay@127.0.0.1:9/nowhere")]);
+    let error = reconcile(Arc::new(relay.clone()), op.ctx.clone()).await.unwrap_err();
+    assert_eq!(error.reason(), "DatabaseUnreachable");
+    let handle = op.relays.resolve(None).unwrap();
+    assert!(handle.ingest_tokens.accepts("rotated-token") && !handle.ingest_tokens.accepts(INGEST_TOKEN), "{error}");
+    assert_eq!(app.post_new(&body(unique(), "w")).await.0, StatusCode::UNAUTHORIZED, "the old token is refused");
     op.ctx.supervisor.stop_all().await;
 }
 
@@ -424,6 +442,7 @@ async fn an_invalid_edit_keeps_ready_false_without_flapping_and_does_not_advance
 async fn status_is_written_by_server_side_apply_so_a_cleared_last_error_disappears() {
     let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
     let op = operator(true);
+    op.api.put_secret(NAMESPACE, "dapp-tokens", &[("ingest", INGEST_TOKEN)]);
     let relay = resource(&db, "dapp", 1);
     op.api.put_relay(&relay);
     reconcile(Arc::new(relay.clone()), op.ctx.clone()).await.unwrap_err();
@@ -669,10 +688,18 @@ async fn the_controller_reconfigures_a_relay_when_a_referenced_secret_changes_an
     let accepts = |token: &str| relays.resolve(None).is_ok_and(|handle| handle.ingest_tokens.accepts(token));
     assert!(accepts(INGEST_TOKEN));
 
-    // Only the Secret changes: the controller's Secret watch must notice.
+    // Only a Secret changes: the controller's Secret watch must notice. A
+    // rotated token applies to the running relay...
     api.put_secret(NAMESPACE, "dapp-tokens", &[("ingest", "rotated-ingest-token")]);
-    wait_until(Duration::from_secs(10), "the Secret watch reconfigures the relay", || async {
+    wait_until(Duration::from_secs(10), "the Secret watch applies the rotated token", || async {
         accepts("rotated-ingest-token") && !accepts(INGEST_TOKEN)
+    })
+    .await;
+    // ...and a new queue setting reconfigures it.
+    let before = relays.resolve(None).unwrap().relay;
+    put_queue_secret(&api, &queue, &queue.endpoint, Some("another-ledger-token"));
+    wait_until(Duration::from_secs(10), "the Secret watch reconfigures the relay", || async {
+        relays.resolve(None).is_ok_and(|handle| !Arc::ptr_eq(&handle.relay, &before))
     })
     .await;
     wait_until(Duration::from_secs(5), "and says so in an Event", || async {

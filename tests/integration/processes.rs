@@ -356,7 +356,7 @@ async fn slow_and_idle_clients_are_cut_off_on_both_listeners_while_normal_reques
     let started = Instant::now();
     let (status, created) = process.http(process.api, "POST", "/new", Some(INGEST_TOKEN), &body(unique(), "w")).await;
     assert_eq!(status, axum::http::StatusCode::CREATED, "{created}");
-    assert!(started.elapsed() < Duration::from_secs(1), "served at once beside 64 slow clients");
+    assert!(started.elapsed() < Duration::from_secs(2), "served at once beside 64 slow clients");
     for (i, stream) in slow.iter_mut().enumerate() {
         assert!(closed_by_server(stream, Duration::from_secs(10)).await, "slow client {i} is still connected");
     }

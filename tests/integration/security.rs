@@ -219,6 +219,7 @@ async fn insecure_no_auth_opens_new_only_and_reads_stay_closed() {
     let mut handle = builder.handle(&txrelay::metrics::Metrics::new()).await;
     handle.ingest_tokens = txrelay::auth::TokenSet::parse("");
     handle.admin_tokens = txrelay::auth::TokenSet::parse("");
+    handle.ingest_required = false;
     let relay = handle.relay.clone();
     let relays = std::sync::Arc::new(txrelay::relay::directory::Relays::new(None));
     relays.insert(handle);

@@ -1,0 +1,319 @@
+//! `/new` at the database's pace: group commit, then batched inline sends.
+//!
+//! Concurrent requests to one relay are gathered and committed together by
+//! one task: whatever arrived while the previous group was being committed
+//! (at most [`MAX_GROUP`] rows) goes into one multi-row INSERT, one commit.
+//! There is no timer, so a lone request on an idle relay is committed at
+//! once. Each request is still answered only after its own row is durably
+//! committed, and replays and conflicts are decided per row as before.
+//!
+//! The committed rows of a group then go out together in SendMessageBatch
+//! calls (at most 10 entries and 256 KiB each), from a task of their own so
+//! the next group commits meanwhile; each request gets its own result: 201
+//! with its message id, or 202.
+//!
+//! The work runs in a task, not in the request: a client that disconnects
+//! mid-commit must not cancel the commit of its neighbours' rows.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Weak};
+
+use futures::future::join_all;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{info, warn};
+
+use super::{Relay, Submission, message};
+use crate::metrics::{Accepted, SendPath};
+use crate::queue::{self, OutboundMessage, SendFailure, SendResult};
+use crate::store::{ClaimRef, InsertOutcome, StoreError};
+use crate::transaction::{NewTransaction, Transaction};
+
+/// Rows beyond which a group is closed and the rest wait for the next one.
+pub const MAX_GROUP: usize = 100;
+
+type Reply = oneshot::Sender<Result<Submission, StoreError>>;
+
+pub(super) struct Pending {
+    tx: NewTransaction,
+    reply: Reply,
+}
+
+/// A committed row waiting for its inline send.
+struct Outgoing {
+    reply: Reply,
+    transaction: Transaction,
+    claim: ClaimRef,
+    /// The stored ledger payload the message is built from.
+    payload: String,
+}
+
+pub(super) type Requests = mpsc::UnboundedSender<Pending>;
+
+impl Relay {
+    /// Requests waiting for the next group commit (tests watch it to know a
+    /// group has formed).
+    pub fn waiting_to_commit(&self) -> watch::Receiver<usize> {
+        self.waiting.subscribe()
+    }
+
+    /// Commits a transaction (with whatever else arrived at the same time),
+    /// then tries to send it inline. A failed or slow send never fails the
+    /// request: the row is committed and the loop will deliver it.
+    #[tracing::instrument(skip_all, fields(relay = %self.id, reference = %tx.reference, idempotency_key = %tx.idempotency_key))]
+    pub async fn submit(self: &Arc<Self>, tx: &NewTransaction) -> Result<Submission, StoreError> {
+        let requests = self.ingest.get_or_init(|| {
+            let (requests, received) = mpsc::unbounded_channel();
+            tokio::spawn(commit_groups(Arc::downgrade(self), received));
+            requests
+        });
+        let stopped = || StoreError::Unavailable("the relay is stopping".into());
+        let (reply, answer) = oneshot::channel();
+        self.waiting.send_modify(|n| *n += 1);
+        if requests.send(Pending { tx: tx.clone(), reply }).is_err() {
+            self.waiting.send_modify(|n| *n = n.saturating_sub(1));
+            return Err(stopped());
+        }
+        let submission = answer.await.map_err(|_| stopped())??;
+        match &submission {
+            Submission::Sent(row) => {
+                self.metrics.accepted(Accepted::Created);
+                info!(id = row.id, "committed");
+                info!(id = row.id, message_id = row.message_id.as_deref().unwrap_or_default(), "sent inline");
+            }
+            Submission::Queued(row) => {
+                self.metrics.accepted(Accepted::Created);
+                info!(id = row.id, "committed");
+            }
+            Submission::Replayed(row) => {
+                self.metrics.accepted(Accepted::Replayed);
+                info!(id = row.id, "replayed: same idempotency key and content");
+            }
+            Submission::Conflict(conflict) => {
+                self.metrics.accepted(Accepted::Rejected);
+                info!(field = conflict.field(), "conflict with a stored transaction");
+            }
+        }
+        Ok(submission)
+    }
+
+    /// Commits one group and answers every request in it that needs no
+    /// inline send; the rest are handed to a send task.
+    async fn commit_group(self: &Arc<Self>, group: Vec<Pending>) {
+        let inline = !self.config.suspend && self.queue_is_up();
+        let lease_ms = if inline { super::millis(self.config.inline_lease()) } else { 0 };
+        let fifo = self.is_fifo();
+        let txs: Vec<&NewTransaction> = group.iter().map(|p| &p.tx).collect();
+        let outcomes = self.store.insert_many(&txs, &vec![inline; txs.len()], lease_ms, fifo).await;
+        let unavailable = outcomes.iter().find_map(|o| o.as_ref().err().filter(|e| e.is_unavailable()));
+        self.mark_database(unavailable);
+
+        let mut wallets = HashSet::new();
+        let mut release = Vec::new();
+        let mut released = Vec::new();
+        let mut outgoing = Vec::new();
+        let mut queued = false;
+        for (pending, outcome) in group.into_iter().zip(outcomes) {
+            let (transaction, held_back, claim) = match outcome {
+                Ok(InsertOutcome::Created { transaction, held_back, claim }) => (transaction, held_back, claim),
+                Ok(InsertOutcome::Replayed(row)) => {
+                    let _ = pending.reply.send(Ok(Submission::Replayed(row)));
+                    continue;
+                }
+                Ok(InsertOutcome::Conflict(conflict)) => {
+                    let _ = pending.reply.send(Ok(Submission::Conflict(conflict)));
+                    continue;
+                }
+                Err(error) => {
+                    let _ = pending.reply.send(Err(error));
+                    continue;
+                }
+            };
+            // FIFO: a wallet's second row in the group waits behind its
+            // first, exactly as behind an older unsent row.
+            let behind_its_wallet = fifo && !wallets.insert(transaction.wallet_address.clone());
+            if !inline {
+                queued = true;
+                let _ = pending.reply.send(Ok(Submission::Queued(transaction)));
+            } else if held_back || behind_its_wallet {
+                queued = true;
+                release.push(claim);
+                released.push((pending.reply, transaction));
+            } else {
+                outgoing.push(Outgoing { reply: pending.reply, transaction, claim, payload: pending.tx.payload });
+            }
+        }
+        if !release.is_empty() {
+            // The rows are committed whatever happens here: a failed
+            // release only means they wait out their short inline lease.
+            if let Err(error) = self.store.release(&release).await {
+                warn!(relay = %self.id, %error, rows = release.len(), "could not release held-back rows; they are swept after their inline lease");
+            }
+            for (reply, transaction) in released {
+                let _ = reply.send(Ok(Submission::Queued(transaction)));
+            }
+        }
+        if queued {
+            self.wake();
+        }
+        if !outgoing.is_empty() {
+            tokio::spawn(self.clone().send_group(outgoing));
+        }
+    }
+
+    /// Sends a group's committed rows in as few SendMessageBatch calls as
+    /// the limits allow, then records every result in one write per kind.
+    async fn send_group(self: Arc<Self>, rows: Vec<Outgoing>) {
+        // The rows are held for the inline lease from their commit, a moment ago.
+        let lease_end = tokio::time::Instant::now() + self.config.inline_lease();
+        let mut messages = Vec::with_capacity(rows.len());
+        let mut results: Vec<Option<SendResult>> = Vec::with_capacity(rows.len());
+        for row in &rows {
+            match message::body(&row.payload, self.ledger_token.as_ref()) {
+                Ok(body) => {
+                    messages.push(OutboundMessage {
+                        id: row.transaction.id,
+                        body,
+                        idempotency_key: row.transaction.idempotency_key.clone(),
+                        reference: row.transaction.reference.clone(),
+                        source: row.transaction.source.clone(),
+                        group_id: row.transaction.wallet_address.clone(),
+                    });
+                    results.push(None);
+                }
+                Err(error) => results.push(Some(Err(SendFailure::message(error)))),
+            }
+        }
+        let batches = queue::batches(messages);
+        let sent: Vec<Vec<(i64, SendResult)>> =
+            join_all(batches.iter().map(|batch| self.send_inline_batch(batch))).await;
+        for (id, result) in sent.into_iter().flatten() {
+            if let Some(slot) = rows.iter().position(|row| row.transaction.id == id) {
+                results[slot] = Some(result);
+            }
+        }
+        self.settle_inline(rows, results, lease_end).await;
+    }
+
+    /// One inline SendMessageBatch call within `inlineSendTimeout`; a call
+    /// refused for what one message can cause is split to find it.
+    async fn send_inline_batch(&self, batch: &[OutboundMessage]) -> Vec<(i64, SendResult)> {
+        let limit = self.config.inline_send_timeout;
+        let timed_out = || SendFailure::unreachable(format!("inline send timed out after {limit:?}"));
+        self.metrics.send_batch_size(batch.len());
+        let results = match tokio::time::timeout(limit, self.queue.send_batch(batch)).await {
+            Ok(Ok(results)) => results,
+            Ok(Err(failure)) if failure.may_be_one_entry() && batch.len() > 1 => {
+                let singles = batch.iter().map(|m| async move {
+                    tokio::time::timeout(limit, self.queue.send(m)).await.unwrap_or_else(|_| Err(timed_out()))
+                });
+                join_all(singles).await
+            }
+            Ok(Err(failure)) => vec![Err(failure); batch.len()],
+            Err(_) => vec![Err(timed_out()); batch.len()],
+        };
+        batch.iter().map(|m| m.id).zip(results).collect()
+    }
+
+    /// Records a group's inline results and answers each request.
+    async fn settle_inline(
+        &self,
+        rows: Vec<Outgoing>,
+        results: Vec<Option<SendResult>>,
+        lease_end: tokio::time::Instant,
+    ) {
+        let refused = results.iter().flatten().find_map(|r| r.as_ref().err().filter(|f| f.holds())).cloned();
+        match &refused {
+            Some(failure) => self.mark_queue(false, Some(failure)),
+            None if results.iter().flatten().any(Result::is_ok) => self.mark_queue(true, None),
+            None => {}
+        }
+        let mut sent = Vec::new();
+        let mut held = Vec::new();
+        let mut failed = Vec::new();
+        let mut answers: Vec<(Reply, Transaction, bool)> = Vec::with_capacity(rows.len());
+        for (row, result) in rows.into_iter().zip(results) {
+            let result = result.unwrap_or_else(|| Err(SendFailure::unreachable("not sent")));
+            match result {
+                Ok(message_id) => {
+                    sent.push((row.claim, message_id));
+                    answers.push((row.reply, row.transaction, true));
+                }
+                Err(failure) => {
+                    self.count_failures(failure.kind, 1);
+                    if failure.holds() {
+                        warn!(relay = %self.id, reference = %row.transaction.reference, error = %failure,
+                              "inline send refused by the queue; the relay will send it, no attempt counted");
+                        held.push((row.claim, failure.message));
+                    } else {
+                        warn!(relay = %self.id, reference = %row.transaction.reference, error = %failure,
+                              dead_letters = failure.dead_letters(), "inline send failed; the relay will retry");
+                        failed.push(self.failed_send(row.claim, row.transaction.attempts, &failure));
+                    }
+                    answers.push((row.reply, row.transaction, false));
+                }
+            }
+        }
+        // What each row is now, as the database answered; a row missing
+        // from it was recorded by another process first.
+        let mut stored = std::collections::HashMap::new();
+        let mut recorded = true;
+        if !sent.is_empty() {
+            self.metrics.sent(SendPath::Inline, sent.len());
+            match self.record_with_retry(lease_end, || self.sent_recorder.record(sent.clone())).await {
+                Ok(rows) => stored.extend(rows.into_iter().map(|row| (row.id, row))),
+                Err(error) => {
+                    // Sent but not recorded: swept again after the inline
+                    // lease, a duplicate the ledger drops by idempotency key.
+                    recorded = false;
+                    warn!(relay = %self.id, %error, rows = sent.len(), "sent but could not record the message ids");
+                }
+            }
+        }
+        if !held.is_empty() {
+            match self.record_with_retry(lease_end, || self.store.hold(&held)).await {
+                Ok(rows) => stored.extend(rows.into_iter().map(|row| (row.id, row))),
+                Err(error) => warn!(relay = %self.id, %error, "could not record the refused inline sends"),
+            }
+        }
+        if !failed.is_empty() {
+            match self
+                .record_with_retry(lease_end, || self.store.record_failures(&failed, self.config.max_attempts))
+                .await
+            {
+                Ok(rows) => stored.extend(rows.into_iter().map(|row| (row.id, row))),
+                Err(error) => warn!(relay = %self.id, %error, "could not record the failed inline sends"),
+            }
+        }
+        if !held.is_empty() || !failed.is_empty() {
+            self.wake();
+            let store = self.store.clone();
+            tokio::spawn(async move {
+                if let Err(error) = store.notify_due().await {
+                    warn!(%error, "could not notify other replicas");
+                }
+            });
+        }
+        for (reply, transaction, was_sent) in answers {
+            let row = stored.remove(&transaction.id).unwrap_or(transaction);
+            let submission = if was_sent && recorded { Submission::Sent(row) } else { Submission::Queued(row) };
+            let _ = reply.send(Ok(submission));
+        }
+    }
+}
+
+/// The group-commit task of one relay: ends when the relay is dropped.
+async fn commit_groups(relay: Weak<Relay>, mut requests: mpsc::UnboundedReceiver<Pending>) {
+    while let Some(first) = requests.recv().await {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match requests.try_recv() {
+                Ok(next) => group.push(next),
+                Err(_) => break,
+            }
+        }
+        let Some(relay) = relay.upgrade() else { return };
+        relay.waiting.send_modify(|n| *n = n.saturating_sub(group.len()));
+        relay.metrics.ingest_group(group.len());
+        relay.commit_group(group).await;
+    }
+}

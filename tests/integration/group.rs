@@ -1,0 +1,182 @@
+//! Group commit at ingest: concurrent `/new` requests committed together,
+//! each still answered for its own row. A group is formed for certain by
+//! holding the table locked while the first request waits on it: whatever
+//! arrives meanwhile is the next group.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use serde_json::Value;
+
+use crate::common::proxy::TcpProxy;
+use crate::common::*;
+
+/// Holds an EXCLUSIVE lock on the test schema's table (INSERT waits, reads
+/// do not) until dropped or committed.
+async fn lock_table(db: &TestDb) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut tx = db.store.pool().begin().await.unwrap();
+    sqlx::query("LOCK TABLE transactions IN EXCLUSIVE MODE").execute(&mut *tx).await.unwrap();
+    tx
+}
+
+/// Posts `bodies` so that all of them form one group: the first request
+/// waits on `lock` alone, the rest gather behind it; then the lock goes.
+async fn post_as_one_group(
+    app: &Arc<TestApp>,
+    db: &TestDb,
+    lock: sqlx::Transaction<'static, sqlx::Postgres>,
+    bodies: Vec<Value>,
+) -> Vec<(StatusCode, Value)> {
+    let post = |body: Value| {
+        let app = app.clone();
+        tokio::spawn(async move { app.post_new(&body).await })
+    };
+    let opener = post(body(unique(), "opener"));
+    wait_until(Duration::from_secs(10), "the first group waits on the lock", || async {
+        db.scalar_i64("SELECT count(*) FROM pg_locks WHERE NOT granted AND relation IS NOT NULL").await > 0
+    })
+    .await;
+    let count = bodies.len();
+    let posted: Vec<_> = bodies.into_iter().map(post).collect();
+    let waiting = app.relay.waiting_to_commit();
+    wait_until(Duration::from_secs(10), "every request waits for the next group", || {
+        let queued = *waiting.borrow();
+        async move { queued == count }
+    })
+    .await;
+    lock.rollback().await.unwrap();
+    assert!(opener.await.unwrap().0.is_success());
+    let mut answers = Vec::new();
+    for answer in posted {
+        answers.push(answer.await.unwrap());
+    }
+    answers
+}
+
+fn group_sizes(app: &TestApp) -> (f64, f64) {
+    let text = app.metrics.render();
+    let value = |name: &str| {
+        text.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit_once(' ')?.1.parse().ok()).unwrap_or(0.0)
+    };
+    (value("txrelay_ingest_group_size_count"), value("txrelay_ingest_group_size_sum"))
+}
+
+#[tokio::test]
+async fn a_group_decides_new_rows_replays_and_conflicts_each_for_itself() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let app = Arc::new(TestApp::new(&RelayBuilder::new(&db, &queue)).await);
+    let stored = body(unique(), "w");
+    assert_eq!(app.post_new(&stored).await.0, StatusCode::CREATED);
+
+    let fresh = body(unique(), "w");
+    let mut other_content = stored.clone();
+    other_content["ledger_payload"]["payload"]["status"] = Value::String("SOMETHING_ELSE".into());
+    let twice = body(unique(), "w");
+    let lock = lock_table(&db).await;
+    let answers = post_as_one_group(
+        &app,
+        &db,
+        lock,
+        vec![fresh.clone(), stored.clone(), other_content, twice.clone(), twice.clone()],
+    )
+    .await;
+    let statuses: Vec<StatusCode> = answers.iter().map(|(s, _)| *s).collect();
+    assert_eq!(statuses[0], StatusCode::CREATED, "new: {:?}", answers[0].1);
+    assert_eq!(statuses[1], StatusCode::OK, "replay of a stored row: {:?}", answers[1].1);
+    assert_eq!(statuses[2], StatusCode::CONFLICT, "same key, other content: {:?}", answers[2].1);
+    assert_eq!(answers[2].1["error"]["field"], "ledger_payload.meta_data.idempotency_key");
+    // The same request twice in one group: one is new, the other its replay.
+    let mut pair = [statuses[3], statuses[4]];
+    pair.sort();
+    assert_eq!(pair, [StatusCode::OK, StatusCode::CREATED], "{:?} {:?}", answers[3].1, answers[4].1);
+    assert_eq!(answers[3].1["id"], answers[4].1["id"]);
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM transactions").await, 4, "stored, opener, fresh, twice");
+    let (groups, rows) = group_sizes(&app);
+    assert_eq!((groups, rows), (3.0, 7.0), "the stored row, the opener alone, then one group of five");
+    assert_eq!(queue.receive(4, Duration::from_secs(10)).await.len(), 4, "each new row sent once");
+}
+
+#[tokio::test]
+async fn a_row_that_breaks_a_constraint_does_not_fail_its_group() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let app = Arc::new(TestApp::new(&RelayBuilder::new(&db, &queue)).await);
+    let poison = unique();
+    db.execute(&format!("ALTER TABLE transactions ADD CONSTRAINT test_poison CHECK (reference <> 'MYK-{poison:06}')"))
+        .await;
+    let lock = lock_table(&db).await;
+    let neighbours: Vec<Value> = (0..3).map(|_| body(unique(), "w")).collect();
+    let mut bodies = neighbours.clone();
+    bodies.insert(1, body(poison, "w"));
+    let answers = post_as_one_group(&app, &db, lock, bodies).await;
+    for (i, (status, answer)) in answers.iter().enumerate() {
+        if i == 1 {
+            assert!(status.is_server_error(), "the breaking row is refused: {status} {answer}");
+        } else {
+            assert_eq!(*status, StatusCode::CREATED, "neighbour {i}: {answer}");
+        }
+    }
+    let refs = db.scalar_i64(&format!("SELECT count(*) FROM transactions WHERE reference = 'MYK-{poison:06}'")).await;
+    assert_eq!(refs, 0, "nothing stored for it");
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM transactions").await, 4, "the opener and three neighbours");
+}
+
+#[tokio::test]
+async fn a_group_hit_by_a_database_outage_answers_503_to_every_request() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let proxy = TcpProxy::start(database_address(&db.url)).await;
+    let app = Arc::new(TestApp::new(&RelayBuilder::new(&db, &queue).database_url(proxy.url_for(&db.url))).await);
+    assert_eq!(app.post_new(&body(unique(), "w")).await.0, StatusCode::CREATED);
+    let lock = lock_table(&db).await;
+    let post = |body: Value| {
+        let app = app.clone();
+        tokio::spawn(async move { app.post_new(&body).await })
+    };
+    let opener = post(body(unique(), "opener"));
+    wait_until(Duration::from_secs(10), "the first group waits on the lock", || async {
+        db.scalar_i64("SELECT count(*) FROM pg_locks WHERE NOT granted AND relation IS NOT NULL").await > 0
+    })
+    .await;
+    let group: Vec<_> = (0..4).map(|_| post(body(unique(), "w"))).collect();
+    let waiting = app.relay.waiting_to_commit();
+    wait_until(Duration::from_secs(10), "the group has gathered", || {
+        let queued = *waiting.borrow();
+        async move { queued == 4 }
+    })
+    .await;
+    proxy.set_up(false);
+    for answer in group {
+        let (status, error) = answer.await.unwrap();
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{error}");
+        assert_eq!(error["error"]["code"], "database_unavailable");
+    }
+    let _ = opener.await;
+    lock.rollback().await.unwrap();
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM transactions WHERE wallet_address = 'w'").await, 1);
+    proxy.set_up(true);
+    assert_eq!(app.post_new(&body(unique(), "w")).await.0, StatusCode::CREATED, "recovers");
+}
+
+#[tokio::test]
+async fn on_a_fifo_queue_a_wallets_second_row_in_a_group_waits_behind_its_first() {
+    let (db, queue) = (TestDb::new().await, TestQueue::fifo().await);
+    let app = Arc::new(TestApp::new(&RelayBuilder::new(&db, &queue)).await);
+    let running = RunningLoop::start(&app.relay);
+    let (a1, a2, b1) = (unique(), unique(), unique());
+    let lock = lock_table(&db).await;
+    let answers =
+        post_as_one_group(&app, &db, lock, vec![body(a1, "wallet-a"), body(a2, "wallet-a"), body(b1, "wallet-b")])
+            .await;
+    let statuses: Vec<StatusCode> = answers.iter().map(|(s, _)| *s).collect();
+    assert_eq!(statuses, [StatusCode::CREATED, StatusCode::ACCEPTED, StatusCode::CREATED], "{answers:?}");
+    assert_eq!(answers[1].1["attempts"], 0, "held, not sent inline");
+    let delivered = queue.receive(4, Duration::from_secs(15)).await;
+    let wallet_a: Vec<String> = delivered
+        .iter()
+        .filter(|m| crate::common::sqs::attribute(m, "reference").is_some_and(|r| r != format!("MYK-{b1:06}")))
+        .filter_map(|m| crate::common::sqs::attribute(m, "idempotency_key"))
+        .filter(|k| *k == format!("idem-{a1}") || *k == format!("idem-{a2}"))
+        .collect();
+    assert_eq!(wallet_a, [format!("idem-{a1}"), format!("idem-{a2}")], "wallet A keeps its order");
+    running.stop().await;
+}

@@ -218,157 +218,130 @@ impl Store {
     /// Claims up to `limit` rows in one short transaction, skipping rows other
     /// processes hold, and holds them for `lease` under a new claim token.
     pub async fn claim(&self, mode: ClaimMode<'_>, limit: u32, lease: Duration, fifo: bool) -> Result<Claim> {
-        (async {
-            let lease_ms = millis(lease);
-            let token = new_token();
-            let query = match (mode, fifo) {
-                (ClaimMode::Due, false) => sqlx::query_as(CLAIM_DUE),
-                (ClaimMode::Due, true) => sqlx::query_as(CLAIM_DUE_FIFO),
-                (ClaimMode::Force { .. }, false) => sqlx::query_as(CLAIM_FORCE),
-                (ClaimMode::Force { .. }, true) => sqlx::query_as(CLAIM_FORCE_FIFO),
-            };
-            let mut query = query.bind(i64::from(limit)).bind(lease_ms).bind(token);
-            if let ClaimMode::Force { skip } = mode {
-                query = query.bind(skip);
-            }
-            let mut rows: Vec<ClaimedRow> = self.on(self.bookkeeping()).await?.run(|c| query.fetch_all(c)).await?;
-            rows.sort_by_key(|row| row.id);
-            Ok(Claim { rows, lease, token })
-        })
-        .await
+        let lease_ms = millis(lease);
+        let token = new_token();
+        let query = match (mode, fifo) {
+            (ClaimMode::Due, false) => sqlx::query_as(CLAIM_DUE),
+            (ClaimMode::Due, true) => sqlx::query_as(CLAIM_DUE_FIFO),
+            (ClaimMode::Force { .. }, false) => sqlx::query_as(CLAIM_FORCE),
+            (ClaimMode::Force { .. }, true) => sqlx::query_as(CLAIM_FORCE_FIFO),
+        };
+        let mut query = query.bind(i64::from(limit)).bind(lease_ms).bind(token);
+        if let ClaimMode::Force { skip } = mode {
+            query = query.bind(skip);
+        }
+        let mut rows: Vec<ClaimedRow> = self.on(self.bookkeeping()).await?.run(|c| query.fetch_all(c)).await?;
+        rows.sort_by_key(|row| row.id);
+        Ok(Claim { rows, lease, token })
     }
 
     /// Records the message ids of many rows with a single UPDATE and returns
     /// the rows as they now are. Rows already sent, or no longer held by the
     /// claim that sent them, are left alone and absent.
     pub async fn record_sent(&self, sent: &[(ClaimRef, String)]) -> Result<Vec<Transaction>> {
-        (async {
-            if sent.is_empty() {
-                return Ok(Vec::new());
-            }
-            let (ids, tokens) = split(sent.iter().map(|(row, _)| row));
-            let message_ids: Vec<&str> = sent.iter().map(|(_, m)| m.as_str()).collect();
-            Ok(self
-                .on(self.bookkeeping())
-                .await?
-                .run(|c| sqlx::query_as(RECORD_SENT).bind(&ids).bind(&tokens).bind(&message_ids).fetch_all(c))
-                .await?)
-        })
-        .await
+        if sent.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (ids, tokens) = split(sent.iter().map(|(row, _)| row));
+        let message_ids: Vec<&str> = sent.iter().map(|(_, m)| m.as_str()).collect();
+        self.on(self.bookkeeping())
+            .await?
+            .run(|c| sqlx::query_as(RECORD_SENT).bind(&ids).bind(&tokens).bind(&message_ids).fetch_all(c))
+            .await
     }
 
     /// Records failed sends with a single UPDATE and returns the rows as they
     /// now are: `failed_at` is set on those dead-lettered (permanent error, or
     /// `max_attempts` reached).
     pub async fn record_failures(&self, failures: &[FailedSend], max_attempts: u32) -> Result<Vec<Transaction>> {
-        (async {
-            if failures.is_empty() {
-                return Ok(Vec::new());
-            }
-            let (ids, tokens) = split(failures.iter().map(|f| &f.row));
-            let errors: Vec<&str> = failures.iter().map(|f| f.error.as_str()).collect();
-            let delays: Vec<i64> = failures.iter().map(|f| millis(f.retry_in)).collect();
-            let permanent: Vec<bool> = failures.iter().map(|f| f.permanent).collect();
-            Ok(self
-                .on(self.bookkeeping())
-                .await?
-                .run(|c| {
-                    sqlx::query_as(RECORD_FAILURES)
-                        .bind(&ids)
-                        .bind(&tokens)
-                        .bind(&errors)
-                        .bind(&delays)
-                        .bind(&permanent)
-                        .bind(i64::from(max_attempts))
-                        .fetch_all(c)
-                })
-                .await?)
-        })
-        .await
+        if failures.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (ids, tokens) = split(failures.iter().map(|f| &f.row));
+        let errors: Vec<&str> = failures.iter().map(|f| f.error.as_str()).collect();
+        let delays: Vec<i64> = failures.iter().map(|f| millis(f.retry_in)).collect();
+        let permanent: Vec<bool> = failures.iter().map(|f| f.permanent).collect();
+        self.on(self.bookkeeping())
+            .await?
+            .run(|c| {
+                sqlx::query_as(RECORD_FAILURES)
+                    .bind(&ids)
+                    .bind(&tokens)
+                    .bind(&errors)
+                    .bind(&delays)
+                    .bind(&permanent)
+                    .bind(i64::from(max_attempts))
+                    .fetch_all(c)
+            })
+            .await
     }
 
     /// Gives rows back after the queue refused the call as a whole, keeping
     /// the error in `last_error`: no attempt, no backoff.
     pub async fn hold(&self, held: &[(ClaimRef, String)]) -> Result<Vec<Transaction>> {
-        (async {
-            if held.is_empty() {
-                return Ok(Vec::new());
-            }
-            let (ids, tokens) = split(held.iter().map(|(row, _)| row));
-            let errors: Vec<&str> = held.iter().map(|(_, e)| e.as_str()).collect();
-            Ok(self
-                .on(self.bookkeeping())
-                .await?
-                .run(|c| sqlx::query_as(HOLD).bind(&ids).bind(&tokens).bind(&errors).fetch_all(c))
-                .await?)
-        })
-        .await
+        if held.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (ids, tokens) = split(held.iter().map(|(row, _)| row));
+        let errors: Vec<&str> = held.iter().map(|(_, e)| e.as_str()).collect();
+        self.on(self.bookkeeping())
+            .await?
+            .run(|c| sqlx::query_as(HOLD).bind(&ids).bind(&tokens).bind(&errors).fetch_all(c))
+            .await
     }
 
     /// Gives claimed rows back without an attempt (shutdown, lease running
     /// out, queue found down before sending): due again at once.
     pub async fn release(&self, rows: &[ClaimRef]) -> Result<u64> {
-        (async {
-            if rows.is_empty() {
-                return Ok(0);
-            }
-            let (ids, tokens) = split(rows.iter());
-            let result = self
-                .on(self.bookkeeping())
-                .await?
-                .run(|c| sqlx::query(RELEASE).bind(&ids).bind(&tokens).execute(c))
-                .await?;
-            Ok(result.rows_affected())
-        })
-        .await
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let (ids, tokens) = split(rows.iter());
+        let result = self
+            .on(self.bookkeeping())
+            .await?
+            .run(|c| sqlx::query(RELEASE).bind(&ids).bind(&tokens).execute(c))
+            .await?;
+        Ok(result.rows_affected())
     }
 
     /// Unsent rows, dead-lettered rows and the age of the oldest unsent row.
     pub async fn gauges(&self) -> Result<Gauges> {
-        (async {
-            let row = self.on(self.pool()).await?.run(|c| sqlx::query(GAUGES).fetch_one(c)).await?;
-            Ok(Gauges {
-                unsent: row.try_get("unsent")?,
-                failed: row.try_get("failed")?,
-                oldest_unsent_age_seconds: row.try_get("oldest_age")?,
-            })
+        let row = self.on(self.pool()).await?.run(|c| sqlx::query(GAUGES).fetch_one(c)).await?;
+        Ok(Gauges {
+            unsent: row.try_get("unsent")?,
+            failed: row.try_get("failed")?,
+            oldest_unsent_age_seconds: row.try_get("oldest_age")?,
         })
-        .await
     }
 
     /// How long until the next row a sweep could claim becomes due; `None`
     /// when nothing is waiting.
     pub async fn next_due_in(&self, fifo: bool) -> Result<Option<Duration>> {
-        (async {
-            let sql = if fifo { NEXT_DUE_FIFO } else { NEXT_DUE };
-            let millis: Option<i64> = self.on(self.pool()).await?.run(|c| sqlx::query_scalar(sql).fetch_one(c)).await?;
-            Ok(millis.map(|ms| Duration::from_millis(u64::try_from(ms).unwrap_or(0))))
-        })
-        .await
+        let sql = if fifo { NEXT_DUE_FIFO } else { NEXT_DUE };
+        let millis: Option<i64> = self.on(self.pool()).await?.run(|c| sqlx::query_scalar(sql).fetch_one(c)).await?;
+        Ok(millis.map(|ms| Duration::from_millis(u64::try_from(ms).unwrap_or(0))))
     }
 
     /// Deletes up to `batch` sent rows that were created and sent more than
     /// `age` ago. Unsent and dead-lettered rows are never touched.
     pub async fn delete_sent_older_than(&self, age: Duration, batch: u32) -> Result<u64> {
-        (async {
-            let result = self
-                .on(self.bookkeeping())
-                .await?
-                .run(|c| {
-                    sqlx::query(
-                        "DELETE FROM transactions WHERE id IN (SELECT id FROM transactions \
-                 WHERE message_id IS NOT NULL AND failed_at IS NULL \
-                 AND queue_sent_at < now() - $1 * interval '1 millisecond' \
-                 AND created_at < now() - $1 * interval '1 millisecond' ORDER BY queue_sent_at LIMIT $2)",
-                    )
-                    .bind(millis(age))
-                    .bind(i64::from(batch))
-                    .execute(c)
-                })
-                .await?;
-            Ok(result.rows_affected())
-        })
-        .await
+        let result = self
+            .on(self.bookkeeping())
+            .await?
+            .run(|c| {
+                sqlx::query(
+                    "DELETE FROM transactions WHERE id IN (SELECT id FROM transactions \
+             WHERE message_id IS NOT NULL AND failed_at IS NULL \
+             AND queue_sent_at < now() - $1 * interval '1 millisecond' \
+             AND created_at < now() - $1 * interval '1 millisecond' ORDER BY queue_sent_at LIMIT $2)",
+                )
+                .bind(millis(age))
+                .bind(i64::from(batch))
+                .execute(c)
+            })
+            .await?;
+        Ok(result.rows_affected())
     }
 
     /// Claims one row for `txrelay retry ID`, reviving it if dead-lettered.
@@ -378,90 +351,79 @@ impl Store {
         lease: Duration,
         fifo: bool,
     ) -> std::result::Result<(ClaimedRow, ClaimRef), RetryOneError> {
-        (async {
-            let token = new_token();
-            let claimed: Option<ClaimedRow> = self
-                .on(self.pool())
-                .await?
-                .run(|c| {
-                    sqlx::query_as(concat!(
-                "UPDATE transactions SET failed_at = NULL, claimed_until = now() + $2 * interval '1 millisecond', \
-                 claim_token = $4 \
-                 WHERE id = $1 AND message_id IS NULL AND (claimed_until IS NULL OR claimed_until <= now()) \
-                 AND (NOT $3 OR ",
-                first_of_its_wallet!("transactions"),
-                ") \
-                 RETURNING id, reference, idempotency_key, wallet_address, source, attempts, payload::text AS payload",
-            ))
-            .bind(id)
-            .bind(millis(lease))
-            .bind(fifo)
-            .bind(token)
-            .fetch_optional(c)
-                })
-                .await
-                .map_err(StoreError::from)?;
-            if let Some(row) = claimed {
-                return Ok((row, ClaimRef { id, token: Some(token) }));
+        let token = new_token();
+        let claimed: Option<ClaimedRow> = self
+            .on(self.pool())
+            .await?
+            .run(|c| {
+                sqlx::query_as(concat!(
+                    "UPDATE transactions SET failed_at = NULL, claimed_until = now() + $2 * interval '1 millisecond', \
+             claim_token = $4 \
+             WHERE id = $1 AND message_id IS NULL AND (claimed_until IS NULL OR claimed_until <= now()) \
+             AND (NOT $3 OR ",
+                    first_of_its_wallet!("transactions"),
+                    ") \
+             RETURNING id, reference, idempotency_key, wallet_address, source, attempts, payload::text AS payload",
+                ))
+                .bind(id)
+                .bind(millis(lease))
+                .bind(fifo)
+                .bind(token)
+                .fetch_optional(c)
+            })
+            .await?;
+        if let Some(row) = claimed {
+            return Ok((row, ClaimRef { id, token: Some(token) }));
+        }
+        let Some(existing) = self.find_by_id(id).await? else {
+            return Err(RetryOneError::NotFound(id));
+        };
+        if let Some(message_id) = existing.message_id {
+            return Err(RetryOneError::AlreadySent { id, message_id });
+        }
+        let older: Option<i64> = self
+            .on(self.pool())
+            .await?
+            .run(|c| {
+                sqlx::query_scalar(concat!(
+                    "SELECT max(id) FROM transactions o WHERE wallet_address = $1 AND id < $2 AND ",
+                    unsent!("o")
+                ))
+                .bind(&existing.wallet_address)
+                .bind(id)
+                .fetch_one(c)
+            })
+            .await?;
+        match older {
+            Some(older) if fifo => Err(RetryOneError::WaitsForOlder { id, older }),
+            _ => {
+                let until: Option<DateTime<Utc>> = self
+                    .on(self.pool())
+                    .await?
+                    .run(|c| {
+                        sqlx::query_scalar("SELECT claimed_until FROM transactions WHERE id = $1").bind(id).fetch_one(c)
+                    })
+                    .await?;
+                Err(RetryOneError::Held { id, until: until.unwrap_or_else(Utc::now) })
             }
-            let Some(existing) = self.find_by_id(id).await? else {
-                return Err(RetryOneError::NotFound(id));
-            };
-            if let Some(message_id) = existing.message_id {
-                return Err(RetryOneError::AlreadySent { id, message_id });
-            }
-            let older: Option<i64> = self
-                .on(self.pool())
-                .await?
-                .run(|c| {
-                    sqlx::query_scalar(concat!(
-                        "SELECT max(id) FROM transactions o WHERE wallet_address = $1 AND id < $2 AND ",
-                        unsent!("o")
-                    ))
-                    .bind(&existing.wallet_address)
-                    .bind(id)
-                    .fetch_one(c)
-                })
-                .await
-                .map_err(StoreError::from)?;
-            match older {
-                Some(older) if fifo => Err(RetryOneError::WaitsForOlder { id, older }),
-                _ => {
-                    let until: Option<DateTime<Utc>> = self
-                        .on(self.pool())
-                        .await?
-                        .run(|c| {
-                            sqlx::query_scalar("SELECT claimed_until FROM transactions WHERE id = $1")
-                                .bind(id)
-                                .fetch_one(c)
-                        })
-                        .await
-                        .map_err(StoreError::from)?;
-                    Err(RetryOneError::Held { id, until: until.unwrap_or_else(Utc::now) })
-                }
-            }
-        })
-        .await
+        }
     }
 
     /// Revives dead-lettered rows (`retry-all --include-dead`): due at once.
     pub async fn revive_dead_lettered(&self, limit: i64) -> Result<u64> {
-        (async {
-            let result = self
-                .on(self.pool())
-                .await?
-                .run(|c| {
-                    sqlx::query(
-                        "UPDATE transactions SET failed_at = NULL, next_attempt_at = now() WHERE id IN \
-                 (SELECT id FROM transactions WHERE failed_at IS NOT NULL AND message_id IS NULL ORDER BY id LIMIT $1)",
-                    )
-                    .bind(limit)
-                    .execute(c)
-                })
-                .await?;
-            Ok(result.rows_affected())
-        })
-        .await
+        let result = self
+            .on(self.pool())
+            .await?
+            .run(|c| {
+                sqlx::query(
+                    "UPDATE transactions SET failed_at = NULL, next_attempt_at = now() WHERE id IN \
+             (SELECT id FROM transactions WHERE failed_at IS NOT NULL AND message_id IS NULL ORDER BY id LIMIT $1)",
+                )
+                .bind(limit)
+                .execute(c)
+            })
+            .await?;
+        Ok(result.rows_affected())
     }
 }
 

@@ -143,53 +143,50 @@ impl Store {
     /// long the row is held for the inline send (0 when there is none), so a
     /// sweep never races it; if the process dies, the row is swept afterwards.
     pub async fn insert(&self, tx: &NewTransaction, inline_lease_ms: i64, fifo: bool) -> Result<InsertOutcome> {
-        (async {
-            // A conflicting row can vanish between the insert and the lookup
-            // (retention); one more insert settles it.
-            let token = (inline_lease_ms > 0).then(super::outbox::new_token);
-            for _ in 0..2 {
-                let row = self
-                    .on(self.pool())
-                    .await?
-                    .run(|c| {
-                        sqlx::query(INSERT)
-                            .bind(&tx.reference)
-                            .bind(&tx.external_reference)
-                            .bind(&tx.idempotency_key)
-                            .bind(tx.transaction_type.as_str())
-                            .bind(&tx.status)
-                            .bind(&tx.source)
-                            .bind(&tx.instruction_type)
-                            .bind(&tx.incoming_currency)
-                            .bind(&tx.outgoing_currency)
-                            .bind(tx.value)
-                            .bind(tx.fee)
-                            .bind(&tx.payer_id)
-                            .bind(&tx.payee_id)
-                            .bind(&tx.first_name)
-                            .bind(&tx.last_name)
-                            .bind(&tx.wallet_address)
-                            .bind(&tx.ip_address)
-                            .bind(&tx.payload)
-                            .bind(inline_lease_ms)
-                            .bind(fifo)
-                            .bind(token)
-                            .fetch_optional(c)
-                    })
-                    .await?;
-                if let Some(row) = row {
-                    let transaction = Transaction::from_row(&row)?;
-                    let held_back = row.try_get::<Option<bool>, _>("held_back")?.unwrap_or(false);
-                    let claim = ClaimRef { id: transaction.id, token };
-                    return Ok(InsertOutcome::Created { transaction, held_back, claim });
-                }
-                if let Some(outcome) = self.classify_conflict(tx).await? {
-                    return Ok(outcome);
-                }
+        // A conflicting row can vanish between the insert and the lookup
+        // (retention); one more insert settles it.
+        let token = (inline_lease_ms > 0).then(super::outbox::new_token);
+        for _ in 0..2 {
+            let row = self
+                .on(self.pool())
+                .await?
+                .run(|c| {
+                    sqlx::query(INSERT)
+                        .bind(&tx.reference)
+                        .bind(&tx.external_reference)
+                        .bind(&tx.idempotency_key)
+                        .bind(tx.transaction_type.as_str())
+                        .bind(&tx.status)
+                        .bind(&tx.source)
+                        .bind(&tx.instruction_type)
+                        .bind(&tx.incoming_currency)
+                        .bind(&tx.outgoing_currency)
+                        .bind(tx.value)
+                        .bind(tx.fee)
+                        .bind(&tx.payer_id)
+                        .bind(&tx.payee_id)
+                        .bind(&tx.first_name)
+                        .bind(&tx.last_name)
+                        .bind(&tx.wallet_address)
+                        .bind(&tx.ip_address)
+                        .bind(&tx.payload)
+                        .bind(inline_lease_ms)
+                        .bind(fifo)
+                        .bind(token)
+                        .fetch_optional(c)
+                })
+                .await?;
+            if let Some(row) = row {
+                let transaction = Transaction::from_row(&row)?;
+                let held_back = row.try_get::<Option<bool>, _>("held_back")?.unwrap_or(false);
+                let claim = ClaimRef { id: transaction.id, token };
+                return Ok(InsertOutcome::Created { transaction, held_back, claim });
             }
-            Err(StoreError::Inconsistent("insert conflicted with a row that no longer exists".into()))
-        })
-        .await
+            if let Some(outcome) = self.classify_conflict(tx).await? {
+                return Ok(outcome);
+            }
+        }
+        Err(StoreError::Inconsistent("insert conflicted with a row that no longer exists".into()))
     }
 
     /// Commits a group of new transactions in one statement and one
@@ -314,74 +311,57 @@ impl Store {
     }
 
     pub async fn find_by_reference(&self, reference: &str) -> Result<Option<Transaction>> {
-        (async {
-            let sql = concat!("SELECT ", columns!(), " FROM transactions WHERE reference = $1");
-            Ok(self.on(self.pool()).await?.run(|c| sqlx::query_as(sql).bind(reference).fetch_optional(c)).await?)
-        })
-        .await
+        let sql = concat!("SELECT ", columns!(), " FROM transactions WHERE reference = $1");
+        self.on(self.pool()).await?.run(|c| sqlx::query_as(sql).bind(reference).fetch_optional(c)).await
     }
 
     pub async fn find_by_id(&self, id: i64) -> Result<Option<Transaction>> {
-        (async {
-            let sql = concat!("SELECT ", columns!(), " FROM transactions WHERE id = $1");
-            Ok(self.on(self.pool()).await?.run(|c| sqlx::query_as(sql).bind(id).fetch_optional(c)).await?)
-        })
-        .await
+        let sql = concat!("SELECT ", columns!(), " FROM transactions WHERE id = $1");
+        self.on(self.pool()).await?.run(|c| sqlx::query_as(sql).bind(id).fetch_optional(c)).await
     }
 
     /// Keyset pagination by id: rows after `after_id`, oldest first.
     pub async fn list(&self, filter: &ListFilter) -> Result<Vec<Transaction>> {
-        (async {
-            Ok(self
-                .on(self.pool())
-                .await?
-                .run(|c| {
-                    sqlx::query_as(LIST)
-                        .bind(&filter.status)
-                        .bind(&filter.wallet_address)
-                        .bind(&filter.payer_id)
-                        .bind(&filter.payee_id)
-                        .bind(filter.unsent)
-                        .bind(filter.failed)
-                        .bind(filter.not_sent)
-                        .bind(filter.after_id.unwrap_or(0))
-                        .bind(filter.limit)
-                        .fetch_all(c)
-                })
-                .await?)
-        })
-        .await
+        self.on(self.pool())
+            .await?
+            .run(|c| {
+                sqlx::query_as(LIST)
+                    .bind(&filter.status)
+                    .bind(&filter.wallet_address)
+                    .bind(&filter.payer_id)
+                    .bind(&filter.payee_id)
+                    .bind(filter.unsent)
+                    .bind(filter.failed)
+                    .bind(filter.not_sent)
+                    .bind(filter.after_id.unwrap_or(0))
+                    .bind(filter.limit)
+                    .fetch_all(c)
+            })
+            .await
     }
 
     /// Totals without the per-status breakdown (`/health/transactions`).
     pub async fn counts(&self) -> Result<Stats> {
-        (async {
-            let row = self.on(self.pool()).await?.run(|c| sqlx::query(STATS).fetch_one(c)).await?;
-            Ok(Stats {
-                total: row.try_get("total")?,
-                sent: row.try_get("sent")?,
-                unsent: row.try_get("unsent")?,
-                failed: row.try_get("failed")?,
-                by_status: BTreeMap::new(),
-            })
+        let row = self.on(self.pool()).await?.run(|c| sqlx::query(STATS).fetch_one(c)).await?;
+        Ok(Stats {
+            total: row.try_get("total")?,
+            sent: row.try_get("sent")?,
+            unsent: row.try_get("unsent")?,
+            failed: row.try_get("failed")?,
+            by_status: BTreeMap::new(),
         })
-        .await
     }
 
     pub async fn stats(&self) -> Result<Stats> {
-        (async {
-            let mut stats = self.counts().await?;
-            let by_status: Vec<(String, i64)> = self
-                .on(self.pool())
-                .await?
-                .run(|c| {
-                    sqlx::query_as("SELECT status, count(*) FROM transactions GROUP BY status ORDER BY status")
-                        .fetch_all(c)
-                })
-                .await?;
-            stats.by_status = by_status.into_iter().collect();
-            Ok(stats)
-        })
-        .await
+        let mut stats = self.counts().await?;
+        let by_status: Vec<(String, i64)> = self
+            .on(self.pool())
+            .await?
+            .run(|c| {
+                sqlx::query_as("SELECT status, count(*) FROM transactions GROUP BY status ORDER BY status").fetch_all(c)
+            })
+            .await?;
+        stats.by_status = by_status.into_iter().collect();
+        Ok(stats)
     }
 }

@@ -28,7 +28,8 @@ lint:
     cargo fmt --all -- --check
     cargo clippy --all-targets --locked -- -D warnings
 
-# Regenerate the checked-in CRD and OpenAPI document.
+# Regenerate the checked-in CRD from the Rust types. (openapi.json is written
+# by hand; tests check it against the routes served and the answers given.)
 generate:
     cargo run --quiet -- crd > crds/transactionrelays.relay.mykobo.io.yaml
 

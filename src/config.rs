@@ -7,9 +7,9 @@ use kube::CustomResourceExt;
 use serde_json::Value;
 
 use crate::auth::TokenSet;
-use crate::relay::RelayId;
 use crate::secret::Secret;
 use crate::settings::{QueueSecrets, RelaySettings};
+use crate::spec::RelayId;
 use crate::spec::{self, TransactionRelay, TransactionRelaySpec};
 
 /// A setting that is missing or wrong, named so the user can find it.

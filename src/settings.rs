@@ -6,8 +6,9 @@ use std::sync::Arc;
 use crate::auth::TokenSet;
 use crate::metrics::Metrics;
 use crate::queue::sqs::{SqsQueue, SqsSettings};
-use crate::relay::{Relay, RelayConfig, RelayId};
+use crate::relay::{Relay, RelayConfig};
 use crate::secret::Secret;
+use crate::spec::RelayId;
 use crate::spec::TransactionRelaySpec;
 use crate::store::{Store, StoreOptions};
 

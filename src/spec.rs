@@ -2,6 +2,8 @@
 //! standalone `txrelay run` (from a manifest file) and the operator (from the
 //! cluster) read these types, so they depend on neither.
 
+use std::fmt;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -266,6 +268,25 @@ pub fn is_schema_name(name: &str) -> bool {
     matches!(bytes.next(), Some(b'a'..=b'z' | b'_'))
         && name.len() <= 63
         && bytes.all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_'))
+}
+
+/// `namespace/name` of a `TransactionRelay`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RelayId {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl RelayId {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self { namespace: namespace.into(), name: name.into() }
+    }
+}
+
+impl fmt::Display for RelayId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
 }
 
 #[cfg(test)]

@@ -37,7 +37,7 @@ pub struct Global {
     #[arg(long, global = true, value_enum, default_value = "text", env = "TXRELAY_LOG_FORMAT")]
     pub log_format: LogFormat,
     /// Database connections per relay.
-    #[arg(long, global = true, default_value_t = 16, env = "DATABASE_POOL_SIZE")]
+    #[arg(long, global = true, default_value_t = crate::store::DEFAULT_POOL_SIZE, env = "DATABASE_POOL_SIZE")]
     pub db_pool_size: u32,
 }
 

@@ -11,11 +11,11 @@ use tracing::warn;
 use super::serve::{Servers, shutdown_signal, wait_for};
 use super::{CliError, Global, OperatorArgs};
 use crate::config::ConfigError;
+use crate::directory::Relays;
 use crate::http::{AppState, HttpOptions};
 use crate::metrics::Metrics;
 use crate::operator::OperatorOptions;
-use crate::relay::RelayId;
-use crate::relay::directory::Relays;
+use crate::spec::RelayId;
 
 /// How long the leader Lease lasts without renewal.
 const LEASE_DURATION: Duration = Duration::from_secs(15);

@@ -1,20 +1,19 @@
 //! `txrelay run`: one relay, standalone.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use clap::Args;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use super::{CliError, Global, HttpArgs};
 use crate::config::{self, ConfigError, ProcessEnv};
+use crate::directory::Relays;
 use crate::http::{self, AppState};
+use crate::lifecycle::Supervisor;
 use crate::metrics::Metrics;
-use crate::relay::directory::Relays;
-use crate::relay::{listen_for_due_rows, run_loop};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -39,59 +38,31 @@ pub async fn run(global: &Global, args: RunArgs) -> Result<(), CliError> {
         warn!("--insecure-no-auth: POST /new accepts requests without a bearer token; never do this in production");
     }
     let metrics = Metrics::new();
-    let handle = settings.build(&metrics).await?;
-    let relay = handle.relay.clone();
-    if args.no_migrate {
-        relay.store().ping().await?;
-    } else {
-        relay.store().migrate().await?;
-    }
+    let relays = Arc::new(Relays::new(None));
+    let grace = args.http.grace();
+    // The same lifecycle as every relay of the operator: start, stop in
+    // order within the grace period.
+    let supervisor = Supervisor::standalone(relays.clone(), metrics.clone(), grace, !args.no_migrate);
+    let (_, handle) = supervisor.ensure(&settings, 0).await?;
+    let relay = handle.relay;
     if !relay.config().suspend {
         if let crate::relay::QueueCheck::Refused(failure) = relay.check_queue().await {
             warn!(error = %failure, "the queue refused GetQueueAttributes; transactions are stored and wait for it");
         }
     }
-
-    let relays = Arc::new(Relays::new(None));
-    relays.insert(handle);
     let state = AppState::new(relays, metrics, args.http.options());
     let (stop, stopped) = watch::channel(false);
     let servers = Servers::start(&args.http, state, stopped.clone()).await?;
-    let engine = tokio::spawn(run_loop(relay.clone(), stopped.clone()));
-    let listener = tokio::spawn(listen_for_due_rows(relay.clone(), stopped.clone()));
     info!(relay = %relay.id(), api = %args.http.listen, metrics = %args.http.metrics_listen, "txrelay running");
 
     shutdown_signal().await;
-    info!("shutting down: no new claims; finishing in-flight sends");
+    info!(grace_ms = grace.as_millis() as u64, "shutting down: no new claims; finishing in-flight sends");
     let _ = stop.send(true);
-    let grace = args.http.grace();
-    // The last part of the grace period is kept for giving rows back.
     let deadline = tokio::time::Instant::now() + grace;
-    let sends_by = deadline - RELEASE_RESERVE.min(grace / 4);
-    let engine_abort = engine.abort_handle();
-    let (_, finished) = tokio::join!(servers.drain_by(sends_by), tokio::time::timeout_at(sends_by, engine));
-    if finished.is_err() {
-        // Stopped for good before its rows are released: a sweep still
-        // running would otherwise record over rows given back.
-        engine_abort.abort();
-        warn!(grace_ms = grace.as_millis() as u64, "grace period over; releasing rows still in flight");
-    }
-    match tokio::time::timeout_at(deadline, relay.release_in_flight()).await {
-        Ok(Ok(0)) => {}
-        Ok(Ok(released)) => info!(released, "released claimed rows for other replicas"),
-        Ok(Err(error)) => error!(%error, "could not release claimed rows; they are retried after the claim lease"),
-        Err(_) => error!("releasing claimed rows timed out; they are retried after the claim lease"),
-    }
-    listener.abort();
-    if tokio::time::timeout(Duration::from_secs(1), relay.store().close()).await.is_err() {
-        warn!("closing the database connections timed out");
-    }
+    tokio::join!(servers.drain_by(deadline), supervisor.stop_all());
     info!("stopped");
     Ok(())
 }
-
-/// The part of the grace period kept for giving claimed rows back.
-const RELEASE_RESERVE: Duration = Duration::from_secs(2);
 
 /// The two listeners of a process: the API (`/new`, reads) and the ops
 /// listener (probes, metrics), served until the stop signal.

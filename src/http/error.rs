@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use tracing::{error, warn};
 
-use crate::relay::directory::ResolveError;
+use crate::directory::ResolveError;
 use crate::store::{Conflict, StoreError};
 use crate::transaction::IngestError;
 
@@ -146,6 +146,9 @@ impl From<ResolveError> for ApiError {
     fn from(error: ResolveError) -> Self {
         match error {
             ResolveError::NotReady(..) => Self::RelayNotReady(error.to_string()),
+            ResolveError::Ambiguous(relays) => Self::NotFound(format!(
+                "several relays are served here; post to /relays/{{namespace}}/{{name}}/new (one of: {relays})"
+            )),
             other => Self::NotFound(other.to_string()),
         }
     }

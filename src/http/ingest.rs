@@ -80,7 +80,7 @@ pub enum Access {
 /// every request.
 pub fn authorize(
     state: &AppState,
-    target: Option<&crate::relay::RelayId>,
+    target: Option<&crate::spec::RelayId>,
     access: Access,
     headers: &HeaderMap,
 ) -> Result<RelayHandle, ApiError> {

@@ -22,9 +22,9 @@ use ipnet::IpNet;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use crate::directory::Relays;
 use crate::metrics::Metrics;
-use crate::relay::RelayId;
-use crate::relay::directory::Relays;
+use crate::spec::RelayId;
 pub use error::ApiError;
 
 #[derive(Debug, Clone)]

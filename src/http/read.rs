@@ -18,7 +18,7 @@ pub const DEFAULT_PAGE: i64 = 50;
 
 fn admin(
     state: &AppState,
-    target: Option<&crate::relay::RelayId>,
+    target: Option<&crate::spec::RelayId>,
     headers: &HeaderMap,
 ) -> Result<RelayHandle, ApiError> {
     authorize(state, target, Access::Admin, headers)

@@ -6,7 +6,6 @@ mod leader;
 mod reconcile;
 mod secrets;
 mod status;
-mod supervisor;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,14 +21,14 @@ use kube::{Api, Client, CustomResourceExt, ResourceExt};
 use tokio::sync::watch;
 use tracing::info;
 
+pub use crate::lifecycle::{Change, Companion, Supervisor};
 pub use leader::LeaderElector;
 pub use reconcile::{Context, Error, error_policy, reconcile};
 pub use status::{DATABASE_REACHABLE, QUEUE_REACHABLE, READY, StatusWriter};
-pub use supervisor::{Change, Companion, Supervisor};
 
+use crate::directory::Relays;
 use crate::metrics::Metrics;
-use crate::relay::RelayId;
-use crate::relay::directory::Relays;
+use crate::spec::RelayId;
 use crate::spec::TransactionRelay;
 
 const MANAGER: &str = "txrelay-operator";

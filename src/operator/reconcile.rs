@@ -12,10 +12,11 @@ use tracing::{info, warn};
 
 use super::secrets::{SecretReader, fingerprint};
 use super::status::{Failure, Phase, StatusWriter, desired};
-use super::supervisor::{Change, Supervisor};
+use crate::lifecycle::{Change, Supervisor};
 use crate::metrics::Metrics;
-use crate::relay::{QueueCheck, RelayId};
+use crate::relay::QueueCheck;
 use crate::settings::{RelayHandle, StartError};
+use crate::spec::RelayId;
 use crate::spec::{SpecError, TransactionRelay};
 
 /// Why a relay could not be brought to its desired state. Messages never
@@ -101,7 +102,7 @@ impl Context {
             recorder,
             metrics,
             insecure_no_auth,
-            pool_size: 8,
+            pool_size: crate::store::DEFAULT_POOL_SIZE,
             failures: std::sync::Mutex::new(HashMap::new()),
         }
     }

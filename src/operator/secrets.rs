@@ -8,9 +8,9 @@ use kube::{Api, Client, ResourceExt};
 
 use super::Error;
 use crate::auth::TokenSet;
-use crate::relay::RelayId;
 use crate::secret::Secret;
 use crate::settings::{QueueSecrets, RelaySettings};
+use crate::spec::RelayId;
 use crate::spec::{SecretKeyRef, TransactionRelay};
 
 pub struct SecretReader {

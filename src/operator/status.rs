@@ -16,7 +16,8 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use super::Error;
-use crate::relay::{Relay, RelayHealth, RelayId};
+use crate::relay::{Relay, RelayHealth};
+use crate::spec::RelayId;
 use crate::spec::{TransactionRelay, TransactionRelayStatus};
 
 pub const READY: &str = "Ready";

@@ -2,7 +2,6 @@
 //! then send inline) and runs the loop that delivers whatever is still unsent.
 
 pub mod backoff;
-pub mod directory;
 mod engine;
 mod ingest;
 pub mod message;
@@ -25,30 +24,11 @@ pub use sweep::{RetryAllReport, SweepReport};
 use crate::metrics::{FailureLabel, RelayMetrics};
 use crate::queue::{FailureKind, Queue, SendFailure};
 use crate::secret::Secret;
-use crate::spec::TransactionRelaySpec;
+use crate::spec::{RelayId, TransactionRelaySpec};
 use crate::store::{ClaimRef, Conflict, FailedSend, Gauges, Store, StoreError};
 use crate::transaction::Transaction;
 use backoff::Backoff;
 use recorder::SentRecorder;
-
-/// `namespace/name` of a `TransactionRelay`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RelayId {
-    pub namespace: String,
-    pub name: String,
-}
-
-impl RelayId {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        Self { namespace: namespace.into(), name: name.into() }
-    }
-}
-
-impl fmt::Display for RelayId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
 
 /// The parts of the spec the engine works with, as plain durations.
 #[derive(Debug, Clone, PartialEq, Eq)]

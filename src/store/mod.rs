@@ -4,7 +4,7 @@
 
 mod migrations;
 mod outbox;
-mod transactions;
+pub(crate) mod transactions;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -17,10 +17,38 @@ pub use transactions::{Conflict, InsertOutcome, ListFilter, Stats};
 
 use crate::secret::Secret;
 
+/// `sent`: the queue accepted it (a sent row is never dead-lettered).
+macro_rules! sent {
+    ($t:literal) => {
+        concat!($t, ".message_id IS NOT NULL")
+    };
+}
+
+/// `not sent`: unsent or dead-lettered.
+macro_rules! not_sent {
+    ($t:literal) => {
+        concat!($t, ".message_id IS NULL")
+    };
+}
+
+/// `dead-lettered`: given up on until retried by hand.
+macro_rules! dead_lettered {
+    ($t:literal) => {
+        concat!($t, ".failed_at IS NOT NULL")
+    };
+}
+
 /// `unsent`: neither sent nor dead-lettered.
 macro_rules! unsent {
     ($t:literal) => {
         concat!($t, ".message_id IS NULL AND ", $t, ".failed_at IS NULL")
+    };
+}
+
+/// `not held`: no process holds the row (never claimed, or its lease ran out).
+macro_rules! not_held {
+    ($t:literal) => {
+        concat!("(", $t, ".claimed_until IS NULL OR ", $t, ".claimed_until <= now())")
     };
 }
 
@@ -33,7 +61,9 @@ macro_rules! first_of_its_wallet {
             $t,
             ".wallet_address AND o.id < ",
             $t,
-            ".id AND o.message_id IS NULL AND o.failed_at IS NULL)"
+            ".id AND ",
+            unsent!("o"),
+            ")"
         )
     };
 }
@@ -41,14 +71,18 @@ macro_rules! first_of_its_wallet {
 /// The columns of [`crate::transaction::Transaction`].
 macro_rules! columns {
     () => {
-        "id, reference, external_reference, idempotency_key, transaction_type, status, incoming_currency, \
-         outgoing_currency, value, fee, payer_id, payee_id, first_name, last_name, wallet_address, source, \
-         instruction_type, ip_address, message_id, queue_sent_at, created_at, updated_at, attempts, last_error, \
-         CASE WHEN message_id IS NULL AND failed_at IS NULL THEN next_attempt_at END AS next_attempt_at, failed_at"
+        concat!(
+            "id, reference, external_reference, idempotency_key, transaction_type, status, incoming_currency, \
+             outgoing_currency, value, fee, payer_id, payee_id, first_name, last_name, wallet_address, source, \
+             instruction_type, ip_address, message_id, queue_sent_at, created_at, updated_at, attempts, last_error, \
+             CASE WHEN ",
+            unsent!("transactions"),
+            " THEN next_attempt_at END AS next_attempt_at, failed_at"
+        )
     };
 }
 
-pub(crate) use {columns, first_of_its_wallet, unsent};
+pub(crate) use {columns, dead_lettered, first_of_its_wallet, not_held, not_sent, sent, unsent};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -98,6 +132,9 @@ impl From<sqlx::Error> for StoreError {
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Database connections per relay, unless told otherwise (`--db-pool-size`).
+pub const DEFAULT_POOL_SIZE: u32 = 16;
 
 /// One pooled connection, for statements bounded on this side.
 ///
@@ -199,7 +236,7 @@ impl StoreOptions {
         Self {
             url,
             schema: schema.into(),
-            max_connections: 16,
+            max_connections: DEFAULT_POOL_SIZE,
             acquire_timeout: Duration::from_secs(3),
             statement_timeout: Duration::from_secs(10),
         }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::{FromRow, Row};
 
-use super::{Result, Store, StoreError, columns, first_of_its_wallet, unsent};
+use super::{Result, Store, StoreError, columns, dead_lettered, first_of_its_wallet, not_held, not_sent, sent, unsent};
 use crate::transaction::Transaction;
 
 /// A row claimed for sending: what a message is built from.
@@ -124,14 +124,14 @@ macro_rules! claim_sql {
 /// that touches none of the table's indexes.
 macro_rules! due {
     () => {
-        "t.next_attempt_at <= now() AND (t.claimed_until IS NULL OR t.claimed_until <= now())"
+        concat!("t.next_attempt_at <= now() AND ", not_held!("t"))
     };
 }
 
 /// Not held by a running process, and not already tried in this run.
 macro_rules! not_held_nor_skipped {
     () => {
-        "(t.claimed_until IS NULL OR t.claimed_until <= now()) AND NOT (t.id = ANY($4))"
+        concat!(not_held!("t"), " AND NOT (t.id = ANY($4))")
     };
 }
 
@@ -148,7 +148,8 @@ macro_rules! still_held {
             $alias,
             ".row_id AND transactions.claim_token IS NOT DISTINCT FROM ",
             $alias,
-            ".row_token AND transactions.message_id IS NULL"
+            ".row_token AND ",
+            not_sent!("transactions")
         )
     };
 }
@@ -193,7 +194,9 @@ const RELEASE: &str = concat!(
 const GAUGES: &str = concat!(
     "SELECT count(*) AS unsent, \
      coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_age, \
-     (SELECT count(*) FROM transactions WHERE failed_at IS NOT NULL) AS failed \
+     (SELECT count(*) FROM transactions WHERE ",
+    dead_lettered!("transactions"),
+    ") AS failed \
      FROM transactions WHERE ",
     unsent!("transactions")
 );
@@ -330,12 +333,12 @@ impl Store {
             .on(self.bookkeeping())
             .await?
             .run(|c| {
-                sqlx::query(
-                    "DELETE FROM transactions WHERE id IN (SELECT id FROM transactions \
-             WHERE message_id IS NOT NULL AND failed_at IS NULL \
-             AND queue_sent_at < now() - $1 * interval '1 millisecond' \
-             AND created_at < now() - $1 * interval '1 millisecond' ORDER BY queue_sent_at LIMIT $2)",
-                )
+                sqlx::query(concat!(
+                    "DELETE FROM transactions WHERE id IN (SELECT id FROM transactions WHERE ",
+                    sent!("transactions"),
+                    " AND queue_sent_at < now() - $1 * interval '1 millisecond' \
+                     AND created_at < now() - $1 * interval '1 millisecond' ORDER BY queue_sent_at LIMIT $2)",
+                ))
                 .bind(millis(age))
                 .bind(i64::from(batch))
                 .execute(c)
@@ -359,8 +362,11 @@ impl Store {
                 sqlx::query_as(concat!(
                     "UPDATE transactions SET failed_at = NULL, claimed_until = now() + $2 * interval '1 millisecond', \
              claim_token = $4 \
-             WHERE id = $1 AND message_id IS NULL AND (claimed_until IS NULL OR claimed_until <= now()) \
-             AND (NOT $3 OR ",
+             WHERE id = $1 AND ",
+                    not_sent!("transactions"),
+                    " AND ",
+                    not_held!("transactions"),
+                    " AND (NOT $3 OR ",
                     first_of_its_wallet!("transactions"),
                     ") \
              RETURNING id, reference, idempotency_key, wallet_address, source, attempts, payload::text AS payload",
@@ -415,10 +421,14 @@ impl Store {
             .on(self.pool())
             .await?
             .run(|c| {
-                sqlx::query(
+                sqlx::query(concat!(
                     "UPDATE transactions SET failed_at = NULL, next_attempt_at = now() WHERE id IN \
-             (SELECT id FROM transactions WHERE failed_at IS NOT NULL AND message_id IS NULL ORDER BY id LIMIT $1)",
-                )
+                     (SELECT id FROM transactions WHERE ",
+                    dead_lettered!("transactions"),
+                    " AND ",
+                    not_sent!("transactions"),
+                    " ORDER BY id LIMIT $1)",
+                ))
                 .bind(limit)
                 .execute(c)
             })
@@ -434,4 +444,48 @@ fn split<'a>(rows: impl Iterator<Item = &'a ClaimRef>) -> (Vec<i64>, Vec<Option<
 
 fn millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod sql_tests {
+    /// The claims and counts as PostgreSQL receives them, built from the
+    /// predicates defined once in `store/mod.rs`: a change to a predicate
+    /// shows here, in review.
+    #[test]
+    fn claims_and_counts_are_the_sql_reviewed() {
+        let claim = |filter: &str, order: &str| {
+            format!(
+                "UPDATE transactions SET claimed_until = now() + $2 * interval '1 millisecond', claim_token = $3 \
+                 WHERE id = ANY (ARRAY(SELECT t.id FROM transactions t WHERE t.message_id IS NULL AND t.failed_at IS NULL \
+                 AND {filter} ORDER BY {order} LIMIT $1 FOR UPDATE SKIP LOCKED)) \
+                 RETURNING id, reference, idempotency_key, wallet_address, source, attempts, payload::text AS payload"
+            )
+        };
+        let not_held = "(t.claimed_until IS NULL OR t.claimed_until <= now())";
+        let first_of_its_wallet = "NOT EXISTS (SELECT 1 FROM transactions o WHERE o.wallet_address = t.wallet_address \
+                                   AND o.id < t.id AND o.message_id IS NULL AND o.failed_at IS NULL)";
+        let due = format!("t.next_attempt_at <= now() AND {not_held}");
+        assert_eq!(super::CLAIM_DUE, claim(&due, "t.next_attempt_at, t.id"));
+        assert_eq!(
+            super::CLAIM_DUE_FIFO,
+            claim(&format!("{due} AND {first_of_its_wallet}"), "t.next_attempt_at, t.id")
+        );
+        assert_eq!(super::CLAIM_FORCE, claim(&format!("{not_held} AND NOT (t.id = ANY($4))"), "t.id"));
+        assert_eq!(
+            super::CLAIM_FORCE_FIFO,
+            claim(&format!("{not_held} AND NOT (t.id = ANY($4)) AND {first_of_its_wallet}"), "t.id")
+        );
+        assert_eq!(
+            super::GAUGES,
+            "SELECT count(*) AS unsent, coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_age, \
+             (SELECT count(*) FROM transactions WHERE transactions.failed_at IS NOT NULL) AS failed \
+             FROM transactions WHERE transactions.message_id IS NULL AND transactions.failed_at IS NULL"
+        );
+        assert_eq!(
+            crate::store::transactions::STATS_SQL,
+            "SELECT count(*) AS total, count(*) FILTER (WHERE transactions.message_id IS NOT NULL) AS sent, \
+             count(*) FILTER (WHERE transactions.message_id IS NULL AND transactions.failed_at IS NULL) AS unsent, \
+             count(*) FILTER (WHERE transactions.failed_at IS NOT NULL) AS failed FROM transactions"
+        );
+    }
 }

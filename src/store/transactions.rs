@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use sqlx::{FromRow, Row};
 
-use super::{ClaimRef, Result, Store, StoreError, columns, unsent};
+use super::{ClaimRef, Result, Store, StoreError, columns, dead_lettered, not_sent, sent, unsent};
 use crate::transaction::{NewTransaction, Transaction};
 
 /// What happened to a `/new` insert.
@@ -128,14 +128,23 @@ const LIST: &str = concat!(
      AND ($3::text IS NULL OR payer_id = $3) AND ($4::text IS NULL OR payee_id = $4) \
      AND (NOT $5 OR (",
     unsent!("transactions"),
-    ")) AND (NOT $6 OR failed_at IS NOT NULL) AND (NOT $7 OR message_id IS NULL) \
-     AND id > $8 ORDER BY id LIMIT $9"
+    ")) AND (NOT $6 OR ",
+    dead_lettered!("transactions"),
+    ") AND (NOT $7 OR ",
+    not_sent!("transactions"),
+    ") AND id > $8 ORDER BY id LIMIT $9"
 );
 
+pub(crate) const STATS_SQL: &str = STATS;
+
 const STATS: &str = concat!(
-    "SELECT count(*) AS total, count(message_id) AS sent, count(*) FILTER (WHERE ",
+    "SELECT count(*) AS total, count(*) FILTER (WHERE ",
+    sent!("transactions"),
+    ") AS sent, count(*) FILTER (WHERE ",
     unsent!("transactions"),
-    ") AS unsent, count(failed_at) AS failed FROM transactions"
+    ") AS unsent, count(*) FILTER (WHERE ",
+    dead_lettered!("transactions"),
+    ") AS failed FROM transactions"
 );
 
 impl Store {

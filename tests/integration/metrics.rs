@@ -6,8 +6,8 @@ use aws_sdk_sqs::types::QueueAttributeName;
 use axum::http::StatusCode;
 use serde_json::json;
 use tokio::sync::watch;
+use txrelay::directory::Relays;
 use txrelay::http::{AppState, HttpOptions, ops_router};
-use txrelay::relay::directory::Relays;
 use txrelay::store::ClaimMode;
 
 use crate::common::proxy::{SqsMode, SqsProxy};

@@ -8,11 +8,11 @@ use axum::http::StatusCode;
 use kube::runtime::events::{Recorder, Reporter};
 use serde_json::Value;
 use tokio::sync::watch;
+use txrelay::directory::Relays;
 use txrelay::http::{AppState, HttpOptions, api_router};
 use txrelay::metrics::Metrics;
 use txrelay::operator::{Context, Error, LeaderElector, error_policy, reconcile};
-use txrelay::relay::RelayId;
-use txrelay::relay::directory::Relays;
+use txrelay::spec::RelayId;
 use txrelay::spec::{SecretKeyRef, TokenSpec, TransactionRelay};
 
 use crate::common::kube_api::FakeApiServer;

@@ -13,13 +13,14 @@ use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use txrelay::auth::TokenSet;
+use txrelay::directory::Relays;
 use txrelay::duration::HumanDuration;
 use txrelay::http::{self, AppState, HttpOptions};
 use txrelay::metrics::Metrics;
-use txrelay::relay::directory::Relays;
-use txrelay::relay::{Relay, RelayId, listen_for_due_rows, run_loop};
+use txrelay::relay::{Relay, listen_for_due_rows, run_loop};
 use txrelay::secret::Secret;
 use txrelay::settings::{QueueSecrets, RelayHandle, RelaySettings};
+use txrelay::spec::RelayId;
 use txrelay::spec::{DatabaseSpec, QueueSpec, SecretKeyRef, SecretRef, TransactionRelaySpec};
 
 use super::sqs::{ACCESS_KEY, REGION, SECRET_KEY};

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 use std::sync::RwLock;
 
-use super::RelayId;
 use crate::settings::RelayHandle;
+use crate::spec::RelayId;
 
 #[derive(Debug, Default)]
 pub struct Relays {
@@ -24,7 +24,7 @@ pub enum ResolveError {
     NotReady(RelayId, String),
     #[error("no relay is served here yet")]
     None,
-    #[error("several relays are served here; post to /relays/{{namespace}}/{{name}}/new (one of: {0})")]
+    #[error("several relays are served here and none was named (one of: {0})")]
     Ambiguous(String),
 }
 

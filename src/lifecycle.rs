@@ -1,5 +1,10 @@
-//! Starts, reconfigures and stops the relay loops this process runs, and
-//! keeps the HTTP directory in step with them.
+//! A relay's lifecycle, once for every caller: `txrelay run` starts its one
+//! relay through it and the operator starts many. Start: build the relay,
+//! migrate, spawn its loop, its LISTEN task and any companion, then serve
+//! it. Reconfigure: start the new one, let it take over `/new`, then retire
+//! the old one. Stop: no new claims, in-flight sends finish within the
+//! grace period, what is left is released, requests in progress answer,
+//! then the store closes. That order is what keeps the outbox honest.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,10 +15,11 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::auth::TokenSet;
+use crate::directory::Relays;
 use crate::metrics::Metrics;
-use crate::relay::directory::Relays;
-use crate::relay::{Relay, RelayId, listen_for_due_rows, run_loop};
+use crate::relay::{Relay, listen_for_due_rows, run_loop};
 use crate::settings::{RelayHandle, RelaySettings, StartError};
+use crate::spec::RelayId;
 
 /// Spawns whatever else lives and dies with a relay (its status publisher).
 pub type Companion = Arc<dyn Fn(Arc<Relay>, watch::Receiver<bool>) -> JoinHandle<()> + Send + Sync>;
@@ -45,6 +51,9 @@ pub struct Supervisor {
     grace: Duration,
     /// Set by `stop_all`: nothing starts any more.
     closing: std::sync::atomic::AtomicBool,
+    /// Apply pending migrations when a relay starts (else only check that
+    /// the database answers).
+    migrate: bool,
 }
 
 impl Supervisor {
@@ -56,7 +65,14 @@ impl Supervisor {
             companion,
             grace,
             closing: std::sync::atomic::AtomicBool::new(false),
+            migrate: true,
         }
+    }
+
+    /// One process, one relay, nothing beside its loops (`txrelay run`).
+    pub fn standalone(relays: Arc<Relays>, metrics: Metrics, grace: Duration, migrate: bool) -> Self {
+        let nothing: Companion = Arc::new(|_, _| tokio::spawn(async {}));
+        Self { migrate, ..Self::new(relays, metrics, nothing, grace) }
     }
 
     pub fn relays(&self) -> &Arc<Relays> {
@@ -85,7 +101,11 @@ impl Supervisor {
         // not hold up other relays. The controller never reconciles one
         // resource twice at once, so nobody else starts this relay meanwhile.
         let handle = settings.build(&self.metrics).await?;
-        handle.relay.store().migrate().await?;
+        if self.migrate {
+            handle.relay.store().migrate().await?;
+        } else {
+            handle.relay.store().ping().await?;
+        }
         let (stop, stopped) = watch::channel(false);
         let relay = handle.relay.clone();
         let tasks = vec![

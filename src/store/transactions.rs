@@ -135,6 +135,7 @@ const LIST: &str = concat!(
     ") AND id > $8 ORDER BY id LIMIT $9"
 );
 
+#[cfg(test)]
 pub(crate) const STATS_SQL: &str = STATS;
 
 const STATS: &str = concat!(

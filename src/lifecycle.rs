@@ -38,6 +38,8 @@ pub enum Change {
     Unchanged,
 }
 
+/// The ceiling on migrating (or checking) a relay's database when it starts.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// The part of the grace period kept for giving claimed rows back.
 const RELEASE_RESERVE: Duration = Duration::from_secs(2);
 /// The ceiling on closing a relay's database connections.
@@ -101,10 +103,22 @@ impl Supervisor {
         // not hold up other relays. The controller never reconciles one
         // resource twice at once, so nobody else starts this relay meanwhile.
         let handle = settings.build(&self.metrics).await?;
-        if self.migrate {
-            handle.relay.store().migrate().await?;
-        } else {
-            handle.relay.store().ping().await?;
+        let ready = async {
+            if self.migrate { handle.relay.store().migrate().await } else { handle.relay.store().ping().await }
+        };
+        // Bounded: a reconcile stuck here would hold up the next one of the
+        // same resource (a token revocation, say).
+        match tokio::time::timeout(START_TIMEOUT, ready).await {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(StartError::Store(crate::store::StoreError::Unavailable(format!(
+                    "migrations did not finish within {START_TIMEOUT:?}"
+                ))));
+            }
+        }
+        if self.closing.load(std::sync::atomic::Ordering::Acquire) {
+            handle.relay.store().close().await;
+            return Err(StartError::Stopping);
         }
         let (stop, stopped) = watch::channel(false);
         let relay = handle.relay.clone();
@@ -150,14 +164,14 @@ impl Supervisor {
         self.running.lock().await.keys().cloned().collect()
     }
 
-    /// Applies tokens read from the Secrets to a running relay at once;
-    /// `None` means they could not be read (the Secret or key is gone):
-    /// revoked, so that set accepts no token (fail closed).
-    pub async fn set_tokens(&self, id: &RelayId, ingest: Option<&TokenSet>, admin: Option<&TokenSet>) {
+    /// Applies tokens read from the Secrets to a running relay at once. An
+    /// empty set is a revocation (fail closed: no token accepted); `None`
+    /// leaves that set as it is (its Secret could not be read just now).
+    pub async fn set_tokens(&self, id: &RelayId, ingest: Option<TokenSet>, admin: Option<TokenSet>) {
         let mut running = self.running.lock().await;
         let Some(current) = running.get_mut(id) else { return };
-        let ingest = ingest.cloned().unwrap_or_default();
-        let admin = admin.cloned().unwrap_or_default();
+        let ingest = ingest.unwrap_or_else(|| current.handle.ingest_tokens.clone());
+        let admin = admin.unwrap_or_else(|| current.handle.admin_tokens.clone());
         if current.handle.ingest_tokens == ingest && current.handle.admin_tokens == admin {
             return;
         }

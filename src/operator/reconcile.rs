@@ -12,6 +12,7 @@ use tracing::{info, warn};
 
 use super::secrets::{SecretReader, fingerprint};
 use super::status::{Failure, Phase, StatusWriter, desired};
+use crate::auth::TokenSet;
 use crate::lifecycle::{Change, Supervisor};
 use crate::metrics::Metrics;
 use crate::relay::QueueCheck;
@@ -118,9 +119,11 @@ impl Context {
         let spec = &resource.spec;
         let ingest = reader.tokens(spec.ingest.as_ref().map(|i| &i.token_secret_ref)).await;
         let admin = reader.tokens(spec.admin.as_ref().map(|a| &a.token_secret_ref)).await;
-        if !matches!(ingest, Err(Error::Kube(_))) && !matches!(admin, Err(Error::Kube(_))) {
-            self.supervisor.set_tokens(&id, ingest.as_ref().ok(), admin.as_ref().ok()).await;
-        }
+        let read = |tokens: &Result<TokenSet, Error>| match tokens {
+            Err(Error::Kube(_)) => None,
+            other => Some(other.as_ref().ok().cloned().unwrap_or_default()),
+        };
+        self.supervisor.set_tokens(&id, read(&ingest), read(&admin)).await;
         let (ingest_tokens, admin_tokens) = (ingest?, admin?);
         if ingest_tokens.is_empty() && !self.insecure_no_auth {
             return Err(Error::IngestTokensMissing);

@@ -99,6 +99,9 @@ impl Relay {
     /// Commits one group and answers every request in it that needs no
     /// inline send; the rest are handed to a send task.
     async fn commit_group(self: &Arc<Self>, group: Vec<Pending>) {
+        // The inline lease runs from the INSERT: taken before it, so the
+        // send and its recording are bounded by what the database holds.
+        let lease_end = tokio::time::Instant::now() + self.config.inline_lease();
         let inline = !self.config.suspend && self.queue_is_up();
         let lease_ms = if inline { super::millis(self.config.inline_lease()) } else { 0 };
         let fifo = self.is_fifo();
@@ -142,29 +145,32 @@ impl Relay {
                 outgoing.push(Outgoing { reply: pending.reply, transaction, claim, payload: pending.tx.payload });
             }
         }
+        for (reply, transaction) in released {
+            let _ = reply.send(Ok(Submission::Queued(transaction)));
+        }
         if !release.is_empty() {
-            // The rows are committed whatever happens here: a failed
-            // release only means they wait out their short inline lease.
-            if let Err(error) = self.store.release(&release).await {
-                warn!(relay = %self.id, %error, rows = release.len(), "could not release held-back rows; they are swept after their inline lease");
-            }
-            for (reply, transaction) in released {
-                let _ = reply.send(Ok(Submission::Queued(transaction)));
-            }
+            // Off the commit path: the next group must not wait for it. The
+            // rows are committed whatever happens here; a failed release
+            // only means they wait out their short inline lease.
+            let relay = self.clone();
+            tokio::spawn(async move {
+                if let Err(error) = relay.store.release(&release).await {
+                    warn!(relay = %relay.id, %error, rows = release.len(), "could not release held-back rows; they are swept after their inline lease");
+                }
+                relay.wake();
+            });
         }
         if queued {
             self.wake();
         }
         if !outgoing.is_empty() {
-            tokio::spawn(self.clone().send_group(outgoing));
+            tokio::spawn(self.clone().send_group(outgoing, lease_end));
         }
     }
 
     /// Sends a group's committed rows in as few SendMessageBatch calls as
     /// the limits allow, then records every result in one write per kind.
-    async fn send_group(self: Arc<Self>, rows: Vec<Outgoing>) {
-        // The rows are held for the inline lease from their commit, a moment ago.
-        let lease_end = tokio::time::Instant::now() + self.config.inline_lease();
+    async fn send_group(self: Arc<Self>, rows: Vec<Outgoing>, lease_end: tokio::time::Instant) {
         let mut messages = Vec::with_capacity(rows.len());
         let mut results: Vec<Option<SendResult>> = Vec::with_capacity(rows.len());
         for row in &rows {
@@ -185,7 +191,7 @@ impl Relay {
         }
         let batches = queue::batches(messages);
         let sent: Vec<Vec<(i64, SendResult)>> =
-            join_all(batches.iter().map(|batch| self.send_inline_batch(batch))).await;
+            join_all(batches.iter().map(|batch| self.send_inline_batch(batch, lease_end))).await;
         for (id, result) in sent.into_iter().flatten() {
             if let Some(slot) = rows.iter().position(|row| row.transaction.id == id) {
                 results[slot] = Some(result);
@@ -196,15 +202,22 @@ impl Relay {
 
     /// One inline SendMessageBatch call within `inlineSendTimeout`; a call
     /// refused for what one message can cause is split to find it.
-    async fn send_inline_batch(&self, batch: &[OutboundMessage]) -> Vec<(i64, SendResult)> {
+    async fn send_inline_batch(
+        &self,
+        batch: &[OutboundMessage],
+        lease_end: tokio::time::Instant,
+    ) -> Vec<(i64, SendResult)> {
         let limit = self.config.inline_send_timeout;
+        // A split batch's single sends share what is left of the send's part
+        // of the lease; the rest of it is for recording.
+        let sends_by = lease_end - limit - std::time::Duration::from_secs(1);
         let timed_out = || SendFailure::unreachable(format!("inline send timed out after {limit:?}"));
         self.metrics.send_batch_size(batch.len());
         let results = match tokio::time::timeout(limit, self.queue.send_batch(batch)).await {
             Ok(Ok(results)) => results,
             Ok(Err(failure)) if failure.may_be_one_entry() && batch.len() > 1 => {
                 let singles = batch.iter().map(|m| async move {
-                    tokio::time::timeout(limit, self.queue.send(m)).await.unwrap_or_else(|_| Err(timed_out()))
+                    tokio::time::timeout_at(sends_by, self.queue.send(m)).await.unwrap_or_else(|_| Err(timed_out()))
                 });
                 join_all(singles).await
             }
@@ -294,8 +307,13 @@ impl Relay {
             });
         }
         for (reply, transaction, was_sent) in answers {
-            let row = stored.remove(&transaction.id).unwrap_or(transaction);
-            let submission = if was_sent && recorded { Submission::Sent(row) } else { Submission::Queued(row) };
+            // 201 only with the message id this request's send recorded; a
+            // row someone else recorded first (or not at all) is a 202.
+            let submission = match stored.remove(&transaction.id) {
+                Some(row) if was_sent && recorded && row.message_id.is_some() => Submission::Sent(row),
+                Some(row) => Submission::Queued(row),
+                None => Submission::Queued(transaction),
+            };
             let _ = reply.send(Ok(submission));
         }
     }

@@ -161,12 +161,16 @@ impl Bounded {
         F: std::future::Future<Output = std::result::Result<T, sqlx::Error>> + 's,
     {
         let limit = self.limit;
+        // Abandoned until the statement completes: whether this timer fires
+        // or the caller drops the call (its own timeout, an HTTP request
+        // cut short), a connection left mid-statement is closed.
+        self.abandoned = true;
         match tokio::time::timeout(limit, statement(&mut self.connection)).await {
-            Ok(result) => result.map_err(StoreError::from),
-            Err(_) => {
-                self.abandoned = true;
-                Err(StoreError::Unavailable(format!("the database did not answer within {limit:?}")))
+            Ok(result) => {
+                self.abandoned = false;
+                result.map_err(StoreError::from)
             }
+            Err(_) => Err(StoreError::Unavailable(format!("the database did not answer within {limit:?}"))),
         }
     }
 }
@@ -302,7 +306,8 @@ impl Store {
             .connect_lazy_with(connect.clone().options([("synchronous_commit", "off")]));
         let health = PgPoolOptions::new()
             .max_connections(1)
-            .acquire_timeout(options.acquire_timeout)
+            // Health answers fast or not at all: waiting long helps nobody.
+            .acquire_timeout(options.acquire_timeout.min(Duration::from_secs(1)))
             .idle_timeout(Duration::from_secs(600))
             .connect_lazy_with(connect);
         let call_timeout = options.statement_timeout + options.acquire_timeout.min(CLIENT_MARGIN);
@@ -341,15 +346,9 @@ impl Store {
     /// `SELECT 1` on the health connection, answered within `limit` or
     /// counted as unreachable.
     pub async fn ping_within(&self, limit: Duration) -> Result<()> {
-        let ping = async {
-            let mut connection = self.on(&self.health).await?;
-            connection.limit = limit;
-            connection.run(|c| sqlx::query("SELECT 1").execute(c)).await
-        };
-        match tokio::time::timeout(limit, ping).await {
-            Ok(result) => result.map(|_| ()),
-            Err(_) => Err(StoreError::Unavailable(format!("the database did not answer within {limit:?}"))),
-        }
+        let mut connection = self.on(&self.health).await?;
+        connection.limit = limit;
+        connection.run(|c| sqlx::query("SELECT 1").execute(c)).await.map(|_| ())
     }
 
     /// Tells every relay listening on this schema to look for due rows.

@@ -24,6 +24,30 @@ pub enum InsertOutcome {
     Conflict(Conflict),
 }
 
+/// What makes a request itself, to find its row among those a group returns.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct Identity {
+    idempotency_key: String,
+    reference: String,
+    external_reference: String,
+    wallet_address: String,
+    payload_digest: String,
+}
+
+impl Identity {
+    fn of(tx: &NewTransaction) -> Self {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(tx.payload.as_bytes());
+        Self {
+            idempotency_key: tx.idempotency_key.clone(),
+            reference: tx.reference.clone(),
+            external_reference: tx.external_reference.clone(),
+            wallet_address: tx.wallet_address.clone(),
+            payload_digest: digest.iter().map(|b| format!("{b:02x}")).collect(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Conflict {
     /// The idempotency key belongs to a transaction with other content.
@@ -106,7 +130,9 @@ const INSERT_MANY: &str = concat!(
      AS i(r, er, ik, tt, st, so, it, ic, oc, va, fe, pa, pe, fi, la, wa, ip, pl, tok, ord) ORDER BY ord \
      ON CONFLICT DO NOTHING RETURNING ",
     columns!(),
-    ", claim_token AS claim_token_out, ($21 AND EXISTS (SELECT 1 FROM transactions o \
+    ", claim_token AS claim_token_out, \
+     encode(sha256(convert_to(payload::text, 'UTF8')), 'hex') AS payload_digest, \
+     ($21 AND EXISTS (SELECT 1 FROM transactions o \
      WHERE o.wallet_address = transactions.wallet_address AND ",
     unsent!("o"),
     ")) AS held_back"
@@ -262,13 +288,23 @@ impl Store {
             .bind(tokens)
             .bind(fifo);
         let rows = self.on(self.pool()).await?.run(|c| query.fetch_all(c)).await?;
-        let mut inserted: std::collections::HashMap<String, sqlx::postgres::PgRow> = rows
-            .into_iter()
-            .filter_map(|row| row.try_get::<String, _>("idempotency_key").ok().map(|key| (key, row)))
-            .collect();
+        // A returned row is a request's only if everything that makes the
+        // request itself matches: two requests of one group may share a key
+        // (a replay, or a conflict) while only one of them was inserted.
+        let mut inserted: std::collections::HashMap<Identity, sqlx::postgres::PgRow> = std::collections::HashMap::new();
+        for row in rows {
+            let identity = Identity {
+                idempotency_key: row.try_get("idempotency_key")?,
+                reference: row.try_get("reference")?,
+                external_reference: row.try_get("external_reference")?,
+                wallet_address: row.try_get("wallet_address")?,
+                payload_digest: row.try_get("payload_digest")?,
+            };
+            inserted.insert(identity, row);
+        }
         let mut outcomes = Vec::with_capacity(txs.len());
-        for tx in txs {
-            match inserted.remove(&tx.idempotency_key) {
+        for (tx, inline) in txs.iter().zip(inline) {
+            match inserted.remove(&Identity::of(tx)) {
                 Some(row) => {
                     let transaction = Transaction::from_row(&row)?;
                     let held_back = row.try_get::<Option<bool>, _>("held_back")?.unwrap_or(false);
@@ -280,7 +316,7 @@ impl Store {
                 // earlier row of this very group). Judged as one insert is.
                 None => outcomes.push(match self.classify_conflict(tx).await {
                     Ok(Some(outcome)) => Ok(outcome),
-                    Ok(None) => self.insert(tx, 0, fifo).await,
+                    Ok(None) => self.insert(tx, if *inline { inline_lease_ms } else { 0 }, fifo).await,
                     Err(error) => Err(error),
                 }),
             }

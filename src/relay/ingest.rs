@@ -319,9 +319,17 @@ impl Relay {
     }
 }
 
+/// Groups committed at once: PostgreSQL's own group commit flushes the WAL
+/// of concurrent commits together, so a few groups in flight keep the disk
+/// busy while each stays large under load.
+pub const GROUPS_IN_FLIGHT: usize = 4;
+
 /// The group-commit task of one relay: ends when the relay is dropped.
 async fn commit_groups(relay: Weak<Relay>, mut requests: mpsc::UnboundedReceiver<Pending>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(GROUPS_IN_FLIGHT));
     while let Some(first) = requests.recv().await {
+        // Whatever arrives while every slot is busy joins this group.
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
             match requests.try_recv() {
@@ -332,6 +340,9 @@ async fn commit_groups(relay: Weak<Relay>, mut requests: mpsc::UnboundedReceiver
         let Some(relay) = relay.upgrade() else { return };
         relay.waiting.send_modify(|n| *n = n.saturating_sub(group.len()));
         relay.metrics.ingest_group(group.len());
-        relay.commit_group(group).await;
+        tokio::spawn(async move {
+            relay.commit_group(group).await;
+            drop(slot);
+        });
     }
 }

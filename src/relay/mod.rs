@@ -19,6 +19,7 @@ use tokio::sync::{Notify, watch};
 use tracing::{info, warn};
 
 pub use engine::{listen_for_due_rows, run_loop};
+pub use ingest::{GROUPS_IN_FLIGHT, MAX_GROUP};
 pub use sweep::{RetryAllReport, SweepReport};
 
 use crate::metrics::{FailureLabel, RelayMetrics};

@@ -20,8 +20,29 @@ async fn lock_table(db: &TestDb) -> sqlx::Transaction<'static, sqlx::Postgres> {
     tx
 }
 
-/// Posts `bodies` so that all of them form one group: the first request
-/// waits on `lock` alone, the rest gather behind it; then the lock goes.
+/// Fills every group-commit slot with one request that waits on the
+/// table's lock, one at a time, so that whatever comes next has to gather.
+async fn block_every_slot(app: &Arc<TestApp>, db: &TestDb) -> Vec<tokio::task::JoinHandle<(StatusCode, Value)>> {
+    let mut openers = Vec::new();
+    for blocked in 1..=txrelay::relay::GROUPS_IN_FLIGHT as i64 {
+        let app = app.clone();
+        openers.push(tokio::spawn(async move { app.post_new(&body(unique(), "opener")).await }));
+        wait_until(Duration::from_secs(10), "the group waits on the lock", || async {
+            // INSERTs only: a running relay loop's claims wait on the lock too.
+            db.scalar_i64(
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+                 WHERE NOT l.granted AND l.relation = 'transactions'::regclass AND a.query LIKE 'INSERT%'",
+            )
+            .await
+                == blocked
+        })
+        .await;
+    }
+    openers
+}
+
+/// Posts `bodies` so that all of them form one group: every commit slot
+/// waits on `lock`, the bodies gather behind them; then the lock goes.
 async fn post_as_one_group(
     app: &Arc<TestApp>,
     db: &TestDb,
@@ -32,12 +53,7 @@ async fn post_as_one_group(
         let app = app.clone();
         tokio::spawn(async move { app.post_new(&body).await })
     };
-    let opener = post(body(unique(), "opener"));
-    wait_until(Duration::from_secs(10), "the first group waits on the lock", || async {
-        db.scalar_i64("SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'transactions'::regclass").await
-            > 0
-    })
-    .await;
+    let openers = block_every_slot(app, db).await;
     let count = bodies.len();
     let posted: Vec<_> = bodies.into_iter().map(post).collect();
     let waiting = app.relay.waiting_to_commit();
@@ -47,7 +63,9 @@ async fn post_as_one_group(
     })
     .await;
     lock.rollback().await.unwrap();
-    assert!(opener.await.unwrap().0.is_success());
+    for opener in openers {
+        assert!(opener.await.unwrap().0.is_success());
+    }
     let mut answers = Vec::new();
     for answer in posted {
         answers.push(answer.await.unwrap());
@@ -92,10 +110,13 @@ async fn a_group_decides_new_rows_replays_and_conflicts_each_for_itself() {
     pair.sort();
     assert_eq!(pair, [StatusCode::OK, StatusCode::CREATED], "{:?} {:?}", answers[3].1, answers[4].1);
     assert_eq!(answers[3].1["id"], answers[4].1["id"]);
-    assert_eq!(db.scalar_i64("SELECT count(*) FROM transactions").await, 4, "stored, opener, fresh, twice");
+    let openers = txrelay::relay::GROUPS_IN_FLIGHT as i64;
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM transactions").await, 3 + openers, "stored, openers, fresh, twice");
     let (groups, rows) = group_sizes(&app);
-    assert_eq!((groups, rows), (3.0, 7.0), "the stored row, the opener alone, then one group of five");
-    assert_eq!(queue.receive(4, Duration::from_secs(10)).await.len(), 4, "each new row sent once");
+    let slots = txrelay::relay::GROUPS_IN_FLIGHT as f64;
+    assert_eq!((groups, rows), (2.0 + slots, 6.0 + slots), "the stored row, each opener alone, then one group of five");
+    let sent = 3 + txrelay::relay::GROUPS_IN_FLIGHT;
+    assert_eq!(queue.receive(sent, Duration::from_secs(10)).await.len(), sent, "each new row sent once");
 }
 
 #[tokio::test]
@@ -119,7 +140,12 @@ async fn a_row_that_breaks_a_constraint_does_not_fail_its_group() {
     }
     let refs = db.scalar_i64(&format!("SELECT count(*) FROM transactions WHERE reference = 'MYK-{poison:06}'")).await;
     assert_eq!(refs, 0, "nothing stored for it");
-    assert_eq!(db.scalar_i64("SELECT count(*) FROM transactions").await, 4, "the opener and three neighbours");
+    let openers = txrelay::relay::GROUPS_IN_FLIGHT as i64;
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM transactions").await,
+        3 + openers,
+        "the openers and three neighbours"
+    );
 }
 
 #[tokio::test]
@@ -133,12 +159,7 @@ async fn a_group_hit_by_a_database_outage_answers_503_to_every_request() {
         let app = app.clone();
         tokio::spawn(async move { app.post_new(&body).await })
     };
-    let opener = post(body(unique(), "opener"));
-    wait_until(Duration::from_secs(10), "the first group waits on the lock", || async {
-        db.scalar_i64("SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'transactions'::regclass").await
-            > 0
-    })
-    .await;
+    let openers = block_every_slot(&app, &db).await;
     let group: Vec<_> = (0..4).map(|_| post(body(unique(), "w"))).collect();
     let waiting = app.relay.waiting_to_commit();
     wait_until(Duration::from_secs(10), "the group has gathered", || {
@@ -152,7 +173,9 @@ async fn a_group_hit_by_a_database_outage_answers_503_to_every_request() {
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{error}");
         assert_eq!(error["error"]["code"], "database_unavailable");
     }
-    let _ = opener.await;
+    for opener in openers {
+        let _ = opener.await;
+    }
     lock.rollback().await.unwrap();
     assert_eq!(db.scalar_i64("SELECT count(*) FROM transactions WHERE wallet_address = 'w'").await, 1);
     proxy.set_up(true);
@@ -172,7 +195,9 @@ async fn on_a_fifo_queue_a_wallets_second_row_in_a_group_waits_behind_its_first(
     let statuses: Vec<StatusCode> = answers.iter().map(|(s, _)| *s).collect();
     assert_eq!(statuses, [StatusCode::CREATED, StatusCode::ACCEPTED, StatusCode::CREATED], "{answers:?}");
     assert_eq!(answers[1].1["attempts"], 0, "held, not sent inline");
-    let delivered = queue.receive(4, Duration::from_secs(15)).await;
+    let all = 3 + txrelay::relay::GROUPS_IN_FLIGHT;
+    let delivered = queue.receive(all, Duration::from_secs(20)).await;
+    assert_eq!(delivered.len(), all, "the group and the openers");
     let wallet_a: Vec<String> = delivered
         .iter()
         .filter(|m| crate::common::sqs::attribute(m, "reference").is_some_and(|r| r != format!("MYK-{b1:06}")))

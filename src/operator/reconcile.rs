@@ -206,6 +206,7 @@ pub async fn reconcile(resource: Arc<TransactionRelay>, ctx: Arc<Context>) -> Re
     // configuration, so Ready stays false until the edit is fixed.
     ctx.status.set_failure(&id, failure.clone());
     let mut slot = ctx.status.slot(&id).await;
+    slot.belongs_to(&resource);
     let previous = slot.previous(Some(&resource));
     let phase = match &failure {
         None => Phase::Running { suspended: resource.spec.suspend },
@@ -220,6 +221,7 @@ pub async fn reconcile(resource: Arc<TransactionRelay>, ctx: Arc<Context>) -> Re
     if let Err(error) = ctx.status.write(&mut slot, &id, status).await {
         warn!(relay = %id, %error, "could not write status");
     }
+    slot.belongs_to(&resource);
     drop(slot);
     match outcome {
         Ok((change, _)) => {

@@ -166,6 +166,9 @@ pub fn desired(
 pub struct Published {
     status: TransactionRelayStatus,
     at: Option<Instant>,
+    /// The resource it was computed for: a relay deleted and created again
+    /// under the same name is another resource, and starts afresh.
+    uid: Option<String>,
 }
 
 /// Writes statuses for this replica, when it leads.
@@ -192,6 +195,17 @@ impl Slot {
         match &*self.0 {
             Some(published) => published.status.clone(),
             None => resource.and_then(|r| r.status.clone()).unwrap_or_default(),
+        }
+    }
+
+    /// Forgets what was written for another resource of the same name.
+    pub fn belongs_to(&mut self, resource: &TransactionRelay) {
+        let uid = resource.metadata.uid.as_deref();
+        if self.0.as_ref().is_some_and(|p| p.uid.is_some() && p.uid.as_deref() != uid) {
+            *self.0 = None;
+        }
+        if let Some(published) = self.0.as_mut() {
+            published.uid = uid.map(str::to_owned);
         }
     }
 
@@ -249,7 +263,8 @@ impl StatusWriter {
     ) -> Result<bool, kube::Error> {
         if !self.is_leading() {
             // Kept, so that this replica can write it the moment it leads.
-            *slot.0 = Some(Published { status, at: None });
+            let uid = slot.0.as_ref().and_then(|p| p.uid.clone());
+            *slot.0 = Some(Published { status, at: None, uid });
             return Ok(false);
         }
         if let Some(last) = slot.0.as_ref() {
@@ -262,7 +277,8 @@ impl StatusWriter {
                     tokio::time::sleep(wait).await;
                     // Leadership may have moved while waiting.
                     if !self.is_leading() {
-                        *slot.0 = Some(Published { status, at: None });
+                        let uid = slot.0.as_ref().and_then(|p| p.uid.clone());
+                        *slot.0 = Some(Published { status, at: None, uid });
                         return Ok(false);
                     }
                 }
@@ -276,7 +292,8 @@ impl StatusWriter {
         });
         api.patch_status(&id.name, &PatchParams::apply(super::MANAGER).force(), &Patch::Apply(body)).await?;
         debug!(relay = %id, "status written");
-        *slot.0 = Some(Published { status, at: Some(Instant::now()) });
+        let uid = slot.0.as_ref().and_then(|p| p.uid.clone());
+        *slot.0 = Some(Published { status, at: Some(Instant::now()), uid });
         Ok(true)
     }
 

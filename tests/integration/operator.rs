@@ -416,7 +416,7 @@ async fn an_invalid_edit_keeps_ready_false_without_flapping_and_does_not_advance
         waiting.id
     ))
     .await;
-    handle.relay.wake();
+    handle.relay.refresh_gauges().await.expect("the backlog is read");
     wait_until(Duration::from_secs(30), "the follower writes a status", || async {
         op.api.status_patches().len() > written
     })
@@ -713,4 +713,24 @@ async fn the_controller_reconfigures_a_relay_when_a_referenced_secret_changes_an
     assert!(started.elapsed() <= Duration::from_secs(6), "stopped within the grace period: {:?}", started.elapsed());
     assert!(relays.resolve(None).is_err(), "no relay left serving");
     assert!(api.unexpected().is_empty(), "{:?}", api.unexpected());
+}
+
+#[tokio::test]
+async fn a_relay_deleted_and_created_again_under_its_name_gets_its_status_at_once() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let op = operator(true);
+    put_secrets(&op.api, &db, &queue);
+    let first = resource(&db, "dapp", 1);
+    op.api.put_relay(&first);
+    reconcile(Arc::new(first.clone()), op.ctx.clone()).await.expect("reconciled");
+    let written = op.api.status_patches().len();
+    // Deleted and created again before the janitor's next look: same name,
+    // another resource, no status yet.
+    let mut again = first.clone();
+    again.metadata.uid = Some("uid-dapp-again".into());
+    again.status = None;
+    op.api.put_relay(&again);
+    reconcile(Arc::new(again), op.ctx.clone()).await.expect("reconciled");
+    assert_eq!(op.api.status_patches().len(), written + 1, "the new resource's status is written at once");
+    op.ctx.supervisor.stop_all().await;
 }

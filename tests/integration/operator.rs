@@ -59,6 +59,17 @@ fn resource(db: &TestDb, name: &str, generation: i64) -> TransactionRelay {
     relay
 }
 
+/// An operator that has reconciled the relay `name` (generation 1) into a
+/// running relay.
+async fn with_relay(db: &TestDb, queue: &TestQueue, name: &str) -> (Operator, TransactionRelay) {
+    let op = operator(true);
+    put_secrets(&op.api, db, queue);
+    let relay = resource(db, name, 1);
+    op.api.put_relay(&relay);
+    reconcile(Arc::new(relay.clone()), op.ctx.clone()).await.expect("reconciled");
+    (op, relay)
+}
+
 fn put_secrets(api: &FakeApiServer, db: &TestDb, queue: &TestQueue) {
     api.put_secret(NAMESPACE, "dapp-db", &[("url", &db.url)]);
     put_queue_secret(api, queue, &queue.endpoint, Some("ledger-secret-token"));
@@ -187,11 +198,7 @@ async fn the_happy_path_starts_the_relay_serves_new_and_patches_status_with_coun
 #[tokio::test]
 async fn a_spec_or_secret_change_reconfigures_the_loop_and_deletion_stops_it() {
     let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
-    let op = operator(true);
-    put_secrets(&op.api, &db, &queue);
-    let relay = resource(&db, "dapp", 1);
-    op.api.put_relay(&relay);
-    reconcile(Arc::new(relay.clone()), op.ctx.clone()).await.unwrap();
+    let (op, relay) = with_relay(&db, &queue, "dapp").await;
     let id = RelayId::new(NAMESPACE, "dapp");
     let first = op.ctx.supervisor.get(&id).await.unwrap().relay;
     assert_eq!(first.config().batch_size, 100);
@@ -338,11 +345,7 @@ async fn leader_election_judges_expiry_by_the_local_clock_not_the_holders() {
 #[tokio::test]
 async fn revoking_the_ingest_token_closes_new_within_a_reconcile_and_restoring_it_reopens() {
     let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
-    let op = operator(true);
-    put_secrets(&op.api, &db, &queue);
-    let relay = resource(&db, "dapp", 1);
-    op.api.put_relay(&relay);
-    reconcile(Arc::new(relay.clone()), op.ctx.clone()).await.expect("reconciled");
+    let (op, relay) = with_relay(&db, &queue, "dapp").await;
     let router = api_router(AppState::new(op.relays.clone(), op.metrics.clone(), HttpOptions::default()));
     let app = TestApp { router, relay: op.relays.resolve(None).unwrap().relay, metrics: op.metrics.clone() };
     assert_eq!(app.post_new(&body(unique(), "w")).await.0, StatusCode::CREATED);
@@ -387,11 +390,7 @@ async fn revoking_the_ingest_token_closes_new_within_a_reconcile_and_restoring_i
 #[tokio::test]
 async fn an_invalid_edit_keeps_ready_false_without_flapping_and_does_not_advance_observed_generation() {
     let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
-    let op = operator(true);
-    put_secrets(&op.api, &db, &queue);
-    let good = resource(&db, "dapp", 1);
-    op.api.put_relay(&good);
-    reconcile(Arc::new(good.clone()), op.ctx.clone()).await.expect("reconciled");
+    let (op, good) = with_relay(&db, &queue, "dapp").await;
 
     let mut bad = good.clone();
     bad.spec.batch_size = 5000;
@@ -718,11 +717,7 @@ async fn the_controller_reconfigures_a_relay_when_a_referenced_secret_changes_an
 #[tokio::test]
 async fn a_relay_deleted_and_created_again_under_its_name_gets_its_status_at_once() {
     let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
-    let op = operator(true);
-    put_secrets(&op.api, &db, &queue);
-    let first = resource(&db, "dapp", 1);
-    op.api.put_relay(&first);
-    reconcile(Arc::new(first.clone()), op.ctx.clone()).await.expect("reconciled");
+    let (op, first) = with_relay(&db, &queue, "dapp").await;
     let written = op.api.status_patches().len();
     // Deleted and created again before the janitor's next look: same name,
     // another resource, no status yet.

@@ -106,7 +106,7 @@ impl Relay {
         let lease_ms = if inline { super::millis(self.config.inline_lease()) } else { 0 };
         let fifo = self.is_fifo();
         let txs: Vec<&NewTransaction> = group.iter().map(|p| &p.tx).collect();
-        let outcomes = self.store.insert_many(&txs, &vec![inline; txs.len()], lease_ms, fifo).await;
+        let outcomes = self.store.insert_many(&txs, lease_ms, fifo).await;
         let unavailable = outcomes.iter().find_map(|o| o.as_ref().err().filter(|e| e.is_unavailable()));
         self.mark_database(unavailable);
 

@@ -226,20 +226,18 @@ impl Store {
     }
 
     /// Commits a group of new transactions in one statement and one
-    /// transaction; the answer for each is in the order given. `inline[i]`
-    /// says whether row `i` is held for an inline send (for
-    /// `inline_lease_ms`). A group that fails for another reason than the
-    /// database being unavailable (a constraint one row breaks) is retried
-    /// row by row, so one bad row never fails its neighbours; an unavailable
-    /// database fails every row of the group.
+    /// transaction; the answer for each is in the order given. Every row is
+    /// held for its inline send for `inline_lease_ms` (0: not held). A group
+    /// that fails for another reason than the database being unavailable (a
+    /// constraint one row breaks) is retried row by row, so one bad row never
+    /// fails its neighbours; an unavailable database fails every row of it.
     pub async fn insert_many(
         &self,
         txs: &[&NewTransaction],
-        inline: &[bool],
         inline_lease_ms: i64,
         fifo: bool,
     ) -> Vec<Result<InsertOutcome>> {
-        match self.insert_group(txs, inline, inline_lease_ms, fifo).await {
+        match self.insert_group(txs, inline_lease_ms, fifo).await {
             Ok(outcomes) => outcomes,
             Err(error) if error.is_unavailable() => {
                 let text = error.to_string();
@@ -247,8 +245,8 @@ impl Store {
             }
             Err(_) => {
                 let mut outcomes = Vec::with_capacity(txs.len());
-                for (tx, inline) in txs.iter().zip(inline) {
-                    outcomes.push(self.insert(tx, if *inline { inline_lease_ms } else { 0 }, fifo).await);
+                for tx in txs {
+                    outcomes.push(self.insert(tx, inline_lease_ms, fifo).await);
                 }
                 outcomes
             }
@@ -258,13 +256,13 @@ impl Store {
     async fn insert_group(
         &self,
         txs: &[&NewTransaction],
-        inline: &[bool],
         inline_lease_ms: i64,
         fifo: bool,
     ) -> Result<Vec<Result<InsertOutcome>>> {
         let text = |f: fn(&NewTransaction) -> &str| txs.iter().map(|t| f(t).to_owned()).collect::<Vec<String>>();
         let optional = |f: fn(&NewTransaction) -> &Option<String>| txs.iter().map(|t| f(t).clone()).collect::<Vec<_>>();
-        let tokens: Vec<Option<i64>> = inline.iter().map(|inline| inline.then(super::outbox::new_token)).collect();
+        let tokens: Vec<Option<i64>> =
+            txs.iter().map(|_| (inline_lease_ms > 0).then(super::outbox::new_token)).collect();
         let query = sqlx::query(INSERT_MANY)
             .bind(text(|t| &t.reference))
             .bind(text(|t| &t.external_reference))
@@ -303,7 +301,7 @@ impl Store {
             inserted.insert(identity, row);
         }
         let mut outcomes = Vec::with_capacity(txs.len());
-        for (tx, inline) in txs.iter().zip(inline) {
+        for tx in txs {
             match inserted.remove(&Identity::of(tx)) {
                 Some(row) => {
                     let transaction = Transaction::from_row(&row)?;
@@ -316,7 +314,7 @@ impl Store {
                 // earlier row of this very group). Judged as one insert is.
                 None => outcomes.push(match self.classify_conflict(tx).await {
                     Ok(Some(outcome)) => Ok(outcome),
-                    Ok(None) => self.insert(tx, if *inline { inline_lease_ms } else { 0 }, fifo).await,
+                    Ok(None) => self.insert(tx, inline_lease_ms, fifo).await,
                     Err(error) => Err(error),
                 }),
             }

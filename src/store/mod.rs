@@ -54,17 +54,58 @@ macro_rules! not_held {
 
 /// On a FIFO queue a row waits while an older row of its wallet (its
 /// MessageGroupId) is unsent, whether pending, claimed or backing off.
+/// `unsent_transactions` holds exactly the unsent rows.
 macro_rules! first_of_its_wallet {
     ($t:literal) => {
         concat!(
-            "NOT EXISTS (SELECT 1 FROM transactions o WHERE o.wallet_address = ",
+            "NOT EXISTS (SELECT 1 FROM unsent_transactions o WHERE o.wallet_address = ",
             $t,
             ".wallet_address AND o.id < ",
             $t,
-            ".id AND ",
-            unsent!("o"),
-            ")"
+            ".id)"
         )
+    };
+}
+
+/// When a sweep may claim an unsent row: its backoff, or the end of the
+/// lease of the process holding it, whichever is later.
+macro_rules! due_at {
+    ($t:literal) => {
+        concat!("greatest(", $t, ".next_attempt_at, coalesce(", $t, ".claimed_until, ", $t, ".next_attempt_at))")
+    };
+}
+
+/// What every statement that writes `transactions` returns besides its own
+/// columns, for [`follow!`] to keep `unsent_transactions` in step.
+macro_rules! follow_columns {
+    () => {
+        concat!(
+            "transactions.wallet_address AS follow_wallet, transactions.created_at AS follow_created_at, \
+             transactions.claimed_until AS follow_claimed_until, ",
+            unsent!("transactions"),
+            " AS follow_unsent, ",
+            due_at!("transactions"),
+            " AS follow_due_at"
+        )
+    };
+}
+
+/// Statements that write `transactions` are written as
+/// `WITH changed AS (… RETURNING …, follow_columns!()), follow!() SELECT …`:
+/// in the same statement, a row still unsent is put (or kept) in
+/// `unsent_transactions` as it now is, and a row sent or dead-lettered is
+/// taken out. The relay's connections skip the triggers that do the same for
+/// every other writer (`txrelay.relay_writes`), so this is the only place the
+/// relay does it. Each writer locks a row of `transactions` before its row of
+/// `unsent_transactions`, so they never wait on each other in a cycle.
+macro_rules! follow {
+    () => {
+        "still_unsent AS (INSERT INTO unsent_transactions (id, wallet_address, created_at, claimed_until, due_at) \
+         SELECT id, follow_wallet, follow_created_at, follow_claimed_until, follow_due_at FROM changed \
+         WHERE follow_unsent ON CONFLICT (id) DO UPDATE SET claimed_until = EXCLUDED.claimed_until, \
+         due_at = EXCLUDED.due_at), \
+         no_longer_unsent AS (DELETE FROM unsent_transactions gone USING changed \
+         WHERE gone.id = changed.id AND NOT changed.follow_unsent)"
     };
 }
 
@@ -82,7 +123,9 @@ macro_rules! columns {
     };
 }
 
-pub(crate) use {columns, dead_lettered, first_of_its_wallet, not_held, not_sent, sent, unsent};
+pub(crate) use {
+    columns, dead_lettered, due_at, first_of_its_wallet, follow, follow_columns, not_held, not_sent, sent, unsent,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -292,6 +335,10 @@ impl Store {
                 ("search_path", options.schema.as_str()),
                 ("statement_timeout", statement_timeout.as_str()),
                 ("plan_cache_mode", "force_generic_plan"),
+                // These connections keep `unsent_transactions` in step
+                // themselves (see `follow!`); the triggers that do it for
+                // every other writer skip them.
+                ("txrelay.relay_writes", "on"),
             ]);
         let pool_options = || {
             PgPoolOptions::new()

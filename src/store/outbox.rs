@@ -6,7 +6,10 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::{FromRow, Row};
 
-use super::{Result, Store, StoreError, columns, dead_lettered, first_of_its_wallet, not_held, not_sent, sent, unsent};
+use super::{
+    Result, Store, StoreError, columns, dead_lettered, due_at, first_of_its_wallet, follow, follow_columns, not_held,
+    not_sent, sent, unsent,
+};
 use crate::transaction::Transaction;
 
 /// A row claimed for sending: what a message is built from.
@@ -101,27 +104,37 @@ pub enum RetryOneError {
 }
 
 macro_rules! claim_sql {
-    ($filter:expr, $order:literal) => {
+    ($unsent_filter:expr, $order:literal, $filter:expr) => {
         concat!(
-            // The ids as an array: the plan stays an index lookup whatever
-            // the planner guesses for LIMIT (a join here turns generic plans
-            // into a sequential scan).
-            "UPDATE transactions SET claimed_until = now() + $2 * interval '1 millisecond', claim_token = $3 \
-             WHERE id = ANY (ARRAY(SELECT t.id FROM transactions t WHERE ",
+            // Candidates come from `unsent_transactions`, locked there first
+            // and then in `transactions`, each skipping rows another process
+            // holds: a claim never waits, so it never joins a lock cycle with
+            // a writer that locks in the other order. The ids as arrays keep
+            // the plan an index lookup whatever the planner guesses for LIMIT
+            // (a join here turns generic plans into a sequential scan).
+            "WITH changed AS (UPDATE transactions SET claimed_until = now() + $2 * interval '1 millisecond', \
+             claim_token = $3, updated_at = clock_timestamp() \
+             WHERE id = ANY (ARRAY(SELECT t.id FROM transactions t WHERE t.id = ANY (ARRAY(\
+             SELECT u.id FROM unsent_transactions u WHERE ",
+            $unsent_filter,
+            " ORDER BY ",
+            $order,
+            " LIMIT $1 FOR UPDATE SKIP LOCKED)) AND ",
             unsent!("t"),
             " AND ",
             $filter,
-            " ORDER BY ",
-            $order,
-            " LIMIT $1 FOR UPDATE SKIP LOCKED)) \
-             RETURNING id, reference, idempotency_key, wallet_address, source, attempts, payload::text AS payload"
+            " FOR UPDATE SKIP LOCKED)) \
+             RETURNING id, reference, idempotency_key, wallet_address, source, attempts, payload::text AS payload, ",
+            follow_columns!(),
+            "), ",
+            follow!(),
+            " SELECT * FROM changed"
         )
     };
 }
 
 /// Due: the backoff has run out and no process holds the row. A claim only
-/// sets `claimed_until`, which no index covers, so claiming is a HOT update
-/// that touches none of the table's indexes.
+/// sets columns no index of `transactions` covers, so it is a HOT update.
 macro_rules! due {
     () => {
         concat!("t.next_attempt_at <= now() AND ", not_held!("t"))
@@ -131,14 +144,16 @@ macro_rules! due {
 /// Not held by a running process, and not already tried in this run.
 macro_rules! not_held_nor_skipped {
     () => {
-        concat!(not_held!("t"), " AND NOT (t.id = ANY($4))")
+        concat!(not_held!("u"), " AND NOT (u.id = ANY($4))")
     };
 }
 
-const CLAIM_DUE: &str = claim_sql!(due!(), "t.next_attempt_at, t.id");
-const CLAIM_DUE_FIFO: &str = claim_sql!(concat!(due!(), " AND ", first_of_its_wallet!("t")), "t.next_attempt_at, t.id");
-const CLAIM_FORCE: &str = claim_sql!(not_held_nor_skipped!(), "t.id");
-const CLAIM_FORCE_FIFO: &str = claim_sql!(concat!(not_held_nor_skipped!(), " AND ", first_of_its_wallet!("t")), "t.id");
+const CLAIM_DUE: &str = claim_sql!("u.due_at <= now()", "u.due_at, u.id", due!());
+const CLAIM_DUE_FIFO: &str =
+    claim_sql!(concat!("u.due_at <= now() AND ", first_of_its_wallet!("u")), "u.due_at, u.id", due!());
+const CLAIM_FORCE: &str = claim_sql!(not_held_nor_skipped!(), "u.id", not_held!("t"));
+const CLAIM_FORCE_FIFO: &str =
+    claim_sql!(concat!(not_held_nor_skipped!(), " AND ", first_of_its_wallet!("u")), "u.id", not_held!("t"));
 
 /// The rows of `$1` (ids) that still carry the claim tokens of `$2`.
 macro_rules! still_held {
@@ -154,41 +169,72 @@ macro_rules! still_held {
     };
 }
 
-const RECORD_SENT: &str = concat!(
-    "UPDATE transactions SET message_id = s.sent_message_id, queue_sent_at = now(), \
-     attempts = transactions.attempts + 1, claimed_until = NULL, claim_token = NULL, failed_at = NULL \
-     FROM unnest($1::bigint[], $2::bigint[], $3::text[]) AS s(row_id, row_token, sent_message_id) WHERE ",
-    still_held!("s"),
-    " RETURNING ",
-    columns!()
+/// `WITH changed AS (<statement> RETURNING <columns>), follow!() SELECT …`.
+macro_rules! and_follow {
+    ($statement:expr, $returning:expr, $select:literal) => {
+        concat!(
+            "WITH changed AS (",
+            $statement,
+            " RETURNING ",
+            $returning,
+            ", ",
+            follow_columns!(),
+            "), ",
+            follow!(),
+            " ",
+            $select
+        )
+    };
+}
+
+const RECORD_SENT: &str = and_follow!(
+    concat!(
+        "UPDATE transactions SET message_id = s.sent_message_id, queue_sent_at = now(), \
+         attempts = transactions.attempts + 1, claimed_until = NULL, claim_token = NULL, failed_at = NULL, \
+         updated_at = clock_timestamp() \
+         FROM unnest($1::bigint[], $2::bigint[], $3::text[]) AS s(row_id, row_token, sent_message_id) WHERE ",
+        still_held!("s")
+    ),
+    columns!(),
+    "SELECT * FROM changed"
 );
 
-const RECORD_FAILURES: &str = concat!(
-    "UPDATE transactions SET attempts = transactions.attempts + 1, last_error = f.failure, \
-     next_attempt_at = now() + f.delay_ms * interval '1 millisecond', claimed_until = NULL, claim_token = NULL, \
-     failed_at = CASE WHEN f.permanent OR ($6 > 0 AND transactions.attempts + 1 >= $6) THEN now() END \
-     FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], $5::bool[]) \
-     AS f(row_id, row_token, failure, delay_ms, permanent) WHERE ",
-    still_held!("f"),
-    " RETURNING ",
-    columns!()
+const RECORD_FAILURES: &str = and_follow!(
+    concat!(
+        "UPDATE transactions SET attempts = transactions.attempts + 1, last_error = f.failure, \
+         next_attempt_at = now() + f.delay_ms * interval '1 millisecond', claimed_until = NULL, claim_token = NULL, \
+         failed_at = CASE WHEN f.permanent OR ($6 > 0 AND transactions.attempts + 1 >= $6) THEN now() END, \
+         updated_at = clock_timestamp() \
+         FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], $5::bool[]) \
+         AS f(row_id, row_token, failure, delay_ms, permanent) WHERE ",
+        still_held!("f")
+    ),
+    columns!(),
+    "SELECT * FROM changed"
 );
 
 /// Gives rows back after the queue refused the whole call: no attempt is
 /// counted and the backoff is left alone (the rows stay due, and the oldest
 /// of them are the relay's next probe), but the error is shown.
-const HOLD: &str = concat!(
-    "UPDATE transactions SET last_error = h.failure, claimed_until = NULL, claim_token = NULL \
-     FROM unnest($1::bigint[], $2::bigint[], $3::text[]) AS h(row_id, row_token, failure) WHERE ",
-    still_held!("h"),
-    " RETURNING ",
-    columns!()
+const HOLD: &str = and_follow!(
+    concat!(
+        "UPDATE transactions SET last_error = h.failure, claimed_until = NULL, claim_token = NULL, \
+         updated_at = clock_timestamp() \
+         FROM unnest($1::bigint[], $2::bigint[], $3::text[]) AS h(row_id, row_token, failure) WHERE ",
+        still_held!("h")
+    ),
+    columns!(),
+    "SELECT * FROM changed"
 );
 
-const RELEASE: &str = concat!(
-    "UPDATE transactions SET claimed_until = NULL, claim_token = NULL \
-     FROM unnest($1::bigint[], $2::bigint[]) AS r(row_id, row_token) WHERE ",
-    still_held!("r")
+const RELEASE: &str = and_follow!(
+    concat!(
+        "UPDATE transactions SET claimed_until = NULL, claim_token = NULL, updated_at = clock_timestamp() \
+         FROM unnest($1::bigint[], $2::bigint[]) AS r(row_id, row_token) WHERE ",
+        still_held!("r")
+    ),
+    "transactions.id",
+    "SELECT count(*) FROM changed"
 );
 
 const GAUGES: &str = concat!(
@@ -197,25 +243,49 @@ const GAUGES: &str = concat!(
      (SELECT count(*) FROM transactions WHERE ",
     dead_lettered!("transactions"),
     ") AS failed \
-     FROM transactions WHERE ",
-    unsent!("transactions")
+     FROM unsent_transactions"
 );
 
 macro_rules! next_due_sql {
     ($filter:expr) => {
         concat!(
-            "SELECT greatest(0, extract(epoch FROM \
-             min(greatest(t.next_attempt_at, coalesce(t.claimed_until, t.next_attempt_at))) - now()) * 1000)::bigint \
-             AS due_in_ms \
-             FROM transactions t WHERE ",
-            unsent!("t"),
+            "SELECT greatest(0, extract(epoch FROM min(u.due_at) - now()) * 1000)::bigint AS due_in_ms \
+             FROM unsent_transactions u",
             $filter
         )
     };
 }
 
 const NEXT_DUE: &str = next_due_sql!("");
-const NEXT_DUE_FIFO: &str = next_due_sql!(concat!(" AND ", first_of_its_wallet!("t")));
+const NEXT_DUE_FIFO: &str = next_due_sql!(concat!(" WHERE ", first_of_its_wallet!("u")));
+
+const CLAIM_ONE: &str = and_follow!(
+    concat!(
+        "UPDATE transactions SET failed_at = NULL, claimed_until = now() + $2 * interval '1 millisecond', \
+         claim_token = $4, updated_at = clock_timestamp() WHERE id = $1 AND ",
+        not_sent!("transactions"),
+        " AND ",
+        not_held!("transactions"),
+        " AND (NOT $3 OR ",
+        first_of_its_wallet!("transactions"),
+        ")"
+    ),
+    "id, reference, idempotency_key, wallet_address, source, attempts, payload::text AS payload",
+    "SELECT * FROM changed"
+);
+
+const REVIVE_DEAD_LETTERED: &str = and_follow!(
+    concat!(
+        "UPDATE transactions SET failed_at = NULL, next_attempt_at = now(), updated_at = clock_timestamp() \
+         WHERE id IN (SELECT id FROM transactions WHERE ",
+        dead_lettered!("transactions"),
+        " AND ",
+        not_sent!("transactions"),
+        " ORDER BY id LIMIT $1)"
+    ),
+    "transactions.id",
+    "SELECT count(*) FROM changed"
+);
 
 impl Store {
     /// Claims up to `limit` rows in one short transaction, skipping rows other
@@ -300,12 +370,12 @@ impl Store {
             return Ok(0);
         }
         let (ids, tokens) = split(rows.iter());
-        let result = self
+        let released: i64 = self
             .on(self.bookkeeping())
             .await?
-            .run(|c| sqlx::query(RELEASE).bind(&ids).bind(&tokens).execute(c))
+            .run(|c| sqlx::query_scalar(RELEASE).bind(&ids).bind(&tokens).fetch_one(c))
             .await?;
-        Ok(result.rows_affected())
+        Ok(u64::try_from(released).unwrap_or(0))
     }
 
     /// Unsent rows, dead-lettered rows and the age of the oldest unsent row.
@@ -337,7 +407,7 @@ impl Store {
                     "DELETE FROM transactions WHERE id IN (SELECT id FROM transactions WHERE ",
                     sent!("transactions"),
                     " AND queue_sent_at < now() - $1 * interval '1 millisecond' \
-                     AND created_at < now() - $1 * interval '1 millisecond' ORDER BY queue_sent_at LIMIT $2)",
+                     AND created_at < now() - $1 * interval '1 millisecond' ORDER BY created_at LIMIT $2)",
                 ))
                 .bind(millis(age))
                 .bind(i64::from(batch))
@@ -358,25 +428,7 @@ impl Store {
         let claimed: Option<ClaimedRow> = self
             .on(self.pool())
             .await?
-            .run(|c| {
-                sqlx::query_as(concat!(
-                    "UPDATE transactions SET failed_at = NULL, claimed_until = now() + $2 * interval '1 millisecond', \
-             claim_token = $4 \
-             WHERE id = $1 AND ",
-                    not_sent!("transactions"),
-                    " AND ",
-                    not_held!("transactions"),
-                    " AND (NOT $3 OR ",
-                    first_of_its_wallet!("transactions"),
-                    ") \
-             RETURNING id, reference, idempotency_key, wallet_address, source, attempts, payload::text AS payload",
-                ))
-                .bind(id)
-                .bind(millis(lease))
-                .bind(fifo)
-                .bind(token)
-                .fetch_optional(c)
-            })
+            .run(|c| sqlx::query_as(CLAIM_ONE).bind(id).bind(millis(lease)).bind(fifo).bind(token).fetch_optional(c))
             .await?;
         if let Some(row) = claimed {
             return Ok((row, ClaimRef { id, token: Some(token) }));
@@ -391,13 +443,10 @@ impl Store {
             .on(self.pool())
             .await?
             .run(|c| {
-                sqlx::query_scalar(concat!(
-                    "SELECT max(id) FROM transactions o WHERE wallet_address = $1 AND id < $2 AND ",
-                    unsent!("o")
-                ))
-                .bind(&existing.wallet_address)
-                .bind(id)
-                .fetch_one(c)
+                sqlx::query_scalar("SELECT max(id) FROM unsent_transactions WHERE wallet_address = $1 AND id < $2")
+                    .bind(&existing.wallet_address)
+                    .bind(id)
+                    .fetch_one(c)
             })
             .await?;
         match older {
@@ -417,23 +466,12 @@ impl Store {
 
     /// Revives dead-lettered rows (`retry-all --include-dead`): due at once.
     pub async fn revive_dead_lettered(&self, limit: i64) -> Result<u64> {
-        let result = self
+        let revived: i64 = self
             .on(self.pool())
             .await?
-            .run(|c| {
-                sqlx::query(concat!(
-                    "UPDATE transactions SET failed_at = NULL, next_attempt_at = now() WHERE id IN \
-                     (SELECT id FROM transactions WHERE ",
-                    dead_lettered!("transactions"),
-                    " AND ",
-                    not_sent!("transactions"),
-                    " ORDER BY id LIMIT $1)",
-                ))
-                .bind(limit)
-                .execute(c)
-            })
+            .run(|c| sqlx::query_scalar(REVIVE_DEAD_LETTERED).bind(limit).fetch_one(c))
             .await?;
-        Ok(result.rows_affected())
+        Ok(u64::try_from(revived).unwrap_or(0))
     }
 }
 
@@ -453,33 +491,58 @@ mod sql_tests {
     /// shows here, in review.
     #[test]
     fn claims_and_counts_are_the_sql_reviewed() {
-        let claim = |filter: &str, order: &str| {
+        let follow = "transactions.wallet_address AS follow_wallet, transactions.created_at AS follow_created_at, \
+                      transactions.claimed_until AS follow_claimed_until, \
+                      transactions.message_id IS NULL AND transactions.failed_at IS NULL AS follow_unsent, \
+                      greatest(transactions.next_attempt_at, coalesce(transactions.claimed_until, \
+                      transactions.next_attempt_at)) AS follow_due_at), \
+                      still_unsent AS (INSERT INTO unsent_transactions (id, wallet_address, created_at, claimed_until, \
+                      due_at) SELECT id, follow_wallet, follow_created_at, follow_claimed_until, follow_due_at \
+                      FROM changed WHERE follow_unsent ON CONFLICT (id) DO UPDATE SET claimed_until = \
+                      EXCLUDED.claimed_until, due_at = EXCLUDED.due_at), \
+                      no_longer_unsent AS (DELETE FROM unsent_transactions gone USING changed \
+                      WHERE gone.id = changed.id AND NOT changed.follow_unsent)";
+        let claim = |unsent_filter: &str, order: &str, filter: &str| {
             format!(
-                "UPDATE transactions SET claimed_until = now() + $2 * interval '1 millisecond', claim_token = $3 \
-                 WHERE id = ANY (ARRAY(SELECT t.id FROM transactions t WHERE t.message_id IS NULL AND t.failed_at IS NULL \
-                 AND {filter} ORDER BY {order} LIMIT $1 FOR UPDATE SKIP LOCKED)) \
-                 RETURNING id, reference, idempotency_key, wallet_address, source, attempts, payload::text AS payload"
+                "WITH changed AS (UPDATE transactions SET claimed_until = now() + $2 * interval '1 millisecond', \
+                 claim_token = $3, updated_at = clock_timestamp() \
+                 WHERE id = ANY (ARRAY(SELECT t.id FROM transactions t WHERE t.id = ANY (ARRAY(\
+                 SELECT u.id FROM unsent_transactions u WHERE {unsent_filter} ORDER BY {order} \
+                 LIMIT $1 FOR UPDATE SKIP LOCKED)) AND t.message_id IS NULL AND t.failed_at IS NULL AND {filter} \
+                 FOR UPDATE SKIP LOCKED)) \
+                 RETURNING id, reference, idempotency_key, wallet_address, source, attempts, payload::text AS payload, \
+                 {follow} SELECT * FROM changed"
             )
         };
-        let not_held = "(t.claimed_until IS NULL OR t.claimed_until <= now())";
-        let first_of_its_wallet = "NOT EXISTS (SELECT 1 FROM transactions o WHERE o.wallet_address = t.wallet_address \
-                                   AND o.id < t.id AND o.message_id IS NULL AND o.failed_at IS NULL)";
-        let due = format!("t.next_attempt_at <= now() AND {not_held}");
-        assert_eq!(super::CLAIM_DUE, claim(&due, "t.next_attempt_at, t.id"));
+        let not_held = |t: &str| format!("({t}.claimed_until IS NULL OR {t}.claimed_until <= now())");
+        let first_of_its_wallet = "NOT EXISTS (SELECT 1 FROM unsent_transactions o WHERE o.wallet_address = \
+                                   u.wallet_address AND o.id < u.id)";
+        let due = format!("t.next_attempt_at <= now() AND {}", not_held("t"));
+        assert_eq!(super::CLAIM_DUE, claim("u.due_at <= now()", "u.due_at, u.id", &due));
         assert_eq!(
             super::CLAIM_DUE_FIFO,
-            claim(&format!("{due} AND {first_of_its_wallet}"), "t.next_attempt_at, t.id")
+            claim(&format!("u.due_at <= now() AND {first_of_its_wallet}"), "u.due_at, u.id", &due)
         );
-        assert_eq!(super::CLAIM_FORCE, claim(&format!("{not_held} AND NOT (t.id = ANY($4))"), "t.id"));
+        let not_held_nor_skipped = format!("{} AND NOT (u.id = ANY($4))", not_held("u"));
+        assert_eq!(super::CLAIM_FORCE, claim(&not_held_nor_skipped, "u.id", &not_held("t")));
         assert_eq!(
             super::CLAIM_FORCE_FIFO,
-            claim(&format!("{not_held} AND NOT (t.id = ANY($4)) AND {first_of_its_wallet}"), "t.id")
+            claim(&format!("{not_held_nor_skipped} AND {first_of_its_wallet}"), "u.id", &not_held("t"))
+        );
+        assert_eq!(
+            super::RELEASE,
+            format!(
+                "WITH changed AS (UPDATE transactions SET claimed_until = NULL, claim_token = NULL, \
+                 updated_at = clock_timestamp() FROM unnest($1::bigint[], $2::bigint[]) AS r(row_id, row_token) \
+                 WHERE transactions.id = r.row_id AND transactions.claim_token IS NOT DISTINCT FROM r.row_token \
+                 AND transactions.message_id IS NULL RETURNING transactions.id, {follow} SELECT count(*) FROM changed"
+            )
         );
         assert_eq!(
             super::GAUGES,
             "SELECT count(*) AS unsent, coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_age, \
              (SELECT count(*) FROM transactions WHERE transactions.failed_at IS NOT NULL) AS failed \
-             FROM transactions WHERE transactions.message_id IS NULL AND transactions.failed_at IS NULL"
+             FROM unsent_transactions"
         );
         assert_eq!(
             crate::store::transactions::STATS_SQL,

@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use sqlx::{FromRow, Row};
 
-use super::{ClaimRef, Result, Store, StoreError, columns, dead_lettered, not_sent, sent, unsent};
+use super::{
+    ClaimRef, Result, Store, StoreError, columns, dead_lettered, due_at, follow, follow_columns, not_sent, sent, unsent,
+};
 use crate::transaction::{NewTransaction, Transaction};
 
 /// What happened to a `/new` insert.
@@ -99,29 +101,17 @@ pub struct Stats {
     pub by_status: BTreeMap<String, i64>,
 }
 
-const INSERT: &str = concat!(
-    "INSERT INTO transactions (reference, external_reference, idempotency_key, transaction_type, status, source, \
-     instruction_type, incoming_currency, outgoing_currency, value, fee, payer_id, payee_id, first_name, last_name, \
-     wallet_address, ip_address, payload, next_attempt_at, claimed_until, claim_token) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18::json, \
-     now(), CASE WHEN $19 > 0 THEN now() + $19 * interval '1 millisecond' END, CASE WHEN $19 > 0 THEN $21 END) \
-     ON CONFLICT DO NOTHING RETURNING ",
-    columns!(),
-    ", ($20 AND EXISTS (SELECT 1 FROM transactions o WHERE o.wallet_address = $16 AND ",
-    unsent!("o"),
-    ")) AS held_back"
-);
-
-/// Many rows in one statement (group commit). Rows come out of `unnest` in
-/// request order, so ids (and a wallet's FIFO order) follow it; a row whose
-/// keys already exist, in the table or earlier in the same group, is
-/// skipped and classified afterwards. `held_back` sees only rows committed
-/// before this statement; later rows of a wallet within the group are
-/// judged by the caller.
+/// New rows in one statement (group commit; a single insert is a group of
+/// one). Rows come out of `unnest` in request order, so ids (and a wallet's
+/// FIFO order) follow it; a row whose keys already exist, in the table or
+/// earlier in the same group, is skipped and classified afterwards. Every
+/// new row is unsent, so it goes into `unsent_transactions` in the same
+/// statement. `held_back` sees only rows committed before this statement;
+/// later rows of a wallet within the group are judged by the caller.
 const INSERT_MANY: &str = concat!(
-    "INSERT INTO transactions (reference, external_reference, idempotency_key, transaction_type, status, source, \
-     instruction_type, incoming_currency, outgoing_currency, value, fee, payer_id, payee_id, first_name, last_name, \
-     wallet_address, ip_address, payload, next_attempt_at, claimed_until, claim_token) \
+    "WITH changed AS (INSERT INTO transactions (reference, external_reference, idempotency_key, transaction_type, \
+     status, source, instruction_type, incoming_currency, outgoing_currency, value, fee, payer_id, payee_id, \
+     first_name, last_name, wallet_address, ip_address, payload, next_attempt_at, claimed_until, claim_token) \
      SELECT r, er, ik, tt, st, so, it, ic, oc, va, fe, pa, pe, fi, la, wa, ip, pl::json, now(), \
      CASE WHEN tok IS NOT NULL THEN now() + $19 * interval '1 millisecond' END, tok \
      FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], \
@@ -131,11 +121,12 @@ const INSERT_MANY: &str = concat!(
      ON CONFLICT DO NOTHING RETURNING ",
     columns!(),
     ", claim_token AS claim_token_out, \
-     encode(sha256(convert_to(payload::text, 'UTF8')), 'hex') AS payload_digest, \
-     ($21 AND EXISTS (SELECT 1 FROM transactions o \
-     WHERE o.wallet_address = transactions.wallet_address AND ",
-    unsent!("o"),
-    ")) AS held_back"
+     encode(sha256(convert_to(payload::text, 'UTF8')), 'hex') AS payload_digest, ",
+    follow_columns!(),
+    "), ",
+    follow!(),
+    " SELECT changed.*, ($21 AND EXISTS (SELECT 1 FROM unsent_transactions o \
+     WHERE o.wallet_address = changed.wallet_address)) AS held_back FROM changed"
 );
 
 const FIND_CONFLICT: &str = concat!(
@@ -181,42 +172,10 @@ impl Store {
     pub async fn insert(&self, tx: &NewTransaction, inline_lease_ms: i64, fifo: bool) -> Result<InsertOutcome> {
         // A conflicting row can vanish between the insert and the lookup
         // (retention); one more insert settles it.
-        let token = (inline_lease_ms > 0).then(super::outbox::new_token);
         for _ in 0..2 {
-            let row = self
-                .on(self.pool())
-                .await?
-                .run(|c| {
-                    sqlx::query(INSERT)
-                        .bind(&tx.reference)
-                        .bind(&tx.external_reference)
-                        .bind(&tx.idempotency_key)
-                        .bind(tx.transaction_type.as_str())
-                        .bind(&tx.status)
-                        .bind(&tx.source)
-                        .bind(&tx.instruction_type)
-                        .bind(&tx.incoming_currency)
-                        .bind(&tx.outgoing_currency)
-                        .bind(tx.value)
-                        .bind(tx.fee)
-                        .bind(&tx.payer_id)
-                        .bind(&tx.payee_id)
-                        .bind(&tx.first_name)
-                        .bind(&tx.last_name)
-                        .bind(&tx.wallet_address)
-                        .bind(&tx.ip_address)
-                        .bind(&tx.payload)
-                        .bind(inline_lease_ms)
-                        .bind(fifo)
-                        .bind(token)
-                        .fetch_optional(c)
-                })
-                .await?;
-            if let Some(row) = row {
-                let transaction = Transaction::from_row(&row)?;
-                let held_back = row.try_get::<Option<bool>, _>("held_back")?.unwrap_or(false);
-                let claim = ClaimRef { id: transaction.id, token };
-                return Ok(InsertOutcome::Created { transaction, held_back, claim });
+            let mut rows = self.insert_rows(&[tx], inline_lease_ms, fifo).await?;
+            if let Some(row) = rows.pop() {
+                return created(&row);
             }
             if let Some(outcome) = self.classify_conflict(tx).await? {
                 return Ok(outcome);
@@ -259,6 +218,45 @@ impl Store {
         inline_lease_ms: i64,
         fifo: bool,
     ) -> Result<Vec<Result<InsertOutcome>>> {
+        let rows = self.insert_rows(txs, inline_lease_ms, fifo).await?;
+        // A returned row is a request's only if everything that makes the
+        // request itself matches: two requests of one group may share a key
+        // (a replay, or a conflict) while only one of them was inserted.
+        let mut inserted: std::collections::HashMap<Identity, sqlx::postgres::PgRow> = std::collections::HashMap::new();
+        for row in rows {
+            let identity = Identity {
+                idempotency_key: row.try_get("idempotency_key")?,
+                reference: row.try_get("reference")?,
+                external_reference: row.try_get("external_reference")?,
+                wallet_address: row.try_get("wallet_address")?,
+                payload_digest: row.try_get("payload_digest")?,
+            };
+            inserted.insert(identity, row);
+        }
+        let mut outcomes = Vec::with_capacity(txs.len());
+        for tx in txs {
+            match inserted.remove(&Identity::of(tx)) {
+                Some(row) => outcomes.push(created(&row)),
+                // Skipped: its keys exist (a replay, a conflict, or an
+                // earlier row of this very group). Judged as one insert is.
+                None => outcomes.push(match self.classify_conflict(tx).await {
+                    Ok(Some(outcome)) => Ok(outcome),
+                    Ok(None) => self.insert(tx, inline_lease_ms, fifo).await,
+                    Err(error) => Err(error),
+                }),
+            }
+        }
+        Ok(outcomes)
+    }
+
+    /// Runs [`INSERT_MANY`]: the rows inserted, each held for its inline
+    /// send under a token of its own when `inline_lease_ms` > 0.
+    async fn insert_rows(
+        &self,
+        txs: &[&NewTransaction],
+        inline_lease_ms: i64,
+        fifo: bool,
+    ) -> Result<Vec<sqlx::postgres::PgRow>> {
         let text = |f: fn(&NewTransaction) -> &str| txs.iter().map(|t| f(t).to_owned()).collect::<Vec<String>>();
         let optional = |f: fn(&NewTransaction) -> &Option<String>| txs.iter().map(|t| f(t).clone()).collect::<Vec<_>>();
         let tokens: Vec<Option<i64>> =
@@ -285,41 +283,7 @@ impl Store {
             .bind(inline_lease_ms)
             .bind(tokens)
             .bind(fifo);
-        let rows = self.on(self.pool()).await?.run(|c| query.fetch_all(c)).await?;
-        // A returned row is a request's only if everything that makes the
-        // request itself matches: two requests of one group may share a key
-        // (a replay, or a conflict) while only one of them was inserted.
-        let mut inserted: std::collections::HashMap<Identity, sqlx::postgres::PgRow> = std::collections::HashMap::new();
-        for row in rows {
-            let identity = Identity {
-                idempotency_key: row.try_get("idempotency_key")?,
-                reference: row.try_get("reference")?,
-                external_reference: row.try_get("external_reference")?,
-                wallet_address: row.try_get("wallet_address")?,
-                payload_digest: row.try_get("payload_digest")?,
-            };
-            inserted.insert(identity, row);
-        }
-        let mut outcomes = Vec::with_capacity(txs.len());
-        for tx in txs {
-            match inserted.remove(&Identity::of(tx)) {
-                Some(row) => {
-                    let transaction = Transaction::from_row(&row)?;
-                    let held_back = row.try_get::<Option<bool>, _>("held_back")?.unwrap_or(false);
-                    let token: Option<i64> = row.try_get("claim_token_out")?;
-                    let claim = ClaimRef { id: transaction.id, token };
-                    outcomes.push(Ok(InsertOutcome::Created { transaction, held_back, claim }));
-                }
-                // Skipped: its keys exist (a replay, a conflict, or an
-                // earlier row of this very group). Judged as one insert is.
-                None => outcomes.push(match self.classify_conflict(tx).await {
-                    Ok(Some(outcome)) => Ok(outcome),
-                    Ok(None) => self.insert(tx, inline_lease_ms, fifo).await,
-                    Err(error) => Err(error),
-                }),
-            }
-        }
-        Ok(outcomes)
+        self.on(self.pool()).await?.run(|c| query.fetch_all(c)).await
     }
 
     async fn classify_conflict(&self, tx: &NewTransaction) -> Result<Option<InsertOutcome>> {
@@ -408,4 +372,13 @@ impl Store {
         stats.by_status = by_status.into_iter().collect();
         Ok(stats)
     }
+}
+
+/// A row [`INSERT_MANY`] returned, as the outcome of its request.
+fn created(row: &sqlx::postgres::PgRow) -> Result<InsertOutcome> {
+    let transaction = Transaction::from_row(row)?;
+    let held_back = row.try_get::<Option<bool>, _>("held_back")?.unwrap_or(false);
+    let token: Option<i64> = row.try_get("claim_token_out")?;
+    let claim = ClaimRef { id: transaction.id, token };
+    Ok(InsertOutcome::Created { transaction, held_back, claim })
 }

@@ -97,6 +97,7 @@ async fn a_missing_queue_holds_rows_without_attempts_and_delivers_once_it_exists
     .await;
     assert!(app.relay.health().borrow().queue_error_code.is_none());
     running.stop().await;
+    db.assert_unsent_rows_followed().await;
 }
 
 #[tokio::test]
@@ -141,6 +142,7 @@ async fn refusals_of_the_whole_call_hold_rows_whatever_their_cause() {
     assert_eq!(delivered.len(), causes.len() + 1, "all delivered once the cause is gone");
     assert_eq!(db.scalar_i64("SELECT count(*) FROM transactions WHERE failed_at IS NOT NULL").await, 0);
     running.stop().await;
+    db.assert_unsent_rows_followed().await;
 }
 
 #[tokio::test]
@@ -182,6 +184,7 @@ async fn a_refused_entry_is_dead_lettered_only_for_a_sender_fault_and_otherwise_
         assert_eq!(tx.attempts, attempt, "each transient refusal counts");
         assert_eq!(tx.failed_at.is_some(), attempt == 3, "dead-lettered at maxAttempts only: {tx:?}");
     }
+    db.assert_unsent_rows_followed().await;
 }
 
 #[tokio::test]

@@ -31,7 +31,7 @@ async fn block_every_slot(app: &Arc<TestApp>, db: &TestDb) -> Vec<tokio::task::J
             // INSERTs only: a running relay loop's claims wait on the lock too.
             db.scalar_i64(
                 "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
-                 WHERE NOT l.granted AND l.relation = 'transactions'::regclass AND a.query LIKE 'INSERT%'",
+                 WHERE NOT l.granted AND l.relation = 'transactions'::regclass AND a.query LIKE 'WITH changed AS (INSERT INTO transactions%'",
             )
             .await
                 == blocked
@@ -117,6 +117,7 @@ async fn a_group_decides_new_rows_replays_and_conflicts_each_for_itself() {
     assert_eq!((groups, rows), (2.0 + slots, 6.0 + slots), "the stored row, each opener alone, then one group of five");
     let sent = 3 + txrelay::relay::GROUPS_IN_FLIGHT;
     assert_eq!(queue.receive(sent, Duration::from_secs(10)).await.len(), sent, "each new row sent once");
+    db.assert_unsent_rows_followed().await;
 }
 
 #[tokio::test]
@@ -146,6 +147,7 @@ async fn a_row_that_breaks_a_constraint_does_not_fail_its_group() {
         3 + openers,
         "the openers and three neighbours"
     );
+    db.assert_unsent_rows_followed().await;
 }
 
 #[tokio::test]
@@ -180,6 +182,7 @@ async fn a_group_hit_by_a_database_outage_answers_503_to_every_request() {
     assert_eq!(db.scalar_i64("SELECT count(*) FROM transactions WHERE wallet_address = 'w'").await, 1);
     proxy.set_up(true);
     assert_eq!(app.post_new(&body(unique(), "w")).await.0, StatusCode::CREATED, "recovers");
+    db.assert_unsent_rows_followed().await;
 }
 
 #[tokio::test]
@@ -206,4 +209,5 @@ async fn on_a_fifo_queue_a_wallets_second_row_in_a_group_waits_behind_its_first(
         .collect();
     assert_eq!(wallet_a, [format!("idem-{a1}"), format!("idem-{a2}")], "wallet A keeps its order");
     running.stop().await;
+    db.assert_unsent_rows_followed().await;
 }

@@ -162,7 +162,7 @@ async fn the_row_is_committed_before_the_message_is_sent() {
     let sqs = txrelay::queue::sqs::SqsQueue::new(&builder.settings().sqs_settings()).await.unwrap();
     let checking = Arc::new(CommitCheckingQueue {
         inner: Arc::new(sqs),
-        db: TestDb { url: db.url.clone(), schema: db.schema.clone(), store: db.store.clone() },
+        db: TestDb { url: db.url.clone(), schema: db.schema.clone(), store: db.store.clone(), psql: db.psql.clone() },
         seen_committed: Default::default(),
     });
     let relay = Arc::new(Relay::new(

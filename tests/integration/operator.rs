@@ -409,13 +409,16 @@ async fn an_invalid_edit_keeps_ready_false_without_flapping_and_does_not_advance
     let handle = op.relays.resolve(None).expect("the old relay still serves");
     let written = op.api.status_patches().len();
     // A row backing off changes the backlog, which the follower reports.
-    let waiting = insert_created(&db, &new_tx(unique(), "w")).await;
-    db.execute(&format!(
-        "UPDATE transactions SET next_attempt_at = now() + interval '1 hour' WHERE id = {}",
-        waiting.id
-    ))
+    // Written backing off from the start, so the relay never sends it.
+    db.execute(
+        "INSERT INTO transactions (reference, external_reference, idempotency_key, transaction_type, status, \
+         source, instruction_type, incoming_currency, outgoing_currency, value, fee, wallet_address, payload, \
+         next_attempt_at) VALUES ('waiting', 'e-waiting', 'k-waiting', 'DEPOSIT', 'P', 'S', 'T', 'EUR', 'EUR', 1, \
+         0, 'w', '{}', now() + interval '1 hour')",
+    )
     .await;
-    handle.relay.refresh_gauges().await.expect("the backlog is read");
+    let gauges = handle.relay.refresh_gauges().await.expect("the backlog is read");
+    assert_eq!(gauges.unsent, 1);
     wait_until(Duration::from_secs(30), "the follower writes a status", || async {
         op.api.status_patches().len() > written
     })

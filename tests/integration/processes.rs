@@ -68,6 +68,7 @@ async fn two_replicas_drain_one_backlog_sending_every_row_exactly_once() {
     assert!(queue.receive(1, Duration::from_secs(2)).await.is_empty(), "nothing more arrives");
     let (first_logs, second_logs) = (first.logs(), second.logs());
     assert!(first_logs.contains("sweep") && second_logs.contains("sweep"), "both replicas swept");
+    db.assert_unsent_rows_followed().await;
 }
 
 #[tokio::test]
@@ -111,6 +112,7 @@ async fn rows_claimed_by_a_killed_replica_are_delivered_after_the_lease() {
     let duplicates = sends.len() - keys.len();
     let bound = spec(&db.schema).concurrency as usize * 10;
     assert!(duplicates <= bound, "duplicates bounded by concurrency × 10 = {bound}: {duplicates}");
+    db.assert_unsent_rows_followed().await;
 }
 
 #[tokio::test]
@@ -135,6 +137,7 @@ async fn sigterm_finishes_in_flight_sends_records_them_and_exits_zero() {
     let delivered = queue.drain().await.len() as i64;
     assert_eq!(delivered, sent(&db).await, "every message that went out is recorded");
     assert!(delivered < 400, "it stopped mid-drain");
+    db.assert_unsent_rows_followed().await;
 }
 
 #[tokio::test]

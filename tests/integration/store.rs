@@ -147,8 +147,12 @@ async fn migrations_go_up_down_and_up_again() {
         db.scalar_i64("SELECT count(*) FROM information_schema.columns WHERE table_schema = current_schema() AND column_name = 'claim_token'").await
     };
     assert_eq!(column().await, 1);
-    let reverted = db.store.revert_last_migration().await.unwrap();
-    assert!(reverted.is_some());
+    let unsent_table =
+        || async { db.scalar_i64("SELECT (to_regclass('unsent_transactions') IS NOT NULL)::int::int8").await };
+    assert_eq!(unsent_table().await, 1);
+    assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261201000002));
+    assert_eq!((table().await, column().await, unsent_table().await), (1, 1, 0), "unsent_transactions goes first");
+    assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261201000001));
     assert_eq!((table().await, column().await), (1, 0), "the claim token goes, the table stays");
     while db.store.revert_last_migration().await.unwrap().is_some() {}
     assert_eq!(table().await, 0);
@@ -287,4 +291,150 @@ async fn retention_deletes_only_old_sent_rows() {
     let remaining: Vec<i64> =
         sqlx::query_scalar("SELECT id FROM transactions ORDER BY id").fetch_all(db.store.pool()).await.unwrap();
     assert_eq!(remaining, [old_unsent.id, old_dead.id, new_sent.id]);
+}
+
+/// Rows in every state, written as the schema before `unsent_transactions`
+/// had them: sent, unsent and due, unsent and backing off, claimed by a
+/// process (lease running), claimed with its lease run out, dead-lettered.
+const ROWS_IN_EVERY_STATE: &str = "INSERT INTO transactions (reference, external_reference, idempotency_key, \
+     transaction_type, status, source, instruction_type, incoming_currency, outgoing_currency, value, fee, \
+     wallet_address, payload, message_id, queue_sent_at, attempts, last_error, next_attempt_at, claimed_until, \
+     claim_token, failed_at, created_at) VALUES \
+     ('sent', 'e-sent', 'k-sent', 'DEPOSIT', 'P', 'S', 'T', 'EUR', 'EUR', 1, 0, 'w1', '{}', 'm-1', now(), 1, NULL, \
+      now(), NULL, NULL, NULL, now() - interval '5 minutes'), \
+     ('due', 'e-due', 'k-due', 'DEPOSIT', 'P', 'S', 'T', 'EUR', 'EUR', 2, 0, 'w1', '{}', NULL, NULL, 0, NULL, \
+      now() - interval '1 second', NULL, NULL, NULL, now() - interval '4 minutes'), \
+     ('backoff', 'e-backoff', 'k-backoff', 'DEPOSIT', 'P', 'S', 'T', 'EUR', 'EUR', 3, 0, 'w2', '{}', NULL, NULL, 2, \
+      'throttled', now() + interval '2 hours', NULL, NULL, NULL, now() - interval '3 minutes'), \
+     ('claimed', 'e-claimed', 'k-claimed', 'DEPOSIT', 'P', 'S', 'T', 'EUR', 'EUR', 4, 0, 'w3', '{}', NULL, NULL, 0, \
+      NULL, now() - interval '1 second', now() + interval '1 hour', 77, NULL, now() - interval '2 minutes'), \
+     ('lapsed', 'e-lapsed', 'k-lapsed', 'DEPOSIT', 'P', 'S', 'T', 'EUR', 'EUR', 5, 0, 'w4', '{}', NULL, NULL, 1, \
+      NULL, now() - interval '1 minute', now() - interval '10 seconds', 78, NULL, now() - interval '90 seconds'), \
+     ('dead', 'e-dead', 'k-dead', 'DEPOSIT', 'P', 'S', 'T', 'EUR', 'EUR', 6, 0, 'w5', '{}', NULL, NULL, 5, 'refused', \
+      now(), NULL, NULL, now(), now() - interval '1 minute')";
+
+/// Every column of every row, as one text.
+const WHOLE_TABLE: &str = "SELECT string_agg(row_to_json(t)::text, E'\\n' ORDER BY id) FROM transactions t";
+
+/// Whether recording a message id on row `reference` is a HOT update: tried
+/// in a transaction that is rolled back, through a plain session.
+async fn recording_a_message_id_is_hot(db: &TestDb, reference: &str) -> bool {
+    let hot_updates = "SELECT pg_stat_get_xact_tuples_hot_updated('transactions'::regclass)";
+    let mut tx = db.psql.begin().await.unwrap();
+    // The count is the session's since its statistics were last reported,
+    // so it is read before and after.
+    let before: i64 = sqlx::query_scalar(hot_updates).fetch_one(&mut *tx).await.unwrap();
+    sqlx::query(
+        "UPDATE transactions SET message_id = 'm-hot', queue_sent_at = now(), attempts = attempts + 1, \
+         claimed_until = NULL, claim_token = NULL WHERE reference = $1",
+    )
+    .bind(reference)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    let after: i64 = sqlx::query_scalar(hot_updates).fetch_one(&mut *tx).await.unwrap();
+    tx.rollback().await.unwrap();
+    after - before == 1
+}
+
+#[tokio::test]
+async fn unsent_transactions_migrate_up_and_down_keeping_every_row_and_its_state() {
+    let db = TestDb::new().await;
+    assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261201000002));
+    db.execute(ROWS_IN_EVERY_STATE).await;
+    let before: String = sqlx::query_scalar(WHOLE_TABLE).fetch_one(&db.psql).await.unwrap();
+    assert!(!recording_a_message_id_is_hot(&db, "due").await, "before: the partial indexes forbid a HOT update");
+
+    db.store.migrate().await.unwrap();
+    let after: String = sqlx::query_scalar(WHOLE_TABLE).fetch_one(&db.psql).await.unwrap();
+    assert_eq!(after, before, "transactions keeps every column of every row");
+    let unsent: Vec<String> = sqlx::query_scalar(
+        "SELECT t.reference FROM unsent_transactions u JOIN transactions t USING (id) ORDER BY u.due_at, u.id",
+    )
+    .fetch_all(&db.psql)
+    .await
+    .unwrap();
+    assert_eq!(unsent, ["lapsed", "due", "claimed", "backoff"], "the unsent rows, in claim order");
+    db.assert_unsent_rows_followed().await;
+    assert!(recording_a_message_id_is_hot(&db, "due").await, "after: recording a message id is a HOT update");
+
+    // The relay claims only what was claimable before: the due row and the
+    // row whose lease ran out, never the held one nor the one backing off.
+    let claim = db.store.claim(ClaimMode::Due, 10, Duration::from_secs(30), false).await.unwrap();
+    let claimed: Vec<&str> = claim.rows.iter().map(|row| row.reference.as_str()).collect();
+    assert_eq!(claimed, ["due", "lapsed"]);
+    db.assert_unsent_rows_followed().await;
+    let released = db.store.release(&claim.rows.iter().map(|row| claim.row_ref(row.id)).collect::<Vec<_>>()).await;
+    assert_eq!(released.unwrap(), 2);
+    db.assert_unsent_rows_followed().await;
+    let after_release: String = sqlx::query_scalar(
+        "SELECT string_agg(row_to_json(t)::text, E'\\n' ORDER BY id) FROM (SELECT id, reference, message_id, attempts, \
+         last_error, next_attempt_at, claimed_until, claim_token, failed_at FROM transactions ORDER BY id) t",
+    )
+    .fetch_one(&db.psql)
+    .await
+    .unwrap();
+
+    assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261201000002));
+    let reverted: String = sqlx::query_scalar(
+        "SELECT string_agg(row_to_json(t)::text, E'\\n' ORDER BY id) FROM (SELECT id, reference, message_id, attempts, \
+         last_error, next_attempt_at, claimed_until, claim_token, failed_at FROM transactions ORDER BY id) t",
+    )
+    .fetch_one(&db.psql)
+    .await
+    .unwrap();
+    assert_eq!(reverted, after_release, "going down keeps every row and its delivery state");
+    let partial_indexes = db
+        .scalar_i64(
+            "SELECT count(*) FROM pg_indexes WHERE schemaname = current_schema() AND indexname IN \
+             ('transactions_unsent_due_idx', 'transactions_unsent_wallet_idx', 'transactions_sent_idx')",
+        )
+        .await;
+    assert_eq!(partial_indexes, 3, "the indexes the earlier schema claims with are back");
+    assert!(!recording_a_message_id_is_hot(&db, "due").await);
+    // The earlier relay's claim finds the same rows in the reverted table.
+    let due = db
+        .scalar_i64(
+            "SELECT count(*) FROM transactions WHERE message_id IS NULL AND failed_at IS NULL \
+             AND next_attempt_at <= now() AND (claimed_until IS NULL OR claimed_until <= now())",
+        )
+        .await;
+    assert_eq!(due, 2);
+
+    db.store.migrate().await.unwrap();
+    db.assert_unsent_rows_followed().await;
+}
+
+#[tokio::test]
+async fn other_writers_keep_unsent_transactions_in_step_through_the_triggers() {
+    let db = TestDb::new().await;
+    db.execute(ROWS_IN_EVERY_STATE).await;
+    db.assert_unsent_rows_followed().await;
+    let updated = "SELECT (extract(epoch FROM updated_at) * 1000000)::int8 FROM transactions WHERE reference = 'dead'";
+    let dead_updated_at = db.scalar_i64(updated).await;
+    // As the old retry tool and a hand in psql would: mark sent, dead-letter,
+    // revive, back off, delete, change an id.
+    for sql in [
+        "UPDATE transactions SET message_id = 'by-hand', queue_sent_at = now() WHERE reference = 'due'",
+        "UPDATE transactions SET failed_at = now() WHERE reference = 'backoff'",
+        "UPDATE transactions SET failed_at = NULL, next_attempt_at = now() WHERE reference = 'dead'",
+        "UPDATE transactions SET next_attempt_at = now() + interval '1 day' WHERE reference = 'lapsed'",
+        "DELETE FROM transactions WHERE reference = 'claimed'",
+        "UPDATE transactions SET id = id + 1000 WHERE reference = 'lapsed'",
+    ] {
+        db.execute(sql).await;
+        db.assert_unsent_rows_followed().await;
+    }
+    let unsent: Vec<String> = sqlx::query_scalar(
+        "SELECT t.reference FROM unsent_transactions u JOIN transactions t USING (id) ORDER BY t.reference",
+    )
+    .fetch_all(&db.psql)
+    .await
+    .unwrap();
+    assert_eq!(unsent, ["dead", "lapsed"]);
+    let claim = db.store.claim(ClaimMode::Due, 10, Duration::from_secs(30), false).await.unwrap();
+    assert_eq!(claim.rows.iter().map(|row| row.reference.as_str()).collect::<Vec<_>>(), ["dead"]);
+    assert!(db.scalar_i64(updated).await > dead_updated_at, "updated_at still moves for every writer");
+    db.execute("TRUNCATE transactions").await;
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM unsent_transactions").await, 0);
 }

@@ -16,6 +16,11 @@
 -- step by the triggers below. The relay marks its own connections with the
 -- setting `txrelay.relay_writes = on` so the triggers skip its statements.
 
+-- Writers wait until the copy below and the triggers are in place: a row
+-- written by a relay still on the earlier schema between the copy and the
+-- triggers would otherwise be missing here, or listed after it was sent.
+LOCK TABLE transactions IN SHARE ROW EXCLUSIVE MODE;
+
 CREATE TABLE unsent_transactions (
     id             bigint       PRIMARY KEY,
     wallet_address varchar(255) NOT NULL,

@@ -8,7 +8,8 @@ async fn main() -> ExitCode {
     // Every TLS client (PostgreSQL, SQS, Kubernetes) shares this provider;
     // rustls refuses to guess when more than one is compiled in.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let cli = Cli::parse();
+    // Installed as `kubectl-txr`, the same binary is a kubectl plugin.
+    let cli = Cli::parse_from(cli::plugin_args(std::env::args_os().collect()));
     txrelay::telemetry::init(cli.global.log_format);
     match cli::run(cli).await {
         Ok(()) => ExitCode::SUCCESS,

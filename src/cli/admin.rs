@@ -10,6 +10,7 @@ use crate::config::{self, ProcessEnv};
 use crate::metrics::Metrics;
 use crate::relay::Relay;
 use crate::relay::RetryAllReport;
+use crate::settings::RelaySettings;
 use crate::store::{ListFilter, Store, StoreOptions};
 use crate::transaction::Transaction;
 
@@ -58,15 +59,39 @@ pub struct RetryAllArgs {
 }
 
 async fn store(global: &Global) -> Result<Store, CliError> {
-    let manifest = global.manifest()?;
-    let mut options = StoreOptions::new(config::database_url(&ProcessEnv)?, manifest.spec.database.schema);
+    let mut options = match &global.relay {
+        Some(_) => settings(global, 2).await?.store_options(),
+        None => {
+            let manifest = global.manifest()?;
+            StoreOptions::new(config::database_url(&ProcessEnv)?, manifest.spec.database.schema)
+        }
+    };
     options.max_connections = 2;
     Ok(Store::connect(&options).await?)
 }
 
+/// A relay's settings: with `--relay`, from its TransactionRelay and Secrets
+/// in the cluster; otherwise from the manifest and the environment.
+async fn settings(global: &Global, pool_size: u32) -> Result<RelaySettings, CliError> {
+    let mut settings = match &global.relay {
+        Some(relay) => super::cluster::settings(relay, global.context.as_deref(), pool_size).await?,
+        None => return Ok(config::relay_settings(&global.manifest()?, &ProcessEnv, pool_size)?),
+    };
+    if let Some(schema) = &global.schema {
+        if !crate::spec::is_schema_name(schema) {
+            return Err(config::ConfigError::new(
+                "--schema",
+                format!("must match {}", crate::spec::SCHEMA_NAME_PATTERN),
+            )
+            .into());
+        }
+        settings.spec.database.schema = schema.clone();
+    }
+    Ok(settings)
+}
+
 async fn relay(global: &Global) -> Result<Arc<Relay>, CliError> {
-    let manifest = global.manifest()?;
-    let settings = config::relay_settings(&manifest, &ProcessEnv, 4)?;
+    let settings = settings(global, 4).await?;
     let handle = settings.build(&Metrics::new()).await?;
     handle.relay.store().ping().await?;
     Ok(handle.relay)

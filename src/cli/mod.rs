@@ -2,9 +2,11 @@
 //! administrative commands the old retry tool had.
 
 mod admin;
+mod cluster;
 mod operator;
 mod serve;
 
+pub use cluster::{RelayName, plugin_args};
 pub use serve::shutdown_signal;
 
 use std::net::SocketAddr;
@@ -29,8 +31,16 @@ pub struct Cli {
 #[derive(Debug, Args)]
 pub struct Global {
     /// TransactionRelay manifest (retry interval, batch size, schema...).
-    #[arg(long, global = true, env = "TXRELAY_CONFIG")]
+    #[arg(long, global = true, env = "TXRELAY_CONFIG", conflicts_with = "relay")]
     pub config: Option<PathBuf>,
+    /// A relay in the cluster (NAMESPACE/NAME): its TransactionRelay and
+    /// Secrets are read through the Kubernetes API instead of a manifest
+    /// and environment variables.
+    #[arg(long, global = true, env = "TXRELAY_RELAY", value_name = "NAMESPACE/NAME")]
+    pub relay: Option<RelayName>,
+    /// kubeconfig context for --relay and get (default: the current one).
+    #[arg(long, global = true)]
+    pub context: Option<String>,
     /// PostgreSQL schema, overriding the manifest's spec.database.schema.
     #[arg(long, global = true, env = "TXRELAY_SCHEMA")]
     pub schema: Option<String>,
@@ -59,6 +69,8 @@ pub enum Command {
     RetryAll(admin::RetryAllArgs),
     /// Print the TransactionRelay CustomResourceDefinition.
     Crd,
+    /// List the cluster's TransactionRelays with their state and last error.
+    Get(cluster::GetArgs),
 }
 
 #[derive(Debug, Args)]
@@ -181,6 +193,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Stats(args) => admin::stats(&cli.global, args).await,
         Command::Retry(args) => admin::retry(&cli.global, args).await,
         Command::RetryAll(args) => admin::retry_all(&cli.global, args).await,
+        Command::Get(args) => cluster::get(cli.global.context.as_deref(), args).await,
         Command::Crd => {
             print!("{}", crate::operator::crd_yaml().map_err(CliError::failed)?);
             Ok(())

@@ -24,6 +24,7 @@ use tracing::info;
 pub use crate::lifecycle::{Change, Companion, Supervisor};
 pub use leader::LeaderElector;
 pub use reconcile::{Context, Error, error_policy, reconcile};
+pub use secrets::resolve;
 pub use status::{DATABASE_REACHABLE, QUEUE_REACHABLE, READY, StatusWriter};
 
 use crate::directory::Relays;

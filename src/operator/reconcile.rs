@@ -38,6 +38,10 @@ pub enum Error {
     DatabaseUnreachable(String),
     #[error("invalid queue settings: {0}")]
     InvalidQueue(String),
+    #[error("cannot get {resource} in namespace {namespace}: forbidden")]
+    Forbidden { resource: &'static str, namespace: String },
+    #[error("TransactionRelay {0} not found")]
+    RelayNotFound(String),
     #[error("Kubernetes API error: {0}")]
     Kube(#[source] kube::Error),
     #[error("the operator is stopping")]
@@ -55,6 +59,8 @@ impl Error {
             Self::IngestTokensMissing => "IngestTokensMissing",
             Self::DatabaseUnreachable(_) => "DatabaseUnreachable",
             Self::InvalidQueue(_) => "InvalidQueue",
+            Self::Forbidden { .. } => "Forbidden",
+            Self::RelayNotFound(_) => "RelayNotFound",
             Self::Kube(_) => "KubernetesApiError",
             Self::Stopping => "OperatorStopping",
         }
@@ -63,6 +69,18 @@ impl Error {
     /// A bounded metric label: the variant, never the message.
     pub fn metric_label(&self) -> &'static str {
         self.reason()
+    }
+}
+
+impl Error {
+    /// A failed read of `resource` in `namespace`, with RBAC's refusal named.
+    pub fn reading(resource: &'static str, namespace: &str, error: kube::Error) -> Self {
+        match &error {
+            kube::Error::Api(status) if status.code == 403 => {
+                Self::Forbidden { resource, namespace: namespace.to_owned() }
+            }
+            _ => Self::Kube(error),
+        }
     }
 }
 
@@ -120,7 +138,7 @@ impl Context {
         let ingest = reader.tokens(spec.ingest.as_ref().map(|i| &i.token_secret_ref)).await;
         let admin = reader.tokens(spec.admin.as_ref().map(|a| &a.token_secret_ref)).await;
         let read = |tokens: &Result<TokenSet, Error>| match tokens {
-            Err(Error::Kube(_)) => None,
+            Err(Error::Kube(_) | Error::Forbidden { .. }) => None,
             other => Some(other.as_ref().ok().cloned().unwrap_or_default()),
         };
         self.supervisor.set_tokens(&id, read(&ingest), read(&admin)).await;

@@ -15,16 +15,21 @@ use crate::spec::{SecretKeyRef, TransactionRelay};
 
 pub struct SecretReader {
     api: Api<KubeSecret>,
+    namespace: String,
 }
 
 impl SecretReader {
     pub fn new(client: Client, namespace: &str) -> Self {
-        Self { api: Api::namespaced(client, namespace) }
+        Self { api: Api::namespaced(client, namespace), namespace: namespace.to_owned() }
     }
 
     async fn data(&self, name: &str) -> Result<BTreeMap<String, String>, Error> {
-        let secret =
-            self.api.get_opt(name).await.map_err(Error::Kube)?.ok_or_else(|| Error::SecretNotFound(name.into()))?;
+        let secret = self
+            .api
+            .get_opt(name)
+            .await
+            .map_err(|error| Error::reading("secrets", &self.namespace, error))?
+            .ok_or_else(|| Error::SecretNotFound(name.into()))?;
         let mut data: BTreeMap<String, String> = secret.string_data.unwrap_or_default();
         for (key, value) in secret.data.unwrap_or_default() {
             let text = String::from_utf8(value.0).map_err(|_| Error::SecretKeyInvalid(name.into(), key.clone()))?;
@@ -110,4 +115,18 @@ pub fn fingerprint(settings: &RelaySettings) -> u64 {
     q.secret_access_key.as_ref().map(Secret::expose).hash(&mut hasher);
     q.ledger_token.as_ref().map(Secret::expose).hash(&mut hasher);
     hasher.finish()
+}
+
+/// A relay as the cluster runs it, for the administrative commands
+/// (`--relay NAMESPACE/NAME`): its resource and every Secret it references,
+/// read through the API server with the caller's own permissions. No
+/// tokens: the commands serve no HTTP.
+pub async fn resolve(client: Client, namespace: &str, name: &str, pool_size: u32) -> Result<RelaySettings, Error> {
+    let relays: Api<TransactionRelay> = Api::namespaced(client.clone(), namespace);
+    let relay = relays
+        .get_opt(name)
+        .await
+        .map_err(|error| Error::reading("transactionrelays", namespace, error))?
+        .ok_or_else(|| Error::RelayNotFound(format!("{namespace}/{name}")))?;
+    SecretReader::new(client, namespace).settings(&relay, pool_size, TokenSet::default(), TokenSet::default()).await
 }

@@ -112,14 +112,15 @@ macro_rules! claim_sql {
             // a writer that locks in the other order. The ids as arrays keep
             // the plan an index lookup whatever the planner guesses for LIMIT
             // (a join here turns generic plans into a sequential scan).
-            "WITH changed AS (UPDATE transactions SET claimed_until = now() + $2 * interval '1 millisecond', \
-             claim_token = $3, updated_at = clock_timestamp() \
-             WHERE id = ANY (ARRAY(SELECT t.id FROM transactions t WHERE t.id = ANY (ARRAY(\
-             SELECT u.id FROM unsent_transactions u WHERE ",
+            "WITH candidates AS MATERIALIZED (SELECT u.id FROM unsent_transactions u WHERE ",
             $unsent_filter,
             " ORDER BY ",
             $order,
-            " LIMIT $1 FOR UPDATE SKIP LOCKED)) AND ",
+            " LIMIT $1 FOR UPDATE SKIP LOCKED), \
+             changed AS (UPDATE transactions SET claimed_until = now() + $2 * interval '1 millisecond', \
+             claim_token = $3, updated_at = clock_timestamp() \
+             WHERE id = ANY (ARRAY(SELECT t.id FROM transactions t \
+             WHERE t.id = ANY (ARRAY(SELECT id FROM candidates)) AND ",
             unsent!("t"),
             " AND ",
             $filter,
@@ -127,6 +128,14 @@ macro_rules! claim_sql {
              RETURNING id, reference, idempotency_key, wallet_address, source, attempts, payload::text AS payload, ",
             follow_columns!(),
             "), ",
+            // A listed row whose transaction is gone or no longer unsent (a
+            // writer that raced the listing) would hold its place, its
+            // wallet's FIFO turn and the backlog gauge forever: the claim
+            // that meets it takes it out.
+            "strays AS (DELETE FROM unsent_transactions stray USING candidates \
+             WHERE stray.id = candidates.id AND NOT EXISTS (SELECT 1 FROM transactions t WHERE t.id = stray.id AND ",
+            unsent!("t"),
+            ")), ",
             follow!(),
             " SELECT * FROM changed"
         )
@@ -404,7 +413,11 @@ impl Store {
             .await?
             .run(|c| {
                 sqlx::query(concat!(
-                    "DELETE FROM transactions WHERE id IN (SELECT id FROM transactions WHERE ",
+                    // The outer predicate is checked again on a row changed
+                    // meanwhile: a row un-sent by hand is never deleted.
+                    "DELETE FROM transactions WHERE ",
+                    sent!("transactions"),
+                    " AND id IN (SELECT id FROM transactions WHERE ",
                     sent!("transactions"),
                     " AND queue_sent_at < now() - $1 * interval '1 millisecond' \
                      AND created_at < now() - $1 * interval '1 millisecond' ORDER BY created_at LIMIT $2)",
@@ -491,12 +504,13 @@ mod sql_tests {
     /// shows here, in review.
     #[test]
     fn claims_and_counts_are_the_sql_reviewed() {
-        let follow = "transactions.wallet_address AS follow_wallet, transactions.created_at AS follow_created_at, \
+        let follow_columns = "transactions.wallet_address AS follow_wallet, \
+                      transactions.created_at AS follow_created_at, \
                       transactions.claimed_until AS follow_claimed_until, \
                       transactions.message_id IS NULL AND transactions.failed_at IS NULL AS follow_unsent, \
                       greatest(transactions.next_attempt_at, coalesce(transactions.claimed_until, \
-                      transactions.next_attempt_at)) AS follow_due_at), \
-                      still_unsent AS (INSERT INTO unsent_transactions (id, wallet_address, created_at, claimed_until, \
+                      transactions.next_attempt_at)) AS follow_due_at";
+        let follow = "still_unsent AS (INSERT INTO unsent_transactions (id, wallet_address, created_at, claimed_until, \
                       due_at) SELECT id, follow_wallet, follow_created_at, follow_claimed_until, follow_due_at \
                       FROM changed WHERE follow_unsent ON CONFLICT (id) DO UPDATE SET claimed_until = \
                       EXCLUDED.claimed_until, due_at = EXCLUDED.due_at), \
@@ -504,14 +518,16 @@ mod sql_tests {
                       WHERE gone.id = changed.id AND NOT changed.follow_unsent)";
         let claim = |unsent_filter: &str, order: &str, filter: &str| {
             format!(
-                "WITH changed AS (UPDATE transactions SET claimed_until = now() + $2 * interval '1 millisecond', \
+                "WITH candidates AS MATERIALIZED (SELECT u.id FROM unsent_transactions u WHERE {unsent_filter} \
+                 ORDER BY {order} LIMIT $1 FOR UPDATE SKIP LOCKED), \
+                 changed AS (UPDATE transactions SET claimed_until = now() + $2 * interval '1 millisecond', \
                  claim_token = $3, updated_at = clock_timestamp() \
-                 WHERE id = ANY (ARRAY(SELECT t.id FROM transactions t WHERE t.id = ANY (ARRAY(\
-                 SELECT u.id FROM unsent_transactions u WHERE {unsent_filter} ORDER BY {order} \
-                 LIMIT $1 FOR UPDATE SKIP LOCKED)) AND t.message_id IS NULL AND t.failed_at IS NULL AND {filter} \
-                 FOR UPDATE SKIP LOCKED)) \
+                 WHERE id = ANY (ARRAY(SELECT t.id FROM transactions t WHERE t.id = ANY (ARRAY(SELECT id FROM candidates)) \
+                 AND t.message_id IS NULL AND t.failed_at IS NULL AND {filter} FOR UPDATE SKIP LOCKED)) \
                  RETURNING id, reference, idempotency_key, wallet_address, source, attempts, payload::text AS payload, \
-                 {follow} SELECT * FROM changed"
+                 {follow_columns}), strays AS (DELETE FROM unsent_transactions stray USING candidates \
+                 WHERE stray.id = candidates.id AND NOT EXISTS (SELECT 1 FROM transactions t WHERE t.id = stray.id \
+                 AND t.message_id IS NULL AND t.failed_at IS NULL)), {follow} SELECT * FROM changed"
             )
         };
         let not_held = |t: &str| format!("({t}.claimed_until IS NULL OR {t}.claimed_until <= now())");
@@ -535,7 +551,8 @@ mod sql_tests {
                 "WITH changed AS (UPDATE transactions SET claimed_until = NULL, claim_token = NULL, \
                  updated_at = clock_timestamp() FROM unnest($1::bigint[], $2::bigint[]) AS r(row_id, row_token) \
                  WHERE transactions.id = r.row_id AND transactions.claim_token IS NOT DISTINCT FROM r.row_token \
-                 AND transactions.message_id IS NULL RETURNING transactions.id, {follow} SELECT count(*) FROM changed"
+                 AND transactions.message_id IS NULL RETURNING transactions.id, {follow_columns}), {follow} \
+                 SELECT count(*) FROM changed"
             )
         );
         assert_eq!(

@@ -19,7 +19,7 @@ use crate::common::kube_api::FakeApiServer;
 use crate::common::sqs::{ACCESS_KEY, REGION, SECRET_KEY};
 use crate::common::*;
 
-const NAMESPACE: &str = "payments";
+pub(crate) const NAMESPACE: &str = "payments";
 
 struct Operator {
     api: FakeApiServer,
@@ -46,7 +46,7 @@ fn operator(leading: bool) -> Operator {
     Operator { api, ctx, relays, metrics }
 }
 
-fn resource(db: &TestDb, name: &str, generation: i64) -> TransactionRelay {
+pub(crate) fn resource(db: &TestDb, name: &str, generation: i64) -> TransactionRelay {
     let mut spec = spec(&db.schema);
     spec.database.secret_ref = SecretKeyRef { name: "dapp-db".into(), key: None };
     spec.queue.secret_ref.name = "dapp-sqs".into();
@@ -70,7 +70,7 @@ async fn with_relay(db: &TestDb, queue: &TestQueue, name: &str) -> (Operator, Tr
     (op, relay)
 }
 
-fn put_secrets(api: &FakeApiServer, db: &TestDb, queue: &TestQueue) {
+pub(crate) fn put_secrets(api: &FakeApiServer, db: &TestDb, queue: &TestQueue) {
     api.put_secret(NAMESPACE, "dapp-db", &[("url", &db.url)]);
     put_queue_secret(api, queue, &queue.endpoint, Some("ledger-secret-token"));
     api.put_secret(NAMESPACE, "dapp-tokens", &[("ingest", INGEST_TOKEN)]);

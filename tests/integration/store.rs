@@ -438,3 +438,57 @@ async fn other_writers_keep_unsent_transactions_in_step_through_the_triggers() {
     db.execute("TRUNCATE transactions").await;
     assert_eq!(db.scalar_i64("SELECT count(*) FROM unsent_transactions").await, 0);
 }
+
+#[tokio::test]
+async fn relay_connections_skip_the_triggers_and_a_claim_takes_out_a_listed_row_that_lost_its_match() {
+    let db = TestDb::new().await;
+    let first = insert_created(&db, &new_tx(unique(), "w1")).await;
+    let second = insert_created(&db, &new_tx(unique(), "w1")).await;
+    // A relay connection (txrelay.relay_writes = on): the triggers stay out
+    // of the way, so a bare UPDATE there leaves the listing as it was.
+    sqlx::query("UPDATE transactions SET message_id = 'raced' WHERE id = $1")
+        .bind(first.id)
+        .execute(db.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(db.scalar_i64(&format!("SELECT count(*) FROM unsent_transactions WHERE id = {}", first.id)).await, 1);
+    assert_eq!(db.store.gauges().await.unwrap().unsent, 2, "the stray still counts, until a claim meets it");
+
+    // On a FIFO queue the stray would hold its wallet's turn forever; the
+    // claim that meets it takes it out, and the next claim takes the row
+    // behind it.
+    let lease = Duration::from_secs(30);
+    let claim = db.store.claim(ClaimMode::Due, 1, lease, true).await.unwrap();
+    assert!(claim.rows.is_empty(), "the stray is not claimed: {:?}", claim.rows);
+    db.assert_unsent_rows_followed().await;
+    let claim = db.store.claim(ClaimMode::Due, 1, lease, true).await.unwrap();
+    assert_eq!(claim.rows.iter().map(|row| row.id).collect::<Vec<_>>(), [second.id]);
+    assert_eq!(db.store.gauges().await.unwrap().unsent, 1);
+}
+
+#[tokio::test]
+async fn a_row_written_while_the_migration_runs_is_listed() {
+    let db = TestDb::new().await;
+    assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261201000002));
+    // A relay still on the earlier schema, mid-transaction.
+    let mut writer = db.psql.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO transactions (reference, external_reference, idempotency_key, transaction_type, status, \
+         source, instruction_type, incoming_currency, outgoing_currency, value, fee, wallet_address, payload) \
+         VALUES ('during', 'e-during', 'k-during', 'DEPOSIT', 'P', 'S', 'T', 'EUR', 'EUR', 1, 0, 'w', '{}')",
+    )
+    .execute(&mut *writer)
+    .await
+    .unwrap();
+    let store = db.store.clone();
+    let migration = tokio::spawn(async move { store.migrate().await });
+    wait_until(Duration::from_secs(10), "the migration waits for the writer", || async {
+        db.scalar_i64("SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'transactions'::regclass").await
+            > 0
+    })
+    .await;
+    writer.commit().await.unwrap();
+    migration.await.unwrap().unwrap();
+    db.assert_unsent_rows_followed().await;
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM unsent_transactions").await, 1);
+}

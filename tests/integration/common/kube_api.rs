@@ -52,6 +52,8 @@ struct State {
     version: u64,
     /// Every request answers 503, as an API server out of reach would.
     down: bool,
+    /// (resource, namespace) pairs RBAC refuses.
+    forbidden: Vec<(String, String)>,
 }
 
 #[derive(Clone)]
@@ -69,37 +71,7 @@ impl FakeApiServer {
             while let Some((request, respond)) = handle.next_request().await {
                 let (parts, body) = request.into_parts();
                 let bytes = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-                let request = Recorded {
-                    method: parts.method.clone(),
-                    path: parts.uri.path().to_owned(),
-                    query: parts.uri.query().unwrap_or_default().to_owned(),
-                    content_type: parts
-                        .headers
-                        .get("content-type")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or_default()
-                        .to_owned(),
-                    body,
-                };
-                let metadata_only = parts
-                    .headers
-                    .get("accept")
-                    .and_then(|v| v.to_str().ok())
-                    .is_some_and(|accept| accept.contains("as=PartialObjectMetadata"));
-                if request.method == Method::GET {
-                    if let Some(response) = list_or_watch(&served, &request, metadata_only) {
-                        respond.send_response(response);
-                        continue;
-                    }
-                }
-                let (status, answer) = answer(&served, request);
-                let response = Response::builder()
-                    .status(status)
-                    .header("content-type", "application/json")
-                    .body(Full::new(Bytes::from(serde_json::to_vec(&answer).unwrap())).boxed_unsync())
-                    .unwrap();
-                respond.send_response(response);
+                respond.send_response(serve(&served, &parts, &bytes));
             }
         });
         Self { client: Client::new(service, "default"), state }
@@ -167,6 +139,64 @@ impl FakeApiServer {
         self.state.lock().unwrap().down = down;
     }
 
+    /// RBAC refuses every request for `resource` (e.g. "secrets") in `namespace`.
+    pub fn forbid(&self, resource: &str, namespace: &str) {
+        self.state.lock().unwrap().forbidden.push((resource.to_owned(), namespace.to_owned()));
+    }
+
+    /// Serves the same state over HTTP, for processes (the CLI) that reach
+    /// the API server through a kubeconfig; returns that kubeconfig's path
+    /// (current context's namespace: `namespace`).
+    pub async fn kubeconfig(&self, dir: &std::path::Path, namespace: &str) -> std::path::PathBuf {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                        let state = state.clone();
+                        async move {
+                            let (parts, body) = request.into_parts();
+                            let bytes = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            Ok::<_, Infallible>(serve(&state, &parts, &bytes))
+                        }
+                    });
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+                });
+            }
+        });
+        let path = dir.join("kubeconfig");
+        let config = format!(
+            r#"apiVersion: v1
+kind: Config
+clusters:
+- name: fake
+  cluster:
+    server: http://{address}
+users:
+- name: sre
+  user: {{}}
+contexts:
+- name: fake
+  context:
+    cluster: fake
+    user: sre
+    namespace: {namespace}
+- name: other
+  context:
+    cluster: fake
+    user: sre
+    namespace: elsewhere
+current-context: fake
+"#
+        );
+        std::fs::write(&path, config).unwrap();
+        path
+    }
+
     pub fn remove_secret(&self, namespace: &str, name: &str) {
         let mut state = self.state.lock().unwrap();
         if let Some(secret) = state.secrets.remove(&format!("{namespace}/{name}")) {
@@ -176,6 +206,53 @@ impl FakeApiServer {
 }
 
 type ResponseBody = UnsyncBoxBody<Bytes, Infallible>;
+
+/// One request, answered from `state` and recorded.
+fn serve(state: &Mutex<State>, parts: &http::request::Parts, bytes: &[u8]) -> Response<ResponseBody> {
+    let body: Value = serde_json::from_slice(bytes).unwrap_or(Value::Null);
+    let request = Recorded {
+        method: parts.method.clone(),
+        path: parts.uri.path().to_owned(),
+        query: parts.uri.query().unwrap_or_default().to_owned(),
+        content_type: parts.headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned(),
+        body,
+    };
+    let metadata_only = parts
+        .headers
+        .get("accept")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains("as=PartialObjectMetadata"));
+    if let Some(refusal) = forbidden(state, &request) {
+        return refusal;
+    }
+    if request.method == Method::GET {
+        if let Some(response) = list_or_watch(state, &request, metadata_only) {
+            return response;
+        }
+    }
+    let (status, answer) = answer(state, request);
+    json_response(status, &answer)
+}
+
+/// A 403 as RBAC gives it, when the test took away access to the request's
+/// resource in its namespace.
+fn forbidden(state: &Mutex<State>, request: &Recorded) -> Option<Response<ResponseBody>> {
+    let segments: Vec<&str> = request.path.trim_matches('/').split('/').collect();
+    let namespace = segments.iter().position(|s| *s == "namespaces").and_then(|i| segments.get(i + 1))?;
+    let resource = segments.iter().position(|s| *s == "namespaces").and_then(|i| segments.get(i + 2))?;
+    let mut state = state.lock().unwrap();
+    if !state.forbidden.contains(&(resource.to_string(), namespace.to_string())) {
+        return None;
+    }
+    state.requests.push(request.clone());
+    let message = format!(
+        "{resource} is forbidden: User \"system:serviceaccount:test:sre\" cannot get resource \"{resource}\" in the namespace \"{namespace}\""
+    );
+    Some(json_response(
+        StatusCode::FORBIDDEN,
+        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message, "reason": "Forbidden", "code": 403}),
+    ))
+}
 
 impl State {
     /// Gives `object` the next resourceVersion, records the change and tells
@@ -293,6 +370,11 @@ fn answer(state: &Mutex<State>, request: Recorded) -> (StatusCode, Value) {
     let (method, path) = (&method, path.as_str());
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (method, segments.as_slice()) {
+        (&Method::GET, ["apis", "relay.mykobo.io", "v1alpha1", "namespaces", ns, "transactionrelays", name]) => state
+            .relays
+            .get(&format!("{ns}/{name}"))
+            .cloned()
+            .map_or_else(|| not_found("transactionrelay"), |r| (StatusCode::OK, r)),
         (&Method::GET, ["api", "v1", "namespaces", ns, "secrets", name]) => state
             .secrets
             .get(&format!("{ns}/{name}"))

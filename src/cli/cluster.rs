@@ -69,8 +69,22 @@ pub async fn client(context: Option<&str>) -> Result<Client, CliError> {
 /// Everything `relay` needs, read from the cluster: as a manifest plus
 /// environment would give it.
 pub async fn settings(relay: &RelayName, context: Option<&str>, pool_size: u32) -> Result<RelaySettings, CliError> {
+    resolve(relay, context, pool_size, false).await
+}
+
+/// As [`settings`], with the ingest and admin tokens too (`doctor`).
+pub async fn settings_with_tokens(relay: &RelayName, context: Option<&str>) -> Result<RelaySettings, CliError> {
+    resolve(relay, context, 1, true).await
+}
+
+async fn resolve(
+    relay: &RelayName,
+    context: Option<&str>,
+    pool_size: u32,
+    with_tokens: bool,
+) -> Result<RelaySettings, CliError> {
     let client = client(context).await?;
-    crate::operator::resolve(client, &relay.namespace, &relay.name, pool_size).await.map_err(|error| {
+    crate::operator::resolve(client, &relay.namespace, &relay.name, pool_size, with_tokens).await.map_err(|error| {
         use crate::operator::Error;
         match error {
             // The API server could not be reached or failed: worth a retry.
@@ -178,7 +192,7 @@ pub fn plugin_args(args: Vec<OsString>) -> Vec<OsString> {
         return args;
     }
     let arg0 = args[0].clone();
-    const TAKE_A_RELAY: [&str; 5] = ["list", "stats", "retry", "retry-all", "migrate"];
+    const TAKE_A_RELAY: [&str; 6] = ["list", "stats", "retry", "retry-all", "migrate", "doctor"];
     // Global flags that take a value, which may come before the command.
     const WITH_VALUE: [&str; 6] = ["--config", "--schema", "--log-format", "--db-pool-size", "--relay", "--context"];
     let mut out = Vec::with_capacity(args.len() + 1);

@@ -3,6 +3,7 @@
 
 mod admin;
 mod cluster;
+mod doctor;
 mod operator;
 mod serve;
 
@@ -71,6 +72,8 @@ pub enum Command {
     Crd,
     /// List the cluster's TransactionRelays with their state and last error.
     Get(cluster::GetArgs),
+    /// Check everything a relay depends on, one line each; exit 1 if any fails.
+    Doctor(doctor::DoctorArgs),
 }
 
 #[derive(Debug, Args)]
@@ -193,6 +196,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Stats(args) => admin::stats(&cli.global, args).await,
         Command::Retry(args) => admin::retry(&cli.global, args).await,
         Command::RetryAll(args) => admin::retry_all(&cli.global, args).await,
+        Command::Doctor(args) => doctor::doctor(&cli.global, args).await,
         Command::Get(args) => cluster::get(cli.global.context.as_deref(), args).await,
         Command::Crd => {
             print!("{}", crate::operator::crd_yaml().map_err(CliError::failed)?);

@@ -120,13 +120,29 @@ pub fn fingerprint(settings: &RelaySettings) -> u64 {
 /// A relay as the cluster runs it, for the administrative commands
 /// (`--relay NAMESPACE/NAME`): its resource and every Secret it references,
 /// read through the API server with the caller's own permissions. No
-/// tokens: the commands serve no HTTP.
-pub async fn resolve(client: Client, namespace: &str, name: &str, pool_size: u32) -> Result<RelaySettings, Error> {
+/// tokens unless asked (`doctor`): the other commands serve no HTTP.
+pub async fn resolve(
+    client: Client,
+    namespace: &str,
+    name: &str,
+    pool_size: u32,
+    with_tokens: bool,
+) -> Result<RelaySettings, Error> {
     let relays: Api<TransactionRelay> = Api::namespaced(client.clone(), namespace);
     let relay = relays
         .get_opt(name)
         .await
         .map_err(|error| Error::reading("transactionrelays", namespace, error))?
         .ok_or_else(|| Error::RelayNotFound(format!("{namespace}/{name}")))?;
-    SecretReader::new(client, namespace).settings(&relay, pool_size, TokenSet::default(), TokenSet::default()).await
+    let reader = SecretReader::new(client, namespace);
+    let (ingest, admin) = if with_tokens {
+        let spec = &relay.spec;
+        (
+            reader.tokens(spec.ingest.as_ref().map(|i| &i.token_secret_ref)).await?,
+            reader.tokens(spec.admin.as_ref().map(|a| &a.token_secret_ref)).await?,
+        )
+    } else {
+        (TokenSet::default(), TokenSet::default())
+    };
+    reader.settings(&relay, pool_size, ingest, admin).await
 }

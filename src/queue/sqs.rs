@@ -109,6 +109,30 @@ impl SqsQueue {
         Ok(attributes)
     }
 
+    /// One test message (`txrelay doctor --send-test`), marked with the
+    /// attribute `txrelay_doctor = true` for consumers to drop.
+    pub async fn send_test(&self) -> SendResult {
+        let marker = MessageAttributeValue::builder()
+            .data_type("String")
+            .string_value("true")
+            .build()
+            .map_err(|e| SendFailure::message(format!("message attribute txrelay_doctor: {e}")))?;
+        let sent_at = chrono::Utc::now();
+        let mut request = self
+            .client
+            .send_message()
+            .queue_url(&self.queue_url)
+            .message_body(format!("{{\"txrelay_doctor\":true,\"sent_at\":\"{}\"}}", sent_at.to_rfc3339()))
+            .message_attributes("txrelay_doctor", marker);
+        if self.fifo {
+            request = request
+                .message_group_id("txrelay-doctor")
+                .message_deduplication_id(format!("txrelay-doctor-{}", sent_at.timestamp_millis()));
+        }
+        let output = request.send().await.map_err(classify)?;
+        output.message_id.ok_or_else(|| SendFailure::transient("SendMessage answered without a message id"))
+    }
+
     async fn send_one(&self, message: &OutboundMessage) -> SendResult {
         let mut request = self
             .client

@@ -398,6 +398,19 @@ impl Store {
         connection.run(|c| sqlx::query("SELECT 1").execute(c)).await.map(|_| ())
     }
 
+    /// Whether this connection to the database is encrypted (`doctor`).
+    pub async fn tls_in_use(&self) -> Result<bool> {
+        let sql = "SELECT coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)";
+        self.on(self.pool()).await?.run(|c| sqlx::query_scalar(sql).fetch_one(c)).await
+    }
+
+    /// Whether the relay's schema exists (`doctor`).
+    pub async fn schema_exists(&self) -> Result<bool> {
+        let sql = "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)";
+        let schema = self.schema.clone();
+        self.on(self.pool()).await?.run(|c| sqlx::query_scalar(sql).bind(schema).fetch_one(c)).await
+    }
+
     /// Tells every relay listening on this schema to look for due rows.
     pub async fn notify_due(&self) -> Result<()> {
         let channel = self.due_channel();

@@ -190,3 +190,99 @@ async fn installed_as_kubectl_txr_the_binary_takes_the_relay_as_an_argument_and_
     assert!(stdout.contains("no TransactionRelays in namespace elsewhere"), "{stdout}");
     let _ = std::fs::remove_dir_all(&cluster.dir);
 }
+
+#[tokio::test]
+async fn doctor_passes_a_healthy_relay_and_names_each_broken_dependency_with_a_fix() {
+    use crate::common::proxy::SqsProxy;
+    use crate::common::sqs::{ACCESS_KEY, REGION};
+    use crate::operator::put_queue_secret;
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let cluster = cluster(&db, &queue).await;
+    let doctor = |extra: &'static [&'static str]| {
+        let cluster = &cluster;
+        async move {
+            let mut args = vec!["doctor", "--relay", "payments/dapp"];
+            args.extend_from_slice(extra);
+            txrelay(cluster, &args).await
+        }
+    };
+
+    let (code, stdout, stderr) = doctor(&["--send-test"]).await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    for line in [
+        "✓ TransactionRelay payments/dapp found and valid",
+        "✓ Secrets dapp-db and dapp-sqs resolve",
+        "✓ database reachable, ", // over TLS or not, as the server and sslmode decide
+        &format!("✓ schema {} exists, every migration applied", db.schema),
+        "✓ queue URL well formed",
+        "✓ queue answers (GetQueueAttributes)",
+        "✓ test message sent, message id ",
+        "✓ ingest tokens set (1)",
+    ] {
+        assert!(stdout.contains(line), "{line:?} in:\n{stdout}");
+    }
+    assert!(!stdout.contains('✗'), "{stdout}");
+    let test_message = queue.receive(1, Duration::from_secs(10)).await.pop().expect("the test message");
+    assert!(test_message.body.as_deref().unwrap_or_default().contains("txrelay_doctor"));
+    assert!(!(stdout + &stderr).contains(SECRET_KEY));
+
+    // A send-only IAM policy: the look is denied, which is no failure.
+    let proxy = SqsProxy::start(&queue.endpoint).await;
+    proxy.faults(|f| f.send_only_policy = true);
+    put_queue_secret(&cluster.api, &queue, &proxy.endpoint, None);
+    let (code, stdout, _) = doctor(&[]).await;
+    assert_eq!(code, 0, "{stdout}");
+    assert!(stdout.contains("! GetQueueAttributes is denied"), "{stdout}");
+    assert!(stdout.contains("SendMessage cannot be checked without sending"), "{stdout}");
+    let (code, stdout, _) = doctor(&["--send-test"]).await;
+    assert_eq!(code, 0, "{stdout}");
+    assert!(stdout.contains("✓ test message sent"), "sending is allowed: {stdout}");
+
+    // A queue that does not exist.
+    let missing = format!("{}/000000000000/no-such-queue", queue.endpoint);
+    cluster.api.put_secret(
+        NAMESPACE,
+        "dapp-sqs",
+        &[
+            ("queueUrl", &missing),
+            ("region", REGION),
+            ("endpointUrl", &queue.endpoint),
+            ("accessKeyId", ACCESS_KEY),
+            ("secretAccessKey", SECRET_KEY),
+        ],
+    );
+    let (code, stdout, stderr) = doctor(&[]).await;
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(stdout.contains("✗ queue refused"), "{stdout}");
+    assert!(stderr.contains("1 check failed"), "{stderr}");
+    put_queue_secret(&cluster.api, &queue, &queue.endpoint, None);
+
+    // A database out of reach.
+    cluster.api.put_secret(NAMESPACE, "dapp-db", &[("url", "postgres://postgres@127.0.0.1:1/nowhere")]);
+    let (code, stdout, _) = doctor(&[]).await;
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("✗ database unreachable") && stdout.contains("fix: "), "{stdout}");
+    assert!(stdout.contains("✓ queue answers"), "the other checks still run: {stdout}");
+
+    // A schema with migrations pending.
+    let fresh = TestDb::unmigrated().await;
+    cluster.api.put_secret(NAMESPACE, "dapp-db", &[("url", &db.url)]);
+    cluster.api.put_relay(&resource(&fresh, "fresh", 1));
+    let (code, stdout, _) = txrelay(&cluster, &["doctor", "--relay", "payments/fresh"]).await;
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains(&format!("✗ schema {} does not exist", fresh.schema)), "{stdout}");
+    fresh.execute(&format!("CREATE SCHEMA \"{}\"", fresh.schema)).await;
+    let (code, stdout, _) = txrelay(&cluster, &["doctor", "--relay", "payments/fresh"]).await;
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("migrations pending: 20261126000001"), "pending ones are listed: {stdout}");
+    assert!(stdout.contains("fix: run `txrelay migrate`"), "{stdout}");
+
+    // No ingest token.
+    let mut without_tokens = resource(&db, "dapp", 2);
+    without_tokens.spec.ingest = None;
+    cluster.api.put_relay(&without_tokens);
+    let (code, stdout, _) = doctor(&[]).await;
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("✗ no ingest token"), "{stdout}");
+    let _ = std::fs::remove_dir_all(&cluster.dir);
+}

@@ -76,7 +76,7 @@ pub(crate) fn put_secrets(api: &FakeApiServer, db: &TestDb, queue: &TestQueue) {
     api.put_secret(NAMESPACE, "dapp-tokens", &[("ingest", INGEST_TOKEN)]);
 }
 
-fn put_queue_secret(api: &FakeApiServer, queue: &TestQueue, endpoint: &str, ledger_token: Option<&str>) {
+pub(crate) fn put_queue_secret(api: &FakeApiServer, queue: &TestQueue, endpoint: &str, ledger_token: Option<&str>) {
     let mut keys = vec![
         ("queueUrl", queue.url.as_str()),
         ("region", REGION),

@@ -1,0 +1,281 @@
+//! `txrelay doctor`: one line per dependency of a relay, ✓ or ✗ with how to
+//! fix it, and exit code 1 when anything is wrong. The first step of every
+//! alert's runbook. Secret values are never printed.
+
+use std::time::Duration;
+
+use clap::Args;
+
+use super::{CliError, Global};
+use crate::config::{self, ProcessEnv};
+use crate::queue::Queue;
+use crate::queue::sqs::{SqsQueue, is_not_allowed};
+use crate::settings::RelaySettings;
+use crate::store::Store;
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Also send one test message, with the attribute txrelay_doctor=true
+    /// for consumers to drop: the only proof that sqs:SendMessage works.
+    #[arg(long)]
+    pub send_test: bool,
+}
+
+/// Each check's network calls are bounded by this.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Default)]
+struct Report {
+    failed: usize,
+}
+
+impl Report {
+    fn pass(&mut self, what: impl std::fmt::Display) {
+        println!("✓ {what}");
+    }
+
+    fn fail(&mut self, what: impl std::fmt::Display, fix: impl std::fmt::Display) {
+        println!("✗ {what}\n    fix: {fix}");
+        self.failed += 1;
+    }
+
+    fn note(&mut self, what: impl std::fmt::Display, hint: impl std::fmt::Display) {
+        println!("! {what}\n    {hint}");
+    }
+
+    fn finish(self) -> Result<(), CliError> {
+        match self.failed {
+            0 => Ok(()),
+            1 => Err(CliError::Failed("1 check failed".into())),
+            n => Err(CliError::Failed(format!("{n} checks failed"))),
+        }
+    }
+}
+
+pub async fn doctor(global: &Global, args: DoctorArgs) -> Result<(), CliError> {
+    let mut report = Report::default();
+    let Some(settings) = settings(global, &mut report).await else {
+        return report.finish();
+    };
+    if let Some(store) = database(&settings, &mut report).await {
+        migrations(&store, &mut report).await;
+        store.close().await;
+    }
+    queue(&settings, args.send_test, &mut report).await;
+    if settings.ingest_tokens.is_empty() {
+        let fix = match &global.relay {
+            Some(_) => "set spec.ingest.tokenSecretRef to a Secret key holding the dApp's tokens",
+            None => "set RELAY_API_TOKENS (comma-separated)",
+        };
+        report.fail("no ingest token: POST /new would answer 401 to every request", fix);
+    } else {
+        report.pass(format!("ingest tokens set ({})", settings.ingest_tokens.len()));
+    }
+    report.finish()
+}
+
+/// The manifest (or resource) and the secrets it names.
+async fn settings(global: &Global, report: &mut Report) -> Option<RelaySettings> {
+    match &global.relay {
+        Some(relay) => match super::cluster::settings_with_tokens(relay, global.context.as_deref()).await {
+            Ok(settings) => {
+                report.pass(format!("TransactionRelay {relay} found and valid"));
+                report.pass(format!(
+                    "Secrets {} and {} resolve",
+                    settings.spec.database.secret_ref.name, settings.spec.queue.secret_ref.name
+                ));
+                Some(settings)
+            }
+            Err(error) => {
+                report.fail(
+                    error.to_string(),
+                    "check the resource and the Secrets it names (kubectl describe transactionrelay)",
+                );
+                None
+            }
+        },
+        None => {
+            let manifest = match global.manifest() {
+                Ok(manifest) => manifest,
+                Err(error) => {
+                    report.fail(format!("manifest: {error}"), "correct the field named");
+                    return None;
+                }
+            };
+            if let Err(error) = manifest.spec.validate() {
+                report.fail(format!("manifest: {error}"), "correct the field named");
+                return None;
+            }
+            report.pass(match &global.config {
+                Some(path) => format!("manifest {} is valid", path.display()),
+                None => "no manifest: every default".to_owned(),
+            });
+            match config::relay_settings(&manifest, &ProcessEnv, 2) {
+                Ok(settings) => {
+                    report.pass("settings resolve from the environment");
+                    Some(settings)
+                }
+                Err(error) => {
+                    report.fail(error.to_string(), "set the variable named (see docs/configuration.md)");
+                    None
+                }
+            }
+        }
+    }
+}
+
+async fn database(settings: &RelaySettings, report: &mut Report) -> Option<Store> {
+    let mut options = settings.store_options();
+    options.max_connections = 1;
+    let store = match tokio::time::timeout(CHECK_TIMEOUT, Store::connect(&options)).await {
+        Ok(Ok(store)) => store,
+        Ok(Err(error)) => {
+            report.fail(
+                format!("database unreachable: {error}"),
+                "check the URL's host, port, user and sslmode, and that PostgreSQL accepts connections from here",
+            );
+            return None;
+        }
+        Err(_) => {
+            report.fail(
+                format!("database did not answer within {CHECK_TIMEOUT:?}"),
+                "check the network path to PostgreSQL (firewall, NetworkPolicy, DNS)",
+            );
+            return None;
+        }
+    };
+    match store.tls_in_use().await {
+        Ok(true) => report.pass("database reachable, over TLS"),
+        Ok(false) => report.pass("database reachable, without TLS (add sslmode=require to the URL to insist on it)"),
+        Err(error) => report.fail(format!("database: {error}"), "check the database user's permissions"),
+    }
+    Some(store)
+}
+
+async fn migrations(store: &Store, report: &mut Report) {
+    let schema = store.schema().to_owned();
+    match store.schema_exists().await {
+        Ok(true) => {}
+        Ok(false) => {
+            report.fail(format!("schema {schema} does not exist"), "run `txrelay migrate` (or start the relay)");
+            return;
+        }
+        Err(error) => {
+            report.fail(format!("schema {schema}: {error}"), "check the database user's permissions");
+            return;
+        }
+    }
+    match store.status().await {
+        Ok(status) => {
+            let pending: Vec<String> = status
+                .iter()
+                .filter(|m| m.installed_on.is_none())
+                .map(|m| format!("{} {}", m.version, m.description))
+                .collect();
+            if pending.is_empty() {
+                report.pass(format!("schema {schema} exists, every migration applied ({})", status.len()));
+            } else {
+                report.fail(
+                    format!("schema {schema}: migrations pending: {}", pending.join(", ")),
+                    "run `txrelay migrate` (the relay applies them at start unless --no-migrate)",
+                );
+            }
+        }
+        Err(error) => report.fail(format!("schema {schema}: {error}"), "check the database user's permissions"),
+    }
+}
+
+/// The region a queue URL names (`https://sqs.REGION.amazonaws.com/ACCOUNT/NAME`
+/// or the legacy `https://REGION.queue.amazonaws.com/...`), or why it is not
+/// a queue URL. `None` for a URL that is well formed but names no region (a
+/// local endpoint).
+fn queue_url_region(url: &str) -> Result<Option<String>, String> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| "does not start with https://".to_owned())?;
+    let (host, path) = rest.split_once('/').ok_or_else(|| "has no /ACCOUNT/NAME path".to_owned())?;
+    let parts: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+    if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) {
+        return Err(format!("path /{path} is not /ACCOUNT/NAME"));
+    }
+    let host = host.split(':').next().unwrap_or(host);
+    let labels: Vec<&str> = host.split('.').collect();
+    Ok(match labels.as_slice() {
+        ["sqs", region, "amazonaws", ..] => Some((*region).to_owned()),
+        [region, "queue", "amazonaws", ..] => Some((*region).to_owned()),
+        _ => None,
+    })
+}
+
+async fn queue(settings: &RelaySettings, send_test: bool, report: &mut Report) {
+    let url = &settings.queue.queue_url;
+    let region = &settings.queue.region;
+    match queue_url_region(url) {
+        Err(why) => {
+            report.fail(format!("queue URL {url} {why}"), "copy the URL from `aws sqs get-queue-url`");
+            return;
+        }
+        Ok(Some(in_url)) if &in_url != region => {
+            report.fail(
+                format!("queue URL is in region {in_url} but the region is {region}"),
+                "set the queue Secret's region (AWS_REGION) to the URL's",
+            );
+            return;
+        }
+        Ok(Some(_)) => report.pass(format!("queue URL well formed, region {region} matches")),
+        Ok(None) => report.pass(format!("queue URL well formed (an endpoint of its own; region {region})")),
+    }
+    let queue = match SqsQueue::new(&settings.sqs_settings()).await {
+        Ok(queue) => queue,
+        Err(error) => {
+            report.fail(format!("queue settings: {error}"), "correct the queue Secret");
+            return;
+        }
+    };
+    match tokio::time::timeout(CHECK_TIMEOUT, queue.check()).await {
+        Ok(Ok(())) => report.pass("queue answers (GetQueueAttributes)"),
+        Ok(Err(failure)) if failure.code.as_deref().is_some_and(is_not_allowed) => report.note(
+            "GetQueueAttributes is denied (a send-only IAM policy): SendMessage cannot be checked without sending",
+            "run `txrelay doctor --send-test` to send one test message",
+        ),
+        Ok(Err(failure)) => {
+            report.fail(format!("queue refused: {}", failure.reason()), "see docs/metrics-and-runbook.md#queue")
+        }
+        Err(_) => report.fail(
+            format!("queue did not answer within {CHECK_TIMEOUT:?}"),
+            "check the network path to SQS (egress NetworkPolicy, VPC endpoint, proxy)",
+        ),
+    }
+    if send_test {
+        match tokio::time::timeout(CHECK_TIMEOUT, queue.send_test()).await {
+            Ok(Ok(message_id)) => {
+                report.pass(format!("test message sent, message id {message_id} (attribute txrelay_doctor=true)"))
+            }
+            Ok(Err(failure)) => report.fail(
+                format!("test message refused: {}", failure.reason()),
+                "grant sqs:SendMessage on the queue (and kms:GenerateDataKey for an encrypted one)",
+            ),
+            Err(_) => report.fail(format!("test message not answered within {CHECK_TIMEOUT:?}"), "check SQS egress"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::queue_url_region;
+
+    #[test]
+    fn queue_urls_name_their_region_or_say_what_is_wrong() {
+        let region = |url: &str| queue_url_region(url);
+        assert_eq!(region("https://sqs.eu-west-1.amazonaws.com/123456789012/ledger"), Ok(Some("eu-west-1".into())));
+        assert_eq!(
+            region("https://eu-west-1.queue.amazonaws.com/123456789012/ledger.fifo"),
+            Ok(Some("eu-west-1".into()))
+        );
+        assert_eq!(region("http://127.0.0.1:4566/000000000000/ledger"), Ok(None));
+        assert!(region("sqs.eu-west-1.amazonaws.com/1/ledger").is_err());
+        assert!(region("https://sqs.eu-west-1.amazonaws.com/ledger").is_err());
+        assert!(region("https://sqs.eu-west-1.amazonaws.com/").is_err());
+    }
+}

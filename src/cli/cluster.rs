@@ -49,6 +49,9 @@ impl std::fmt::Display for RelayName {
     }
 }
 
+/// The bound on each Kubernetes API call of a command.
+const API_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// A client for the kubeconfig's current context (or `context`), honouring
 /// `KUBECONFIG`; inside a pod without a kubeconfig, its service account.
 pub async fn client(context: Option<&str>) -> Result<Client, CliError> {
@@ -63,6 +66,12 @@ pub async fn client(context: Option<&str>) -> Result<Client, CliError> {
             ConfigError::new("--relay", format!("no Kubernetes configuration (kubeconfig or in-cluster): {error}"))
         })?,
     };
+    let mut config = config;
+    // kube bounds connecting only: an API server (or a proxy before it) that
+    // accepts and never answers would hold the command forever.
+    config.read_timeout = Some(API_TIMEOUT);
+    config.write_timeout = Some(API_TIMEOUT);
+    config.connect_timeout = Some(API_TIMEOUT);
     Client::try_from(config).map_err(|error| CliError::failed(format!("cannot build a Kubernetes client: {error}")))
 }
 
@@ -86,8 +95,12 @@ async fn resolve(
     let client = client(context).await?;
     crate::operator::resolve(client, &relay.namespace, &relay.name, pool_size, with_tokens).await.map_err(|error| {
         use crate::operator::Error;
-        match error {
-            // The API server could not be reached or failed: worth a retry.
+        match &error {
+            // The API server could not be reached, or failed or throttled:
+            // worth a retry (exit 1). Any other refusal is the setup's.
+            Error::Kube(kube::Error::Api(status)) if status.code >= 500 || status.code == 429 => {
+                CliError::failed(format!("--relay {relay}: {error}"))
+            }
             Error::Kube(kube::Error::Api(_)) => CliError::Config(ConfigError::new("--relay", error.to_string())),
             Error::Kube(_) => CliError::failed(format!("--relay {relay}: {error}")),
             // Missing, forbidden or invalid: the setup is wrong.
@@ -116,6 +129,9 @@ pub async fn get(context: Option<&str>, args: GetArgs) -> Result<(), CliError> {
     let relays = api.list(&Default::default()).await.map_err(|error| match &error {
         kube::Error::Api(status) if status.code == 403 => {
             CliError::Config(ConfigError::new("get", format!("cannot list transactionrelays in {scope}: forbidden")))
+        }
+        kube::Error::Api(status) if status.code < 500 && status.code != 429 => {
+            CliError::Config(ConfigError::new("get", format!("cannot list transactionrelays in {scope}: {error}")))
         }
         _ => CliError::failed(format!("cannot list transactionrelays in {scope}: {error}")),
     })?;

@@ -38,8 +38,8 @@ pub enum Error {
     DatabaseUnreachable(String),
     #[error("invalid queue settings: {0}")]
     InvalidQueue(String),
-    #[error("cannot get {resource} in namespace {namespace}: forbidden")]
-    Forbidden { resource: &'static str, namespace: String },
+    #[error("cannot get {resource} in namespace {namespace}: forbidden (reading {name})")]
+    Forbidden { resource: &'static str, namespace: String, name: String },
     #[error("TransactionRelay {0} not found")]
     RelayNotFound(String),
     #[error("Kubernetes API error: {0}")]
@@ -73,11 +73,12 @@ impl Error {
 }
 
 impl Error {
-    /// A failed read of `resource` in `namespace`, with RBAC's refusal named.
-    pub fn reading(resource: &'static str, namespace: &str, error: kube::Error) -> Self {
+    /// A failed read of `resource` `name` in `namespace`, with RBAC's
+    /// refusal named.
+    pub fn reading(resource: &'static str, namespace: &str, name: &str, error: kube::Error) -> Self {
         match &error {
             kube::Error::Api(status) if status.code == 403 => {
-                Self::Forbidden { resource, namespace: namespace.to_owned() }
+                Self::Forbidden { resource, namespace: namespace.to_owned(), name: name.to_owned() }
             }
             _ => Self::Kube(error),
         }

@@ -28,7 +28,7 @@ impl SecretReader {
             .api
             .get_opt(name)
             .await
-            .map_err(|error| Error::reading("secrets", &self.namespace, error))?
+            .map_err(|error| Error::reading("secrets", &self.namespace, name, error))?
             .ok_or_else(|| Error::SecretNotFound(name.into()))?;
         let mut data: BTreeMap<String, String> = secret.string_data.unwrap_or_default();
         for (key, value) in secret.data.unwrap_or_default() {
@@ -132,7 +132,7 @@ pub async fn resolve(
     let relay = relays
         .get_opt(name)
         .await
-        .map_err(|error| Error::reading("transactionrelays", namespace, error))?
+        .map_err(|error| Error::reading("transactionrelays", namespace, name, error))?
         .ok_or_else(|| Error::RelayNotFound(format!("{namespace}/{name}")))?;
     let reader = SecretReader::new(client, namespace);
     let (ingest, admin) = if with_tokens {

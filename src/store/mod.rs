@@ -348,9 +348,14 @@ impl Store {
                 .test_before_acquire(false)
         };
         let pool = pool_options().max_connections(options.max_connections).connect_lazy_with(connect.clone());
+        // Every statement on the bookkeeping connections reaches its rows
+        // by key (ids, the due and FIFO indexes). A generic plan made while
+        // the table was still small (a new relay, a fresh schema) would
+        // otherwise scan the whole table on every recorded batch for as long
+        // as the connection lives; the bench showed exactly that.
         let bookkeeping = pool_options()
             .max_connections(BOOKKEEPING_CONNECTIONS)
-            .connect_lazy_with(connect.clone().options([("synchronous_commit", "off")]));
+            .connect_lazy_with(connect.clone().options([("synchronous_commit", "off"), ("enable_seqscan", "off")]));
         let health = PgPoolOptions::new()
             .max_connections(1)
             // Health answers fast or not at all: waiting long helps nobody.

@@ -164,11 +164,14 @@ const CLAIM_FORCE: &str = claim_sql!(not_held_nor_skipped!(), "u.id", not_held!(
 const CLAIM_FORCE_FIFO: &str =
     claim_sql!(concat!(not_held_nor_skipped!(), " AND ", first_of_its_wallet!("u")), "u.id", not_held!("t"));
 
-/// The rows of `$1` (ids) that still carry the claim tokens of `$2`.
+/// The rows of `$1` (ids) that still carry the claim tokens of `$2`. The
+/// ids are also given as `id = ANY($1)`: whatever join the planner picks,
+/// it reaches the rows through the primary key, never by reading the whole
+/// table (a plan made while the table was small would).
 macro_rules! still_held {
     ($alias:literal) => {
         concat!(
-            "transactions.id = ",
+            "transactions.id = ANY ($1::bigint[]) AND transactions.id = ",
             $alias,
             ".row_id AND transactions.claim_token IS NOT DISTINCT FROM ",
             $alias,
@@ -389,7 +392,7 @@ impl Store {
 
     /// Unsent rows, dead-lettered rows and the age of the oldest unsent row.
     pub async fn gauges(&self) -> Result<Gauges> {
-        let row = self.on(self.pool()).await?.run(|c| sqlx::query(GAUGES).fetch_one(c)).await?;
+        let row = self.on(self.bookkeeping()).await?.run(|c| sqlx::query(GAUGES).fetch_one(c)).await?;
         Ok(Gauges {
             unsent: row.try_get("unsent")?,
             failed: row.try_get("failed")?,
@@ -401,7 +404,8 @@ impl Store {
     /// when nothing is waiting.
     pub async fn next_due_in(&self, fifo: bool) -> Result<Option<Duration>> {
         let sql = if fifo { NEXT_DUE_FIFO } else { NEXT_DUE };
-        let millis: Option<i64> = self.on(self.pool()).await?.run(|c| sqlx::query_scalar(sql).fetch_one(c)).await?;
+        let millis: Option<i64> =
+            self.on(self.bookkeeping()).await?.run(|c| sqlx::query_scalar(sql).fetch_one(c)).await?;
         Ok(millis.map(|ms| Duration::from_millis(u64::try_from(ms).unwrap_or(0))))
     }
 
@@ -550,7 +554,7 @@ mod sql_tests {
             format!(
                 "WITH changed AS (UPDATE transactions SET claimed_until = NULL, claim_token = NULL, \
                  updated_at = clock_timestamp() FROM unnest($1::bigint[], $2::bigint[]) AS r(row_id, row_token) \
-                 WHERE transactions.id = r.row_id AND transactions.claim_token IS NOT DISTINCT FROM r.row_token \
+                 WHERE transactions.id = ANY ($1::bigint[]) AND transactions.id = r.row_id AND transactions.claim_token IS NOT DISTINCT FROM r.row_token \
                  AND transactions.message_id IS NULL RETURNING transactions.id, {follow_columns}), {follow} \
                  SELECT count(*) FROM changed"
             )

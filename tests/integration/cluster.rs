@@ -137,7 +137,7 @@ async fn relay_flag_errors_name_what_is_missing_with_exit_code_2() {
     cluster.api.forbid("secrets", NAMESPACE);
     expect(
         txrelay(&cluster, &["retry-all", "--relay", "payments/dapp"]).await,
-        "cannot get secrets in namespace payments: forbidden",
+        "cannot get secrets in namespace payments: forbidden (reading dapp-db)",
     );
     cluster.api.forbid("transactionrelays", NAMESPACE);
     expect(

@@ -9,10 +9,12 @@ use super::{CliError, Global};
 use crate::config::{self, ProcessEnv};
 use crate::metrics::Metrics;
 use crate::relay::Relay;
-use crate::relay::RetryAllReport;
+use crate::relay::{ResendRequest, RetryAllReport};
 use crate::settings::RelaySettings;
 use crate::store::{ListFilter, Store, StoreOptions};
+use crate::store::{ResendAudit, ResendFilter};
 use crate::transaction::Transaction;
+use chrono::{DateTime, Utc};
 
 #[derive(Debug, Args)]
 #[group(multiple = false)]
@@ -54,8 +56,58 @@ pub struct RetryAllArgs {
     #[arg(long)]
     pub limit: Option<u64>,
     /// Also revive dead-lettered transactions.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "dead_only")]
     pub include_dead: bool,
+    /// Only dead-lettered transactions (revived first).
+    #[arg(long)]
+    pub dead_only: bool,
+    /// Only this wallet's transactions.
+    #[arg(long)]
+    pub wallet: Option<String>,
+    /// Only transactions created at or after this time (RFC 3339, or a UTC date YYYY-MM-DD).
+    #[arg(long, value_parser = parse_time)]
+    pub since: Option<DateTime<Utc>>,
+    /// Only transactions created before this time (RFC 3339, or a UTC date YYYY-MM-DD).
+    #[arg(long, value_parser = parse_time)]
+    pub until: Option<DateTime<Utc>>,
+    /// Only transactions whose last error contains this text.
+    #[arg(long)]
+    pub error: Option<String>,
+    /// Print what would be resent, with the count, and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// At most this many messages per second ("N/s" or "N").
+    #[arg(long, value_parser = parse_rate)]
+    pub rate: Option<f64>,
+}
+
+fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(at) = DateTime::parse_from_rfc3339(text) {
+        return Ok(at.with_timezone(&Utc));
+    }
+    chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d")
+        .ok()
+        .and_then(|day| day.and_hms_opt(0, 0, 0))
+        .map(|midnight| midnight.and_utc())
+        .ok_or_else(|| format!("expected an RFC 3339 time or a date YYYY-MM-DD, got {text:?}"))
+}
+
+fn parse_rate(text: &str) -> Result<f64, String> {
+    let number = text.strip_suffix("/s").unwrap_or(text);
+    match number.trim().parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
+        _ => Err(format!("expected a positive number of messages per second such as 50/s, got {text:?}")),
+    }
+}
+
+/// Who resends from the command line: the OS user, as the audit record
+/// and its log line show it.
+fn cli_audit(command: &'static str) -> ResendAudit {
+    let user = ["USER", "LOGNAME", "USERNAME"]
+        .iter()
+        .find_map(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+        .unwrap_or_else(|| "unknown".to_owned());
+    ResendAudit { actor: user, via: "cli", command }
 }
 
 async fn store(global: &Global) -> Result<Store, CliError> {
@@ -174,26 +226,42 @@ pub async fn stats(global: &Global, args: StatsArgs) -> Result<(), CliError> {
 
 pub async fn retry(global: &Global, args: RetryArgs) -> Result<(), CliError> {
     let relay = relay(global).await?;
-    let message_id = relay.retry_one(args.id).await.map_err(CliError::failed)?;
+    let message_id = relay.retry_one(args.id, &cli_audit("retry")).await.map_err(CliError::failed)?;
     println!("{message_id}");
     Ok(())
 }
 
 pub async fn retry_all(global: &Global, args: RetryAllArgs) -> Result<(), CliError> {
     let relay = relay(global).await?;
-    let counts = relay.store().counts().await?;
-    let expected = (counts.unsent + if args.include_dead { counts.failed } else { 0 }).max(0) as u64;
-    let expected = args.limit.map_or(expected, |limit| limit.min(expected));
-    let bar = std::io::stderr().is_terminal().then(|| {
-        let bar = indicatif::ProgressBar::new(expected);
+    if args.wallet.as_deref().is_some_and(|w| w.contains('\0'))
+        || args.error.as_deref().is_some_and(|e| e.contains('\0'))
+    {
+        return Err(config::ConfigError::new("--wallet/--error", "must not contain a NUL character").into());
+    }
+    let request = ResendRequest {
+        filter: ResendFilter {
+            wallet: args.wallet,
+            since: args.since,
+            until: args.until,
+            error: args.error,
+            include_dead: args.include_dead,
+            dead_only: args.dead_only,
+        },
+        limit: args.limit,
+        rate: args.rate,
+        dry_run: args.dry_run,
+    };
+    let bar = (!args.dry_run && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new(0);
         if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} sent, {msg}") {
             bar.set_style(style);
         }
         bar
     });
     let report = relay
-        .retry_all(args.limit, args.include_dead, |progress: &RetryAllReport| {
+        .retry_all(&request, &cli_audit("retry-all"), |progress: &RetryAllReport| {
             if let Some(bar) = &bar {
+                bar.set_length(progress.selected as u64);
                 bar.set_position(progress.total as u64);
                 bar.set_message(format!("{} failed", progress.failed));
             }
@@ -202,7 +270,28 @@ pub async fn retry_all(global: &Global, args: RetryAllArgs) -> Result<(), CliErr
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    if args.include_dead {
+    if args.dry_run {
+        if !report.rows.is_empty() {
+            println!("{:>8}  {:<24} {:<24} {:<8} {:>8}  LAST ERROR", "ID", "REFERENCE", "WALLET", "STATE", "ATTEMPTS");
+        }
+        for row in &report.rows {
+            println!(
+                "{:>8}  {:<24} {:<24} {:<8} {:>8}  {}",
+                row.id,
+                row.reference,
+                row.wallet_address,
+                if row.dead_lettered { "failed" } else { "unsent" },
+                row.attempts,
+                row.last_error.as_deref().unwrap_or("")
+            );
+        }
+        println!("would resend: {} (dry run: nothing changed)", report.selected);
+        return Ok(());
+    }
+    if let Some(audit_id) = report.audit_id {
+        println!("audit record: {audit_id}");
+    }
+    if report.revived > 0 || args.include_dead || args.dead_only {
         println!("revived: {}", report.revived);
     }
     println!("total: {}\nsucceeded: {}\nfailed: {}", report.total, report.succeeded, report.failed);

@@ -35,6 +35,13 @@ pub enum ApiError {
     Overloaded,
     #[error("the request took too long; retry later with the same idempotency key")]
     Timeout,
+    /// A retry refused for the row's state (already sent, held by a
+    /// running relay, waiting behind an older row of its wallet).
+    #[error("{message}")]
+    RetryRefused { code: &'static str, message: String },
+    /// The queue refused the retried message.
+    #[error("{0}")]
+    SendFailed(String),
     #[error("internal error")]
     Internal,
 }
@@ -54,6 +61,10 @@ impl ApiError {
         "relay_not_ready",
         "overloaded",
         "timeout",
+        "already_sent",
+        "held",
+        "waits_for_older",
+        "send_failed",
         "internal",
     ];
 
@@ -69,6 +80,8 @@ impl ApiError {
             Self::Unavailable | Self::RelayNotReady(_) | Self::Overloaded | Self::Timeout => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            Self::RetryRefused { .. } => StatusCode::CONFLICT,
+            Self::SendFailed(_) => StatusCode::BAD_GATEWAY,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -87,6 +100,8 @@ impl ApiError {
             Self::RelayNotReady(_) => "relay_not_ready",
             Self::Overloaded => "overloaded",
             Self::Timeout => "timeout",
+            Self::RetryRefused { code, .. } => code,
+            Self::SendFailed(_) => "send_failed",
             Self::Internal => "internal",
         }
     }
@@ -173,6 +188,10 @@ mod tests {
             ApiError::RelayNotReady("x".into()),
             ApiError::Overloaded,
             ApiError::Timeout,
+            ApiError::RetryRefused { code: "already_sent", message: "m".into() },
+            ApiError::RetryRefused { code: "held", message: "m".into() },
+            ApiError::RetryRefused { code: "waits_for_older", message: "m".into() },
+            ApiError::SendFailed("x".into()),
             ApiError::Internal,
         ];
         let codes: Vec<&str> = all.iter().map(ApiError::code).collect();

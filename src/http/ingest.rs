@@ -54,7 +54,7 @@ pub async fn new_transaction(
 }
 
 /// `application/json`, with or without parameters such as a charset.
-fn is_json(headers: &HeaderMap) -> bool {
+pub(super) fn is_json(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

@@ -7,6 +7,7 @@ mod ingest;
 pub mod openapi;
 mod probes;
 mod read;
+mod resend;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -88,6 +89,8 @@ pub mod paths {
     pub const TRANSACTIONS: &str = "/transactions";
     pub const TRANSACTION: &str = "/transactions/{reference}";
     pub const TRANSACTION_HEALTH: &str = "/health/transactions";
+    pub const RETRY: &str = "/transactions/{id}/retry";
+    pub const RETRY_ALL: &str = "/retry-all";
     /// Every relay path also exists under this prefix.
     pub const RELAY_PREFIX: &str = "/relays/{namespace}/{name}";
     pub const HEALTHZ: &str = "/healthz";
@@ -96,8 +99,14 @@ pub mod paths {
     pub const METRICS: &str = "/metrics";
 
     /// (method, path) of the routes that exist per relay.
-    pub const RELAY_ROUTES: &[(&str, &str)] =
-        &[("POST", NEW), ("GET", TRANSACTIONS), ("GET", TRANSACTION), ("GET", TRANSACTION_HEALTH)];
+    pub const RELAY_ROUTES: &[(&str, &str)] = &[
+        ("POST", NEW),
+        ("GET", TRANSACTIONS),
+        ("GET", TRANSACTION),
+        ("GET", TRANSACTION_HEALTH),
+        ("POST", RETRY),
+        ("POST", RETRY_ALL),
+    ];
     /// (method, path) of the routes of the service itself.
     pub const SERVICE_ROUTES: &[(&str, &str)] = &[("GET", HEALTHZ), ("GET", READYZ), ("GET", OPENAPI)];
 }
@@ -108,7 +117,9 @@ pub fn api_router(state: AppState) -> Router {
         .route(paths::NEW, post(ingest::new_transaction))
         .route(paths::TRANSACTIONS, get(read::list))
         .route(paths::TRANSACTION, get(read::get_one))
-        .route(paths::TRANSACTION_HEALTH, get(read::transaction_health));
+        .route(paths::TRANSACTION_HEALTH, get(read::transaction_health))
+        .route(paths::RETRY, post(resend::retry_one))
+        .route(paths::RETRY_ALL, post(resend::retry_all));
     Router::new()
         .merge(relay_routes.clone())
         .nest(paths::RELAY_PREFIX, relay_routes)

@@ -149,6 +149,25 @@ impl Context {
         }
         let settings = reader.settings(resource, self.pool_size, ingest_tokens, admin_tokens).await?;
         let (change, handle) = self.supervisor.ensure(&settings, fingerprint(&settings)).await?;
+        // Every resend by hand through this relay (HTTP or a CLI inside the
+        // pod) also becomes an Event on its resource, on whichever replica
+        // served it.
+        let (recorder, reference) = (self.recorder.clone(), resource.object_ref(&()));
+        handle.relay.on_resend(move |notice| {
+            let event = Event {
+                type_: EventType::Normal,
+                reason: "Resend".into(),
+                note: Some(notice.note()),
+                action: "Resend".into(),
+                secondary: None,
+            };
+            let (recorder, reference) = (recorder.clone(), reference.clone());
+            tokio::spawn(async move {
+                if let Err(error) = recorder.publish(&event, &reference).await {
+                    warn!(%error, "could not publish the resend Event");
+                }
+            });
+        });
         handle.relay.refresh_gauges().await.map_err(|e| Error::DatabaseUnreachable(e.to_string()))?;
         if !settings.spec.suspend {
             // An early word on the queue where the IAM policy allows one. It

@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 pub use engine::{listen_for_due_rows, run_loop};
 pub use ingest::{GROUPS_IN_FLIGHT, MAX_GROUP};
-pub use sweep::{RetryAllReport, SweepReport};
+pub use sweep::{ResendRequest, RetryAllReport, RetryError, SweepReport, pace};
 
 use crate::metrics::{FailureLabel, RelayMetrics};
 use crate::queue::{FailureKind, Queue, SendFailure};
@@ -133,6 +133,33 @@ pub struct Relay {
     ingest: std::sync::OnceLock<ingest::Requests>,
     /// Requests in that queue, not yet taken into a group.
     waiting: watch::Sender<usize>,
+    /// Told of each resend by hand when it ends (see [`Relay::on_resend`]).
+    resend_hook: std::sync::OnceLock<ResendHook>,
+}
+
+type ResendHook = Box<dyn Fn(&ResendNotice) + Send + Sync>;
+
+/// A resend by hand that ended, as its audit record has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResendNotice {
+    pub audit_id: i64,
+    pub actor: String,
+    pub via: &'static str,
+    pub command: &'static str,
+    pub rows: usize,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub outcome: String,
+}
+
+impl ResendNotice {
+    /// One line for a Kubernetes Event or a log.
+    pub fn note(&self) -> String {
+        format!(
+            "{} by {} via {} (audit record {}): {} rows, {} sent, {} failed; {}",
+            self.command, self.actor, self.via, self.audit_id, self.rows, self.succeeded, self.failed, self.outcome
+        )
+    }
 }
 
 /// Held while an HTTP request is being answered by a relay: its store is
@@ -183,6 +210,20 @@ impl Relay {
             requests: watch::Sender::new(0),
             ingest: std::sync::OnceLock::new(),
             waiting: watch::Sender::new(0),
+            resend_hook: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Calls `hook` whenever a resend by hand (`retry`, `retry-all`) ends:
+    /// how the operator makes each one a Kubernetes Event on its resource.
+    /// Set once per relay.
+    pub fn on_resend(&self, hook: impl Fn(&ResendNotice) + Send + Sync + 'static) {
+        let _ = self.resend_hook.set(Box::new(hook));
+    }
+
+    fn resend_ended(&self, notice: &ResendNotice) {
+        if let Some(hook) = self.resend_hook.get() {
+            hook(notice);
         }
     }
 

@@ -9,10 +9,10 @@ use futures::StreamExt;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-use super::{Relay, message};
+use super::{Relay, ResendNotice, message};
 use crate::metrics::SendPath;
 use crate::queue::{self, OutboundMessage, SendFailure, SendResult};
-use crate::store::{ClaimMode, ClaimRef, FailedSend, RetryOneError, StoreError};
+use crate::store::{ClaimMode, ClaimRef, FailedSend, ResendAudit, ResendFilter, ResendRow, RetryOneError, StoreError};
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SweepReport {
@@ -44,14 +44,42 @@ impl SweepReport {
     }
 }
 
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+/// What `retry-all` is asked to do (CLI or HTTP).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ResendRequest {
+    pub filter: ResendFilter,
+    /// At most this many rows.
+    pub limit: Option<u64>,
+    /// At most this many messages per second.
+    pub rate: Option<f64>,
+    /// Only say which rows would be resent.
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct RetryAllReport {
+    /// The audit record of this resend (none for a dry run or no rows).
+    pub audit_id: Option<i64>,
+    /// Rows the filter chose.
+    pub selected: usize,
     pub revived: u64,
     pub total: usize,
     pub succeeded: usize,
     pub failed: usize,
     /// Why the run stopped early, if it did.
     pub stopped: Option<String>,
+    /// The rows chosen, for a dry run.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rows: Vec<ResendRow>,
+}
+
+/// How long to wait before the next message so that `sent` messages in
+/// `elapsed` stay within `rate` per second.
+pub fn pace(rate: f64, sent: usize, elapsed: Duration) -> Duration {
+    if !(rate.is_finite() && rate > 0.0) {
+        return Duration::ZERO;
+    }
+    Duration::from_secs_f64(sent as f64 / rate).saturating_sub(elapsed)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -298,20 +326,77 @@ impl Relay {
     /// relay holds (`txrelay retry-all`). On FIFO queues wallets keep their order.
     pub async fn retry_all(
         &self,
-        limit: Option<u64>,
-        include_dead: bool,
+        request: &ResendRequest,
+        audit: &ResendAudit,
         mut progress: impl FnMut(&RetryAllReport),
     ) -> Result<RetryAllReport, StoreError> {
-        let limit = limit.unwrap_or(u64::MAX);
-        let mut report = RetryAllReport::default();
-        if include_dead {
-            report.revived = self.store.revive_dead_lettered(i64::try_from(limit).unwrap_or(i64::MAX)).await?;
+        let limit = i64::try_from(request.limit.unwrap_or(u64::MAX)).unwrap_or(i64::MAX);
+        let rows = self.store.resend_candidates(&request.filter, limit).await?;
+        let mut report = RetryAllReport { selected: rows.len(), ..RetryAllReport::default() };
+        if request.dry_run {
+            report.rows = rows;
+            return Ok(report);
         }
+        if rows.is_empty() {
+            return Ok(report);
+        }
+        let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();
+        let mut filter = serde_json::to_value(&request.filter).unwrap_or_default();
+        filter["limit"] = serde_json::json!(request.limit);
+        filter["rate"] = serde_json::json!(request.rate);
+        // The record exists before the first message goes out.
+        let audit_id = self.store.begin_resend(audit, &filter, &ids).await?;
+        report.audit_id = Some(audit_id);
+        info!(target: "txrelay::audit", relay = %self.id, audit_id, actor = %audit.actor, via = audit.via,
+              command = audit.command, %filter, rows = ids.len(), ids = ?ids, "resend started");
+        let result = self.resend_rows(&rows, &ids, request.rate, &mut report, &mut progress).await;
+        let outcome = match (&result, &report.stopped) {
+            (Err(error), _) => format!("stopped: {error}"),
+            (Ok(()), Some(reason)) => format!("stopped: {reason}"),
+            (Ok(()), None) => "completed".to_owned(),
+        };
+        let (succeeded, failed) = (report.succeeded as u64, report.failed as u64);
+        if let Err(error) = self.store.finish_resend(audit_id, succeeded, failed, &outcome).await {
+            warn!(relay = %self.id, audit_id, %error, "could not record the outcome of the resend");
+        }
+        info!(target: "txrelay::audit", relay = %self.id, audit_id, succeeded, failed, %outcome, "resend finished");
+        self.resend_ended(&ResendNotice {
+            audit_id,
+            actor: audit.actor.clone(),
+            via: audit.via,
+            command: audit.command,
+            rows: ids.len(),
+            succeeded,
+            failed,
+            outcome,
+        });
+        result.map(|()| report)
+    }
+
+    /// Revives the chosen dead-lettered rows, then sends every chosen row,
+    /// at most `rate` per second.
+    async fn resend_rows(
+        &self,
+        rows: &[ResendRow],
+        ids: &[i64],
+        rate: Option<f64>,
+        report: &mut RetryAllReport,
+        progress: &mut impl FnMut(&RetryAllReport),
+    ) -> Result<(), StoreError> {
+        let dead: Vec<i64> = rows.iter().filter(|row| row.dead_lettered).map(|row| row.id).collect();
+        report.revived = self.store.revive(&dead).await?;
         let (_keep_open, never) = watch::channel(false);
         let mut skip: Vec<i64> = Vec::new();
-        while (report.total as u64) < limit {
-            let round = (limit - report.total as u64).min(u64::from(self.config.batch_size.max(10))) as u32;
-            let sweep = self.sweep(ClaimMode::Force { skip: &skip }, round, &never).await?;
+        let started = Instant::now();
+        while report.total < ids.len() {
+            let mut round = (ids.len() - report.total).min(self.config.batch_size.max(10) as usize);
+            if let Some(rate) = rate {
+                // A round of at most one second's worth, started on time.
+                round = round.min((rate.ceil() as usize).max(1));
+                tokio::time::sleep(pace(rate, report.total, started.elapsed())).await;
+            }
+            let only = ids;
+            let sweep = self.sweep(ClaimMode::Force { skip: &skip, only }, round as u32, &never).await?;
             if sweep.claimed == 0 {
                 break;
             }
@@ -320,19 +405,31 @@ impl Relay {
             report.failed += sweep.failed;
             skip.extend(&sweep.failed_ids);
             skip.extend(&sweep.released_ids);
-            progress(&report);
+            progress(report);
             if let Some(error) = sweep.queue_error {
                 report.stopped = Some(format!("queue unreachable: {error}"));
                 break;
             }
         }
-        Ok(report)
+        Ok(())
     }
 
     /// Sends one row now (`txrelay retry ID`), reviving it if dead-lettered.
-    pub async fn retry_one(&self, id: i64) -> Result<String, RetryError> {
+    pub async fn retry_one(&self, id: i64, audit: &ResendAudit) -> Result<String, RetryError> {
         let (row, claim) = self.store.claim_one(id, self.config.claim_lease, self.is_fifo()).await?;
         self.track([claim]);
+        // The record exists before the message goes out.
+        let filter = serde_json::json!({ "id": id });
+        let audit_id = match self.store.begin_resend(audit, &filter, &[id]).await {
+            Ok(audit_id) => audit_id,
+            Err(error) => {
+                let _ = self.store.release(&[claim]).await;
+                self.untrack([row.id]);
+                return Err(error.into());
+            }
+        };
+        info!(target: "txrelay::audit", relay = %self.id, audit_id, actor = %audit.actor, via = audit.via,
+              command = audit.command, id, "resend started");
         let timeout = self.config.call_timeout();
         let sent = match message::outbound(&row, self.ledger_token.as_ref()) {
             Ok(message) => match tokio::time::timeout(timeout, self.queue.send(&message)).await {
@@ -363,6 +460,40 @@ impl Relay {
             }
         };
         self.untrack([row.id]);
+        let (succeeded, outcome) = match &result {
+            Ok(message_id) => (1, format!("sent: {message_id}")),
+            Err(error) => (0, format!("failed: {error}")),
+        };
+        if let Err(error) = self.store.finish_resend(audit_id, succeeded, 1 - succeeded, &outcome).await {
+            warn!(relay = %self.id, audit_id, %error, "could not record the outcome of the resend");
+        }
+        info!(target: "txrelay::audit", relay = %self.id, audit_id, succeeded, %outcome, "resend finished");
+        self.resend_ended(&ResendNotice {
+            audit_id,
+            actor: audit.actor.clone(),
+            via: audit.via,
+            command: audit.command,
+            rows: 1,
+            succeeded,
+            failed: 1 - succeeded,
+            outcome,
+        });
         result
+    }
+}
+
+#[cfg(test)]
+mod pace_tests {
+    use super::pace;
+    use std::time::Duration;
+
+    #[test]
+    fn a_rate_spaces_messages_evenly_from_the_start() {
+        assert_eq!(pace(2.0, 0, Duration::ZERO), Duration::ZERO, "the first goes at once");
+        assert_eq!(pace(2.0, 4, Duration::from_millis(500)), Duration::from_millis(1500));
+        assert_eq!(pace(2.0, 4, Duration::from_secs(3)), Duration::ZERO, "behind schedule: no wait");
+        assert_eq!(pace(0.5, 1, Duration::ZERO), Duration::from_secs(2));
+        assert_eq!(pace(0.0, 10, Duration::ZERO), Duration::ZERO, "no rate: no pacing");
+        assert_eq!(pace(f64::NAN, 10, Duration::ZERO), Duration::ZERO);
     }
 }

@@ -4,6 +4,7 @@
 
 mod migrations;
 mod outbox;
+mod resend;
 pub(crate) mod transactions;
 
 use std::str::FromStr;
@@ -13,6 +14,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 pub use migrations::MigrationStatus;
 pub use outbox::{Claim, ClaimMode, ClaimRef, ClaimedRow, FailedSend, Gauges, RetryOneError};
+pub use resend::{ResendAudit, ResendFilter, ResendRow};
 pub use transactions::{Conflict, InsertOutcome, ListFilter, Stats};
 
 use crate::secret::Secret;

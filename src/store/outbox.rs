@@ -28,9 +28,9 @@ pub struct ClaimedRow {
 pub enum ClaimMode<'a> {
     /// Rows whose backoff has passed and that nobody holds: the sweep.
     Due,
-    /// Every unsent row not held by a process, ignoring backoff, except those
-    /// in `skip` (already tried in this run): `retry-all`.
-    Force { skip: &'a [i64] },
+    /// The unsent rows of `only` not held by a process, ignoring backoff,
+    /// except those in `skip` (already tried in this run): `retry-all`.
+    Force { skip: &'a [i64], only: &'a [i64] },
 }
 
 #[derive(Debug)]
@@ -150,10 +150,11 @@ macro_rules! due {
     };
 }
 
-/// Not held by a running process, and not already tried in this run.
+/// Chosen for this run, not held by a running process, and not already
+/// tried in this run.
 macro_rules! not_held_nor_skipped {
     () => {
-        concat!(not_held!("u"), " AND NOT (u.id = ANY($4))")
+        concat!("u.id = ANY ($5::bigint[]) AND ", not_held!("u"), " AND NOT (u.id = ANY($4))")
     };
 }
 
@@ -286,19 +287,6 @@ const CLAIM_ONE: &str = and_follow!(
     "SELECT * FROM changed"
 );
 
-const REVIVE_DEAD_LETTERED: &str = and_follow!(
-    concat!(
-        "UPDATE transactions SET failed_at = NULL, next_attempt_at = now(), updated_at = clock_timestamp() \
-         WHERE id IN (SELECT id FROM transactions WHERE ",
-        dead_lettered!("transactions"),
-        " AND ",
-        not_sent!("transactions"),
-        " ORDER BY id LIMIT $1)"
-    ),
-    "transactions.id",
-    "SELECT count(*) FROM changed"
-);
-
 impl Store {
     /// Claims up to `limit` rows in one short transaction, skipping rows other
     /// processes hold, and holds them for `lease` under a new claim token.
@@ -312,8 +300,8 @@ impl Store {
             (ClaimMode::Force { .. }, true) => sqlx::query_as(CLAIM_FORCE_FIFO),
         };
         let mut query = query.bind(i64::from(limit)).bind(lease_ms).bind(token);
-        if let ClaimMode::Force { skip } = mode {
-            query = query.bind(skip);
+        if let ClaimMode::Force { skip, only } = mode {
+            query = query.bind(skip).bind(only);
         }
         let mut rows: Vec<ClaimedRow> = self.on(self.bookkeeping()).await?.run(|c| query.fetch_all(c)).await?;
         rows.sort_by_key(|row| row.id);
@@ -480,16 +468,6 @@ impl Store {
             }
         }
     }
-
-    /// Revives dead-lettered rows (`retry-all --include-dead`): due at once.
-    pub async fn revive_dead_lettered(&self, limit: i64) -> Result<u64> {
-        let revived: i64 = self
-            .on(self.pool())
-            .await?
-            .run(|c| sqlx::query_scalar(REVIVE_DEAD_LETTERED).bind(limit).fetch_one(c))
-            .await?;
-        Ok(u64::try_from(revived).unwrap_or(0))
-    }
 }
 
 /// Ids and tokens as the two arrays the statements above unnest.
@@ -543,7 +521,7 @@ mod sql_tests {
             super::CLAIM_DUE_FIFO,
             claim(&format!("u.due_at <= now() AND {first_of_its_wallet}"), "u.due_at, u.id", &due)
         );
-        let not_held_nor_skipped = format!("{} AND NOT (u.id = ANY($4))", not_held("u"));
+        let not_held_nor_skipped = format!("u.id = ANY ($5::bigint[]) AND {} AND NOT (u.id = ANY($4))", not_held("u"));
         assert_eq!(super::CLAIM_FORCE, claim(&not_held_nor_skipped, "u.id", &not_held("t")));
         assert_eq!(
             super::CLAIM_FORCE_FIFO,

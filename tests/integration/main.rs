@@ -13,5 +13,6 @@ mod manifests;
 mod metrics;
 mod operator;
 mod processes;
+mod resend;
 mod security;
 mod store;

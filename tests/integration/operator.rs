@@ -732,3 +732,35 @@ async fn a_relay_deleted_and_created_again_under_its_name_gets_its_status_at_onc
     assert_eq!(op.api.status_patches().len(), written + 1, "the new resource's status is written at once");
     op.ctx.supervisor.stop_all().await;
 }
+
+#[tokio::test]
+async fn a_resend_by_hand_under_the_operator_is_an_event_on_the_relay() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let (op, _) = with_relay(&db, &queue, "dapp").await;
+    let handle = op.relays.resolve(None).expect("serving");
+    // Dead-lettered from the start, so the running relay never takes it.
+    db.execute(
+        "INSERT INTO transactions (reference, external_reference, idempotency_key, transaction_type, status, \
+         source, instruction_type, incoming_currency, outgoing_currency, value, fee, wallet_address, payload, \
+         failed_at, last_error) VALUES ('dead', 'e-dead', 'k-dead', 'DEPOSIT', 'P', 'S', 'T', 'EUR', 'EUR', 1, 0, \
+         'w', '{}', now(), 'refused')",
+    )
+    .await;
+    let id = db.scalar_i64("SELECT id FROM transactions WHERE reference = 'dead'").await;
+    let audit =
+        txrelay::store::ResendAudit { actor: "admin token sha256:0123456789ab".into(), via: "http", command: "retry" };
+    // Its stored payload is not a ledger payload: the resend fails, and is
+    // audited all the same.
+    assert!(handle.relay.retry_one(id, &audit).await.is_err());
+    wait_until(Duration::from_secs(10), "the resend Event", || async {
+        op.api.events().iter().any(|e| {
+            e["reason"] == "Resend"
+                && e["regarding"]["name"] == "dapp"
+                && e["note"].as_str().is_some_and(|n| {
+                    n.contains("retry by admin token sha256:0123456789ab via http") && n.contains("0 sent, 1 failed")
+                })
+        })
+    })
+    .await;
+    op.ctx.supervisor.stop_all().await;
+}

@@ -150,7 +150,7 @@ async fn migrations_go_up_down_and_up_again() {
     let unsent_table =
         || async { db.scalar_i64("SELECT (to_regclass('unsent_transactions') IS NOT NULL)::int::int8").await };
     assert_eq!(unsent_table().await, 1);
-    assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261201000002));
+    revert_to_before_unsent_transactions(&db).await;
     assert_eq!((table().await, column().await, unsent_table().await), (1, 1, 0), "unsent_transactions goes first");
     assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261201000001));
     assert_eq!((table().await, column().await), (1, 0), "the claim token goes, the table stays");
@@ -340,7 +340,7 @@ async fn recording_a_message_id_is_hot(db: &TestDb, reference: &str) -> bool {
 #[tokio::test]
 async fn unsent_transactions_migrate_up_and_down_keeping_every_row_and_its_state() {
     let db = TestDb::new().await;
-    assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261201000002));
+    revert_to_before_unsent_transactions(&db).await;
     db.execute(ROWS_IN_EVERY_STATE).await;
     let before: String = sqlx::query_scalar(WHOLE_TABLE).fetch_one(&db.psql).await.unwrap();
     assert!(!recording_a_message_id_is_hot(&db, "due").await, "before: the partial indexes forbid a HOT update");
@@ -375,7 +375,7 @@ async fn unsent_transactions_migrate_up_and_down_keeping_every_row_and_its_state
     .await
     .unwrap();
 
-    assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261201000002));
+    revert_to_before_unsent_transactions(&db).await;
     let reverted: String = sqlx::query_scalar(
         "SELECT string_agg(row_to_json(t)::text, E'\\n' ORDER BY id) FROM (SELECT id, reference, message_id, attempts, \
          last_error, next_attempt_at, claimed_until, claim_token, failed_at FROM transactions ORDER BY id) t",
@@ -469,7 +469,7 @@ async fn relay_connections_skip_the_triggers_and_a_claim_takes_out_a_listed_row_
 #[tokio::test]
 async fn a_row_written_while_the_migration_runs_is_listed() {
     let db = TestDb::new().await;
-    assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261201000002));
+    revert_to_before_unsent_transactions(&db).await;
     // A relay still on the earlier schema, mid-transaction.
     let mut writer = db.psql.begin().await.unwrap();
     sqlx::query(
@@ -491,4 +491,10 @@ async fn a_row_written_while_the_migration_runs_is_listed() {
     migration.await.unwrap().unwrap();
     db.assert_unsent_rows_followed().await;
     assert_eq!(db.scalar_i64("SELECT count(*) FROM unsent_transactions").await, 1);
+}
+
+/// Reverts the migrations down to (and including) unsent_transactions.
+async fn revert_to_before_unsent_transactions(db: &TestDb) {
+    assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261201000003), "the resend audit");
+    assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261201000002), "unsent_transactions");
 }

@@ -1,0 +1,153 @@
+//! Resends by hand: choosing the rows a filter names, and the audit record
+//! each resend leaves.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::FromRow;
+
+use super::{Result, Store, dead_lettered, due_at, follow, follow_columns, not_sent, unsent};
+
+/// Which rows a resend takes. Every field narrows the choice; none set is
+/// every unsent row (and with `include_dead`, the dead-lettered ones too).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResendFilter {
+    /// Only this wallet's rows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wallet: Option<String>,
+    /// Only rows created at or after this time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<DateTime<Utc>>,
+    /// Only rows created before this time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub until: Option<DateTime<Utc>>,
+    /// Only rows whose last error contains this text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Dead-lettered rows too (revived first).
+    pub include_dead: bool,
+    /// Only dead-lettered rows (revived first).
+    pub dead_only: bool,
+}
+
+/// A row a resend would take.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, FromRow)]
+pub struct ResendRow {
+    pub id: i64,
+    pub reference: String,
+    pub wallet_address: String,
+    pub created_at: DateTime<Utc>,
+    pub attempts: i32,
+    pub dead_lettered: bool,
+    pub last_error: Option<String>,
+}
+
+/// Who resends, through what, and how, for the audit record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResendAudit {
+    /// The OS user, or an admin token's fingerprint: never a token.
+    pub actor: String,
+    /// `cli` or `http`.
+    pub via: &'static str,
+    /// `retry` or `retry-all`.
+    pub command: &'static str,
+}
+
+const SELECT: &str = concat!(
+    // Unsent rows come from their narrow table and dead-lettered ones from
+    // their partial index, so the choice never reads the sent history.
+    "SELECT t.id, t.reference, t.wallet_address, t.created_at, t.attempts, ",
+    dead_lettered!("t"),
+    " AS dead_lettered, t.last_error FROM transactions t \
+     WHERE t.id IN (SELECT id FROM unsent_transactions WHERE NOT $5 \
+     UNION ALL SELECT id FROM transactions d WHERE ($5 OR $6) AND ",
+    dead_lettered!("d"),
+    " AND ",
+    not_sent!("d"),
+    ") AND ($1::text IS NULL OR t.wallet_address = $1) \
+     AND ($2::timestamptz IS NULL OR t.created_at >= $2) \
+     AND ($3::timestamptz IS NULL OR t.created_at < $3) \
+     AND ($4::text IS NULL OR strpos(coalesce(t.last_error, ''), $4) > 0) \
+     ORDER BY t.id LIMIT $7"
+);
+
+/// Dead-lettered rows among `$1`, revived: due at once.
+const REVIVE: &str = concat!(
+    "WITH changed AS (UPDATE transactions SET failed_at = NULL, next_attempt_at = now(), \
+     updated_at = clock_timestamp() WHERE id = ANY ($1::bigint[]) AND ",
+    dead_lettered!("transactions"),
+    " AND ",
+    not_sent!("transactions"),
+    " RETURNING transactions.id, ",
+    follow_columns!(),
+    "), ",
+    follow!(),
+    " SELECT count(*) FROM changed"
+);
+
+impl Store {
+    /// The rows `filter` names, oldest first, at most `limit`.
+    pub async fn resend_candidates(&self, filter: &ResendFilter, limit: i64) -> Result<Vec<ResendRow>> {
+        self.on(self.pool())
+            .await?
+            .run(|c| {
+                sqlx::query_as(SELECT)
+                    .bind(&filter.wallet)
+                    .bind(filter.since)
+                    .bind(filter.until)
+                    .bind(&filter.error)
+                    .bind(filter.dead_only)
+                    .bind(filter.include_dead)
+                    .bind(limit)
+                    .fetch_all(c)
+            })
+            .await
+    }
+
+    /// Revives the dead-lettered rows among `ids`; returns how many.
+    pub async fn revive(&self, ids: &[i64]) -> Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let revived: i64 =
+            self.on(self.pool()).await?.run(|c| sqlx::query_scalar(REVIVE).bind(ids).fetch_one(c)).await?;
+        Ok(u64::try_from(revived).unwrap_or(0))
+    }
+
+    /// Writes the audit record of a resend about to start; returns its id.
+    pub async fn begin_resend(&self, audit: &ResendAudit, filter: &serde_json::Value, ids: &[i64]) -> Result<i64> {
+        self.on(self.pool())
+            .await?
+            .run(|c| {
+                sqlx::query_scalar(
+                    "INSERT INTO resend_audit (actor, via, command, filter, transaction_ids) \
+                     VALUES ($1, $2, $3, $4, $5) RETURNING id",
+                )
+                .bind(&audit.actor)
+                .bind(audit.via)
+                .bind(audit.command)
+                .bind(filter)
+                .bind(ids)
+                .fetch_one(c)
+            })
+            .await
+    }
+
+    /// Adds the outcome to a resend's audit record.
+    pub async fn finish_resend(&self, audit_id: i64, succeeded: u64, failed: u64, outcome: &str) -> Result<()> {
+        self.on(self.pool())
+            .await?
+            .run(|c| {
+                sqlx::query(
+                    "UPDATE resend_audit SET finished_at = now(), succeeded = $2, failed = $3, outcome = $4 \
+                     WHERE id = $1",
+                )
+                .bind(audit_id)
+                .bind(i32::try_from(succeeded).unwrap_or(i32::MAX))
+                .bind(i32::try_from(failed).unwrap_or(i32::MAX))
+                .bind(outcome)
+                .execute(c)
+            })
+            .await?;
+        Ok(())
+    }
+}

@@ -295,6 +295,12 @@ pub async fn retry_all(global: &Global, args: RetryAllArgs) -> Result<(), CliErr
         println!("revived: {}", report.revived);
     }
     println!("total: {}\nsucceeded: {}\nfailed: {}", report.total, report.succeeded, report.failed);
+    if report.not_taken > 0 {
+        println!(
+            "not taken: {} (held by a running relay, which sends them, or behind an older unsent row of their wallet)",
+            report.not_taken
+        );
+    }
     if let Some(reason) = &report.stopped {
         return Err(CliError::Failed(format!("stopped early: {reason}")));
     }

@@ -51,7 +51,7 @@ pub async fn retry_one(
     headers: HeaderMap,
 ) -> Result<Json<Retried>, ApiError> {
     let handle = authorize(&state, target.as_ref(), Access::Admin, &headers)?;
-    let _in_progress = handle.relay.enter();
+    let in_progress = handle.relay.enter();
     let raw = params.iter().find(|(k, _)| *k == "id").map(|(_, v)| v).unwrap_or_default();
     let id: i64 = raw
         .parse()
@@ -59,7 +59,17 @@ pub async fn retry_one(
         .filter(|id| *id > 0)
         .ok_or_else(|| ApiError::invalid("id", "must be a positive integer (the transaction's id)"))?;
     let audit = ResendAudit { actor: actor(&headers), via: "http", command: "retry" };
-    match handle.relay.retry_one(id, &audit).await {
+    // Its own task, counted as a request in progress: a request cut short
+    // (timeout, client gone) must not abandon a send before its message id
+    // and its audit outcome are recorded, nor a shutdown close the store
+    // under it.
+    let relay = handle.relay.clone();
+    let retried = tokio::spawn(async move {
+        let _in_progress = in_progress;
+        relay.retry_one(id, &audit).await
+    });
+    let Ok(retried) = retried.await else { return Err(ApiError::Internal) };
+    match retried {
         Ok(message_id) => Ok(Json(Retried { id, message_id, audit: "resend_audit" })),
         Err(RetryError::Claim(RetryOneError::NotFound(_))) => {
             Err(ApiError::NotFound(format!("no transaction with id {id}")))
@@ -89,7 +99,7 @@ struct RetryAllBody {
     include_dead: bool,
     #[serde(default)]
     dead_only: bool,
-    limit: Option<u64>,
+    limit: Option<i64>,
     rate: Option<f64>,
     #[serde(default)]
     dry_run: bool,
@@ -105,7 +115,7 @@ pub async fn retry_all(
 ) -> Result<Json<RetryAllReport>, ApiError> {
     let headers = request.headers().clone();
     let handle = authorize(&state, target.as_ref(), Access::Admin, &headers)?;
-    let _in_progress = handle.relay.enter();
+    let in_progress = handle.relay.enter();
     let limit = state.options.max_body_bytes;
     let body = to_bytes(request.into_body(), limit).await.map_err(|_| ApiError::PayloadTooLarge(limit))?;
     let body: RetryAllBody = if body.iter().all(u8::is_ascii_whitespace) {
@@ -124,10 +134,16 @@ pub async fn retry_all(
     if body.include_dead && body.dead_only {
         return Err(ApiError::invalid("dead_only", "include_dead and dead_only exclude each other"));
     }
-    let rows = body.limit.unwrap_or(DEFAULT_RESEND);
-    if !(1..=MAX_RESEND).contains(&rows) {
-        return Err(ApiError::invalid("limit", format!("must be between 1 and {MAX_RESEND}; use the CLI for more")));
-    }
+    let rows = match body.limit.map(u64::try_from) {
+        None => DEFAULT_RESEND,
+        Some(Ok(rows)) if (1..=MAX_RESEND).contains(&rows) => rows,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "limit",
+                format!("must be between 1 and {MAX_RESEND}; use the CLI for more"),
+            ));
+        }
+    };
     if let Some(rate) = body.rate {
         if !(rate.is_finite() && rate > 0.0) {
             return Err(ApiError::invalid("rate", "must be a positive number of messages per second"));
@@ -160,7 +176,10 @@ pub async fn retry_all(
     // Its own task: a request cut short (timeout, client gone) must not
     // abandon a resend half-way; it finishes and records its outcome.
     let relay = handle.relay.clone();
-    let resend = tokio::spawn(async move { relay.retry_all(&request, &audit, |_| {}).await });
+    let resend = tokio::spawn(async move {
+        let _in_progress = in_progress;
+        relay.retry_all(&request, &audit, |_| {}).await
+    });
     match resend.await {
         Ok(Ok(report)) => Ok(Json(report)),
         Ok(Err(error)) => Err(error.into()),

@@ -66,6 +66,9 @@ pub struct RetryAllReport {
     pub total: usize,
     pub succeeded: usize,
     pub failed: usize,
+    /// Chosen rows this run could not take: held by a running relay (which
+    /// sends them), or behind an older unsent row of their wallet.
+    pub not_taken: usize,
     /// Why the run stopped early, if it did.
     pub stopped: Option<String>,
     /// The rows chosen, for a dry run.
@@ -79,7 +82,7 @@ pub fn pace(rate: f64, sent: usize, elapsed: Duration) -> Duration {
     if !(rate.is_finite() && rate > 0.0) {
         return Duration::ZERO;
     }
-    Duration::from_secs_f64(sent as f64 / rate).saturating_sub(elapsed)
+    Duration::try_from_secs_f64(sent as f64 / rate).unwrap_or(Duration::MAX).saturating_sub(elapsed)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -344,18 +347,95 @@ impl Relay {
         let mut filter = serde_json::to_value(&request.filter).unwrap_or_default();
         filter["limit"] = serde_json::json!(request.limit);
         filter["rate"] = serde_json::json!(request.rate);
-        // The record exists before the first message goes out.
+        // The record exists before any row is revived or sent.
         let audit_id = self.store.begin_resend(audit, &filter, &ids).await?;
         report.audit_id = Some(audit_id);
         info!(target: "txrelay::audit", relay = %self.id, audit_id, actor = %audit.actor, via = audit.via,
-              command = audit.command, %filter, rows = ids.len(), ids = ?ids, "resend started");
-        let result = self.resend_rows(&rows, &ids, request.rate, &mut report, &mut progress).await;
+              command = audit.command, %filter, rows = ids.len(), first_ids = ?&ids[..ids.len().min(20)],
+              "resend started");
+        let result = self.resend_rows(&rows, request.rate, &mut report, &mut progress).await;
+        report.not_taken = report.selected.saturating_sub(report.total);
         let outcome = match (&result, &report.stopped) {
             (Err(error), _) => format!("stopped: {error}"),
             (Ok(()), Some(reason)) => format!("stopped: {reason}"),
+            (Ok(()), None) if report.not_taken > 0 => format!(
+                "completed; {} chosen rows not taken: held by a running relay, or behind an older unsent row of \
+                 their wallet",
+                report.not_taken
+            ),
             (Ok(()), None) => "completed".to_owned(),
         };
         let (succeeded, failed) = (report.succeeded as u64, report.failed as u64);
+        self.resend_finished(audit_id, audit, ids.len(), succeeded, failed, outcome).await;
+        result.map(|()| report)
+    }
+
+    /// Sends the chosen rows, dead-lettered ones revived as they are
+    /// claimed, at most `rate` per second, a slice of ids at a time.
+    async fn resend_rows(
+        &self,
+        rows: &[ResendRow],
+        rate: Option<f64>,
+        report: &mut RetryAllReport,
+        progress: &mut impl FnMut(&RetryAllReport),
+    ) -> Result<(), StoreError> {
+        const SLICE: usize = 1000;
+        let (_keep_open, never) = watch::channel(false);
+        let started = Instant::now();
+        let mut attempted = 0usize;
+        for slice in rows.chunks(SLICE) {
+            let dead: Vec<i64> = slice.iter().filter(|row| row.dead_lettered).map(|row| row.id).collect();
+            let unsent: Vec<i64> = slice.iter().filter(|row| !row.dead_lettered).map(|row| row.id).collect();
+            let mut skip: Vec<i64> = Vec::new();
+            for (ids, revive) in [(&dead, true), (&unsent, false)] {
+                if ids.is_empty() {
+                    continue;
+                }
+                loop {
+                    let mut round = self.config.batch_size.max(10) as usize;
+                    if let Some(rate) = rate {
+                        // About ten rounds a second, each started on time.
+                        round = round.min(((rate / 10.0).ceil() as usize).max(1));
+                        tokio::time::sleep(pace(rate, attempted, started.elapsed())).await;
+                    }
+                    let mode = if revive {
+                        ClaimMode::Revive { only: ids }
+                    } else {
+                        ClaimMode::Force { skip: &skip, only: ids }
+                    };
+                    let sweep = self.sweep(mode, round as u32, &never).await?;
+                    if sweep.claimed == 0 {
+                        break;
+                    }
+                    attempted += sweep.claimed;
+                    report.revived += if revive { sweep.claimed as u64 } else { 0 };
+                    report.total += sweep.sent + sweep.failed;
+                    report.succeeded += sweep.sent;
+                    report.failed += sweep.failed;
+                    skip.extend(&sweep.failed_ids);
+                    skip.extend(&sweep.released_ids);
+                    progress(report);
+                    if let Some(error) = sweep.queue_error {
+                        report.stopped = Some(format!("queue unreachable: {error}"));
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds the outcome to a resend's audit record, logs it and tells the
+    /// hook (the operator's Event).
+    async fn resend_finished(
+        &self,
+        audit_id: i64,
+        audit: &ResendAudit,
+        rows: usize,
+        succeeded: u64,
+        failed: u64,
+        outcome: String,
+    ) {
         if let Err(error) = self.store.finish_resend(audit_id, succeeded, failed, &outcome).await {
             warn!(relay = %self.id, audit_id, %error, "could not record the outcome of the resend");
         }
@@ -365,80 +445,49 @@ impl Relay {
             actor: audit.actor.clone(),
             via: audit.via,
             command: audit.command,
-            rows: ids.len(),
+            rows,
             succeeded,
             failed,
             outcome,
         });
-        result.map(|()| report)
-    }
-
-    /// Revives the chosen dead-lettered rows, then sends every chosen row,
-    /// at most `rate` per second.
-    async fn resend_rows(
-        &self,
-        rows: &[ResendRow],
-        ids: &[i64],
-        rate: Option<f64>,
-        report: &mut RetryAllReport,
-        progress: &mut impl FnMut(&RetryAllReport),
-    ) -> Result<(), StoreError> {
-        let dead: Vec<i64> = rows.iter().filter(|row| row.dead_lettered).map(|row| row.id).collect();
-        report.revived = self.store.revive(&dead).await?;
-        let (_keep_open, never) = watch::channel(false);
-        let mut skip: Vec<i64> = Vec::new();
-        let started = Instant::now();
-        while report.total < ids.len() {
-            let mut round = (ids.len() - report.total).min(self.config.batch_size.max(10) as usize);
-            if let Some(rate) = rate {
-                // A round of at most one second's worth, started on time.
-                round = round.min((rate.ceil() as usize).max(1));
-                tokio::time::sleep(pace(rate, report.total, started.elapsed())).await;
-            }
-            let only = ids;
-            let sweep = self.sweep(ClaimMode::Force { skip: &skip, only }, round as u32, &never).await?;
-            if sweep.claimed == 0 {
-                break;
-            }
-            report.total += sweep.sent + sweep.failed;
-            report.succeeded += sweep.sent;
-            report.failed += sweep.failed;
-            skip.extend(&sweep.failed_ids);
-            skip.extend(&sweep.released_ids);
-            progress(report);
-            if let Some(error) = sweep.queue_error {
-                report.stopped = Some(format!("queue unreachable: {error}"));
-                break;
-            }
-        }
-        Ok(())
     }
 
     /// Sends one row now (`txrelay retry ID`), reviving it if dead-lettered.
+    /// The audit record is written first, before the row is revived or
+    /// claimed, and gets its outcome whatever happens after.
     pub async fn retry_one(&self, id: i64, audit: &ResendAudit) -> Result<String, RetryError> {
-        let (row, claim) = self.store.claim_one(id, self.config.claim_lease, self.is_fifo()).await?;
-        self.track([claim]);
-        // The record exists before the message goes out.
-        let filter = serde_json::json!({ "id": id });
-        let audit_id = match self.store.begin_resend(audit, &filter, &[id]).await {
-            Ok(audit_id) => audit_id,
-            Err(error) => {
-                let _ = self.store.release(&[claim]).await;
-                self.untrack([row.id]);
-                return Err(error.into());
-            }
-        };
+        let audit_id = self.store.begin_resend(audit, &serde_json::json!({ "id": id }), &[id]).await?;
         info!(target: "txrelay::audit", relay = %self.id, audit_id, actor = %audit.actor, via = audit.via,
               command = audit.command, id, "resend started");
+        let result = self.send_one_now(id).await;
+        let (succeeded, outcome) = match &result {
+            Ok(message_id) => (1, format!("sent: {message_id}")),
+            Err(RetryError::Claim(refused)) => (0, format!("refused: {refused}")),
+            Err(error) => (0, format!("failed: {error}")),
+        };
+        let failed = u64::from(matches!(&result, Err(e) if !matches!(e, RetryError::Claim(_))));
+        self.resend_finished(audit_id, audit, 1, succeeded, failed, outcome).await;
+        result
+    }
+
+    async fn send_one_now(&self, id: i64) -> Result<String, RetryError> {
+        let (row, claim) = self.store.claim_one(id, self.config.claim_lease, self.is_fifo()).await?;
+        self.track([claim]);
+        let result = self.send_claimed(&row, claim).await;
+        self.untrack([row.id]);
+        result
+    }
+
+    async fn send_claimed(&self, row: &crate::store::ClaimedRow, claim: ClaimRef) -> Result<String, RetryError> {
         let timeout = self.config.call_timeout();
-        let sent = match message::outbound(&row, self.ledger_token.as_ref()) {
+        let sent = match message::outbound(row, self.ledger_token.as_ref()) {
             Ok(message) => match tokio::time::timeout(timeout, self.queue.send(&message)).await {
                 Ok(result) => result,
                 Err(_) => Err(SendFailure::unreachable(format!("SendMessage timed out after {timeout:?}"))),
             },
             Err(error) => Err(SendFailure::message(error)),
         };
-        let result = match sent {
+        match sent {
             Ok(message_id) => {
                 self.mark_queue(true, None);
                 self.store.record_sent(&[(claim, message_id.clone())]).await?;
@@ -458,27 +507,7 @@ impl Relay {
                 let dead_lettered = rows.iter().any(|r| r.failed_at.is_some());
                 Err(RetryError::Send { failure, dead_lettered })
             }
-        };
-        self.untrack([row.id]);
-        let (succeeded, outcome) = match &result {
-            Ok(message_id) => (1, format!("sent: {message_id}")),
-            Err(error) => (0, format!("failed: {error}")),
-        };
-        if let Err(error) = self.store.finish_resend(audit_id, succeeded, 1 - succeeded, &outcome).await {
-            warn!(relay = %self.id, audit_id, %error, "could not record the outcome of the resend");
         }
-        info!(target: "txrelay::audit", relay = %self.id, audit_id, succeeded, %outcome, "resend finished");
-        self.resend_ended(&ResendNotice {
-            audit_id,
-            actor: audit.actor.clone(),
-            via: audit.via,
-            command: audit.command,
-            rows: 1,
-            succeeded,
-            failed: 1 - succeeded,
-            outcome,
-        });
-        result
     }
 }
 
@@ -495,5 +524,6 @@ mod pace_tests {
         assert_eq!(pace(0.5, 1, Duration::ZERO), Duration::from_secs(2));
         assert_eq!(pace(0.0, 10, Duration::ZERO), Duration::ZERO, "no rate: no pacing");
         assert_eq!(pace(f64::NAN, 10, Duration::ZERO), Duration::ZERO);
+        assert_eq!(pace(1e-300, 10, Duration::ZERO), Duration::MAX, "no panic on an absurd rate");
     }
 }

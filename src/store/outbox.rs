@@ -31,6 +31,10 @@ pub enum ClaimMode<'a> {
     /// The unsent rows of `only` not held by a process, ignoring backoff,
     /// except those in `skip` (already tried in this run): `retry-all`.
     Force { skip: &'a [i64], only: &'a [i64] },
+    /// The dead-lettered rows of `only`, revived and claimed in the same
+    /// statement, so no running relay can take them unpaced and unaudited:
+    /// `retry-all --include-dead / --dead-only`.
+    Revive { only: &'a [i64] },
 }
 
 #[derive(Debug)]
@@ -272,6 +276,24 @@ macro_rules! next_due_sql {
 const NEXT_DUE: &str = next_due_sql!("");
 const NEXT_DUE_FIFO: &str = next_due_sql!(concat!(" WHERE ", first_of_its_wallet!("u")));
 
+/// Dead-lettered rows of `$4`, revived and held by this claim at once. On
+/// a FIFO queue only a row with no older unsent row of its wallet.
+const CLAIM_REVIVE: &str = and_follow!(
+    concat!(
+        "UPDATE transactions SET failed_at = NULL, next_attempt_at = now(), \
+         claimed_until = now() + $2 * interval '1 millisecond', claim_token = $3, updated_at = clock_timestamp() \
+         WHERE id = ANY (ARRAY(SELECT t.id FROM transactions t WHERE t.id = ANY ($4::bigint[]) AND ",
+        dead_lettered!("t"),
+        " AND ",
+        not_sent!("t"),
+        " AND (NOT $5 OR ",
+        first_of_its_wallet!("t"),
+        ") ORDER BY t.id LIMIT $1 FOR UPDATE SKIP LOCKED))"
+    ),
+    "id, reference, idempotency_key, wallet_address, source, attempts, payload::text AS payload",
+    "SELECT * FROM changed"
+);
+
 const CLAIM_ONE: &str = and_follow!(
     concat!(
         "UPDATE transactions SET failed_at = NULL, claimed_until = now() + $2 * interval '1 millisecond', \
@@ -298,10 +320,13 @@ impl Store {
             (ClaimMode::Due, true) => sqlx::query_as(CLAIM_DUE_FIFO),
             (ClaimMode::Force { .. }, false) => sqlx::query_as(CLAIM_FORCE),
             (ClaimMode::Force { .. }, true) => sqlx::query_as(CLAIM_FORCE_FIFO),
+            (ClaimMode::Revive { .. }, _) => sqlx::query_as(CLAIM_REVIVE),
         };
         let mut query = query.bind(i64::from(limit)).bind(lease_ms).bind(token);
-        if let ClaimMode::Force { skip, only } = mode {
-            query = query.bind(skip).bind(only);
+        match mode {
+            ClaimMode::Due => {}
+            ClaimMode::Force { skip, only } => query = query.bind(skip).bind(only),
+            ClaimMode::Revive { only } => query = query.bind(only).bind(fifo),
         }
         let mut rows: Vec<ClaimedRow> = self.on(self.bookkeeping()).await?.run(|c| query.fetch_all(c)).await?;
         rows.sort_by_key(|row| row.id);

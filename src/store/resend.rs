@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::FromRow;
 
-use super::{Result, Store, dead_lettered, due_at, follow, follow_columns, not_sent, unsent};
+use super::{Result, Store, dead_lettered, not_sent};
 
 /// Which rows a resend takes. Every field narrows the choice; none set is
 /// every unsent row (and with `include_dead`, the dead-lettered ones too).
@@ -70,20 +70,6 @@ const SELECT: &str = concat!(
      ORDER BY t.id LIMIT $7"
 );
 
-/// Dead-lettered rows among `$1`, revived: due at once.
-const REVIVE: &str = concat!(
-    "WITH changed AS (UPDATE transactions SET failed_at = NULL, next_attempt_at = now(), \
-     updated_at = clock_timestamp() WHERE id = ANY ($1::bigint[]) AND ",
-    dead_lettered!("transactions"),
-    " AND ",
-    not_sent!("transactions"),
-    " RETURNING transactions.id, ",
-    follow_columns!(),
-    "), ",
-    follow!(),
-    " SELECT count(*) FROM changed"
-);
-
 impl Store {
     /// The rows `filter` names, oldest first, at most `limit`.
     pub async fn resend_candidates(&self, filter: &ResendFilter, limit: i64) -> Result<Vec<ResendRow>> {
@@ -101,16 +87,6 @@ impl Store {
                     .fetch_all(c)
             })
             .await
-    }
-
-    /// Revives the dead-lettered rows among `ids`; returns how many.
-    pub async fn revive(&self, ids: &[i64]) -> Result<u64> {
-        if ids.is_empty() {
-            return Ok(0);
-        }
-        let revived: i64 =
-            self.on(self.pool()).await?.run(|c| sqlx::query_scalar(REVIVE).bind(ids).fetch_one(c)).await?;
-        Ok(u64::try_from(revived).unwrap_or(0))
     }
 
     /// Writes the audit record of a resend about to start; returns its id.

@@ -11,6 +11,9 @@ use crate::common::*;
 
 /// Rows in the states a filter tells apart, returned by name.
 struct Rows {
+    /// The oldest row of all, in no filter's choice but the widest: a
+    /// resend that ignored its chosen ids would take it first.
+    decoy_w3: i64,
     old_w1: i64,
     new_w1: i64,
     throttled_w2: i64,
@@ -19,12 +22,18 @@ struct Rows {
 }
 
 async fn rows(db: &TestDb) -> Rows {
+    let decoy_w3 = insert_unsent(db, "w3").await;
     let old_w1 = insert_unsent(db, "w1").await;
     let new_w1 = insert_unsent(db, "w1").await;
     let throttled_w2 = insert_unsent(db, "w2").await;
     let dead_w2 = insert_unsent(db, "w2").await;
     let sent_w1 = insert_unsent(db, "w1").await;
-    db.execute(&format!("UPDATE transactions SET created_at = '2026-01-01T00:00:00Z' WHERE id = {old_w1}")).await;
+    // Creation times of their own, whatever today's date.
+    db.execute("UPDATE transactions SET created_at = '2026-11-01T00:00:00Z'").await;
+    db.execute(&format!(
+        "UPDATE transactions SET created_at = '2026-01-01T00:00:00Z' WHERE id IN ({old_w1}, {decoy_w3})"
+    ))
+    .await;
     db.execute(&format!(
         "UPDATE transactions SET last_error = 'ThrottlingException: slow down', attempts = 2 WHERE id = {throttled_w2}"
     ))
@@ -37,7 +46,7 @@ async fn rows(db: &TestDb) -> Rows {
         .await;
     // Nothing is due by itself: only a resend sends.
     db.execute("UPDATE transactions SET next_attempt_at = now() + interval '1 hour'").await;
-    Rows { old_w1, new_w1, throttled_w2, dead_w2, sent_w1 }
+    Rows { decoy_w3, old_w1, new_w1, throttled_w2, dead_w2, sent_w1 }
 }
 
 /// actor, via, command, filter, transaction_ids, succeeded, outcome
@@ -72,12 +81,12 @@ async fn filters_choose_exactly_the_rows_they_name_and_a_dry_run_changes_nothing
             .await
             .unwrap();
     let cases: [(&[&str], Vec<i64>); 7] = [
-        (&[], vec![r.old_w1, r.new_w1, r.throttled_w2]),
-        (&["--include-dead"], vec![r.old_w1, r.new_w1, r.throttled_w2, r.dead_w2]),
+        (&[], vec![r.decoy_w3, r.old_w1, r.new_w1, r.throttled_w2]),
+        (&["--include-dead"], vec![r.decoy_w3, r.old_w1, r.new_w1, r.throttled_w2, r.dead_w2]),
         (&["--dead-only"], vec![r.dead_w2]),
         (&["--wallet", "w1"], vec![r.old_w1, r.new_w1]),
         (&["--since", "2026-06-01"], vec![r.new_w1, r.throttled_w2]),
-        (&["--until", "2026-06-01T00:00:00Z"], vec![r.old_w1]),
+        (&["--until", "2026-06-01T00:00:00Z"], vec![r.decoy_w3, r.old_w1]),
         (&["--error", "Throttling", "--include-dead"], vec![r.throttled_w2]),
     ];
     for (filter, expected) in cases {
@@ -89,7 +98,7 @@ async fn filters_choose_exactly_the_rows_they_name_and_a_dry_run_changes_nothing
         assert!(stdout.contains(&format!("would resend: {}", expected.len())), "{stdout}");
     }
     let (code, stdout, _) = cli(&db, &queue, &["retry-all", "--dry-run", "--limit", "1"]).await;
-    assert_eq!((code, listed(&stdout)), (0, vec![r.old_w1]), "the limit takes the oldest");
+    assert_eq!((code, listed(&stdout)), (0, vec![r.decoy_w3]), "the limit takes the oldest");
     assert!(!listed(&cli(&db, &queue, &["retry-all", "--dry-run", "--include-dead"]).await.1).contains(&r.sent_w1));
 
     let after: String =
@@ -109,7 +118,14 @@ async fn each_resend_from_the_cli_leaves_one_audit_record_and_one_log_line() {
     let (code, stdout, stderr) = cli(&db, &queue, &["retry-all", "--wallet", "w1", "--rate", "100/s"]).await;
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("succeeded: 2"), "{stdout}");
-    assert_eq!(queue.receive(2, Duration::from_secs(10)).await.len(), 2);
+    assert_eq!(queue.receive(3, Duration::from_secs(3)).await.len(), 2, "the two rows of w1, and nothing else");
+    let still_unsent = db
+        .scalar_i64(&format!(
+            "SELECT count(*) FROM transactions WHERE message_id IS NULL AND id IN ({}, {})",
+            r.decoy_w3, r.throttled_w2
+        ))
+        .await;
+    assert_eq!(still_unsent, 2, "rows the filter did not name stay as they were");
     assert!(stderr.contains("resend started") && stderr.contains("alice"), "one structured line: {stderr}");
 
     let (code, _, stderr) = cli(&db, &queue, &["retry-all", "--dead-only"]).await;
@@ -133,6 +149,7 @@ async fn each_resend_from_the_cli_leaves_one_audit_record_and_one_log_line() {
     assert_eq!(records[1].4, vec![r.dead_w2]);
     assert_eq!(records[1].3["dead_only"], true);
     assert_eq!((records[2].2.as_str(), &records[2].4), ("retry", &vec![r.throttled_w2]));
+    assert!(records.iter().all(|record| record.5.is_some()), "every record has its outcome");
     let _ = r.sent_w1;
 }
 
@@ -161,6 +178,11 @@ async fn the_http_retry_endpoints_need_the_admin_token_and_answer_each_case_as_d
     // Already sent: refused, and nothing is sent again.
     let (status, body) = post(&app, &retry(r.sent_w1), Some(ADMIN_TOKEN), json!({})).await;
     assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("already_sent")));
+    // Held by a running relay: refused until its lease ends.
+    db.execute(&format!("UPDATE transactions SET claimed_until = now() + interval '1 hour' WHERE id = {}", r.decoy_w3))
+        .await;
+    let (status, body) = post(&app, &retry(r.decoy_w3), Some(ADMIN_TOKEN), json!({})).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("held")));
 
     // A dead-lettered row is revived and sent.
     let (status, body) = post(&app, &retry(r.dead_w2), Some(ADMIN_TOKEN), json!({})).await;
@@ -180,6 +202,7 @@ async fn the_http_retry_endpoints_need_the_admin_token_and_answer_each_case_as_d
     assert_eq!((body["selected"].as_i64(), body["succeeded"].as_i64()), (Some(2), Some(2)));
     for (body, field) in [
         (json!({"limit": 0}), "limit"),
+        (json!({"limit": -1}), "limit"),
         (json!({"limit": 5000}), "limit"),
         (json!({"rate": 0.01, "limit": 100}), "rate"),
         (json!({"dead_only": true, "include_dead": true}), "dead_only"),
@@ -195,15 +218,27 @@ async fn the_http_retry_endpoints_need_the_admin_token_and_answer_each_case_as_d
     let (status, _) = post(&app, "/retry-all", Some(ADMIN_TOKEN), json!({"unknown": 1})).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 
-    let records: Vec<(String, String, String, Vec<i64>)> =
-        sqlx::query_as("SELECT actor, via, command, transaction_ids FROM resend_audit ORDER BY id")
+    let records: Vec<(String, String, String, Vec<i64>, String)> =
+        sqlx::query_as("SELECT actor, via, command, transaction_ids, outcome FROM resend_audit ORDER BY id")
             .fetch_all(&db.psql)
             .await
             .unwrap();
-    assert_eq!(records.len(), 2, "one record per resend, none for refusals or dry runs: {records:?}");
-    assert_eq!((records[0].2.as_str(), &records[0].3), ("retry", &vec![r.dead_w2]));
-    assert_eq!((records[1].2.as_str(), &records[1].3), ("retry-all", &vec![r.old_w1, r.new_w1]));
-    for (actor, via, _, _) in &records {
+    let summary: Vec<(&str, &[i64], &str)> = records
+        .iter()
+        .map(|(_, _, command, ids, outcome)| (command.as_str(), ids.as_slice(), outcome.split(':').next().unwrap()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("retry", &[999_999][..], "refused"),
+            ("retry", &[r.sent_w1][..], "refused"),
+            ("retry", &[r.decoy_w3][..], "refused"),
+            ("retry", &[r.dead_w2][..], "sent"),
+            ("retry-all", &[r.old_w1, r.new_w1][..], "completed"),
+        ],
+        "one record per attempt, with its outcome; none for bad requests or dry runs"
+    );
+    for (actor, via, _, _, _) in &records {
         assert_eq!(via, "http");
         assert!(actor.starts_with("admin token sha256:") && !actor.contains(ADMIN_TOKEN), "{actor}");
     }

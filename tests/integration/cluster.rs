@@ -34,20 +34,15 @@ async fn cluster(db: &TestDb, queue: &TestQueue) -> Cluster {
 /// Runs `program` with nothing but the kubeconfig: no database URL, no
 /// queue settings, no AWS credentials in its environment.
 async fn run(program: &Path, cluster: &Cluster, args: &[&str]) -> (i32, String, String) {
-    let output = Command::new(program)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("KUBECONFIG", &cluster.kubeconfig)
-        .env("RUST_LOG", "trace")
-        .args(args)
-        .output()
-        .await
-        .unwrap();
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
+    run_to_end(
+        Command::new(program)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("KUBECONFIG", &cluster.kubeconfig)
+            .env("RUST_LOG", "trace")
+            .args(args),
     )
+    .await
 }
 
 async fn txrelay(cluster: &Cluster, args: &[&str]) -> (i32, String, String) {

@@ -53,17 +53,7 @@ async fn rows(db: &TestDb) -> Rows {
 type AuditRecord = (String, String, String, Value, Vec<i64>, Option<i32>, Option<String>);
 
 async fn cli(db: &TestDb, queue: &TestQueue, args: &[&str]) -> (i32, String, String) {
-    let output = command(&db.url, &db.schema, &queue.url, &queue.endpoint)
-        .env("USER", "alice")
-        .args(args)
-        .output()
-        .await
-        .unwrap();
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    run_to_end(command(&db.url, &db.schema, &queue.url, &queue.endpoint).env("USER", "alice").args(args)).await
 }
 
 /// The ids a dry run lists.

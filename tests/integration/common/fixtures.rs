@@ -269,6 +269,16 @@ impl Drop for RunningLoop {
     }
 }
 
+/// Runs `command` to its end: exit code, stdout, stderr.
+pub async fn run_to_end(command: &mut Command) -> (i32, String, String) {
+    let output = command.output().await.expect("the program runs");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
 pub fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_txrelay"))
 }

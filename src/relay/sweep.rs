@@ -399,7 +399,7 @@ impl Relay {
                         tokio::time::sleep(pace(rate, attempted, started.elapsed())).await;
                     }
                     let mode = if revive {
-                        ClaimMode::Revive { only: ids }
+                        ClaimMode::Revive { skip: &skip, only: ids }
                     } else {
                         ClaimMode::Force { skip: &skip, only: ids }
                     };

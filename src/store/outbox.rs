@@ -32,9 +32,10 @@ pub enum ClaimMode<'a> {
     /// except those in `skip` (already tried in this run): `retry-all`.
     Force { skip: &'a [i64], only: &'a [i64] },
     /// The dead-lettered rows of `only`, revived and claimed in the same
-    /// statement, so no running relay can take them unpaced and unaudited:
+    /// statement, so no running relay can take them unpaced and unaudited,
+    /// except those in `skip` (tried in this run, and dead-lettered again):
     /// `retry-all --include-dead / --dead-only`.
-    Revive { only: &'a [i64] },
+    Revive { skip: &'a [i64], only: &'a [i64] },
 }
 
 #[derive(Debug)]
@@ -286,7 +287,7 @@ const CLAIM_REVIVE: &str = and_follow!(
         dead_lettered!("t"),
         " AND ",
         not_sent!("t"),
-        " AND (NOT $5 OR ",
+        " AND NOT (t.id = ANY ($6::bigint[])) AND (NOT $5 OR ",
         first_of_its_wallet!("t"),
         ") ORDER BY t.id LIMIT $1 FOR UPDATE SKIP LOCKED))"
     ),
@@ -326,7 +327,7 @@ impl Store {
         match mode {
             ClaimMode::Due => {}
             ClaimMode::Force { skip, only } => query = query.bind(skip).bind(only),
-            ClaimMode::Revive { only } => query = query.bind(only).bind(fifo),
+            ClaimMode::Revive { skip, only } => query = query.bind(only).bind(fifo).bind(skip),
         }
         let mut rows: Vec<ClaimedRow> = self.on(self.bookkeeping()).await?.run(|c| query.fetch_all(c)).await?;
         rows.sort_by_key(|row| row.id);

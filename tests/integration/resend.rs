@@ -233,3 +233,31 @@ async fn the_http_retry_endpoints_need_the_admin_token_and_answer_each_case_as_d
         assert!(actor.starts_with("admin token sha256:") && !actor.contains(ADMIN_TOKEN), "{actor}");
     }
 }
+
+#[tokio::test]
+async fn a_dead_row_that_fails_again_is_tried_once_per_resend() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let dead = insert_unsent(&db, "w").await;
+    let reference: String = sqlx::query_scalar("SELECT reference FROM transactions WHERE id = $1")
+        .bind(dead)
+        .fetch_one(&db.psql)
+        .await
+        .unwrap();
+    db.execute(&format!("UPDATE transactions SET failed_at = now(), last_error = 'refused' WHERE id = {dead}")).await;
+    // The queue refuses this message for itself (SenderFault): every send
+    // of it dead-letters it again.
+    let proxy = crate::common::proxy::SqsProxy::start(&queue.endpoint).await;
+    proxy.faults(|f| f.refuse_entries = Some((reference, true)));
+    let started = std::time::Instant::now();
+    let (code, stdout, stderr) = run_to_end(
+        command(&db.url, &db.schema, &queue.url, &proxy.endpoint)
+            .env("USER", "alice")
+            .args(["retry-all", "--dead-only"]),
+    )
+    .await;
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(stdout.contains("total: 1\nsucceeded: 0\nfailed: 1"), "{stdout}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM transactions WHERE failed_at IS NOT NULL").await, 1);
+    assert_eq!(db.scalar_i64("SELECT attempts::int8 FROM transactions").await, 1, "one attempt, not a loop");
+}

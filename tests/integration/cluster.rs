@@ -281,3 +281,38 @@ async fn doctor_passes_a_healthy_relay_and_names_each_broken_dependency_with_a_f
     assert!(stdout.contains("✗ no ingest token"), "{stdout}");
     let _ = std::fs::remove_dir_all(&cluster.dir);
 }
+
+#[tokio::test]
+async fn doctor_with_a_manifest_checks_the_environment_and_names_what_is_wrong() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    db.store.migrate().await.unwrap();
+    let doctor = |manifest: Option<&std::path::Path>, without: Option<&str>| {
+        let mut command = command(&db.url, &db.schema, &queue.url, &queue.endpoint);
+        command.env("RELAY_API_TOKENS", "a-token").arg("doctor");
+        if let Some(path) = manifest {
+            command.arg("--config").arg(path);
+        }
+        if let Some(variable) = without {
+            command.env_remove(variable);
+        }
+        async move { run_to_end(&mut command).await }
+    };
+    let good = manifest_file(&spec(&db.schema));
+    let (code, stdout, stderr) = doctor(Some(&*good), None).await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    for line in ["✓ manifest ", "✓ settings resolve from the environment", "✓ queue answers", "✓ ingest tokens set (1)"]
+    {
+        assert!(stdout.contains(line), "{line:?} in:\n{stdout}");
+    }
+
+    let mut invalid = spec(&db.schema);
+    invalid.batch_size = 5000;
+    let bad = manifest_file(&invalid);
+    let (code, stdout, _) = doctor(Some(&*bad), None).await;
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("✗ manifest: spec.batchSize"), "the field is named: {stdout}");
+
+    let (code, stdout, _) = doctor(Some(&*good), Some("SQS_QUEUE_URL")).await;
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("✗ ") && stdout.contains("SQS_QUEUE_URL"), "the variable is named: {stdout}");
+}

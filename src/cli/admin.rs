@@ -129,15 +129,8 @@ async fn settings(global: &Global, pool_size: u32) -> Result<RelaySettings, CliE
         Some(relay) => super::cluster::settings(relay, global.context.as_deref(), pool_size).await?,
         None => return Ok(config::relay_settings(&global.manifest()?, &ProcessEnv, pool_size)?),
     };
-    if let Some(schema) = &global.schema {
-        if !crate::spec::is_schema_name(schema) {
-            return Err(config::ConfigError::new(
-                "--schema",
-                format!("must match {}", crate::spec::SCHEMA_NAME_PATTERN),
-            )
-            .into());
-        }
-        settings.spec.database.schema = schema.clone();
+    if let Some(schema) = global.schema()? {
+        settings.spec.database.schema = schema;
     }
     Ok(settings)
 }

@@ -177,13 +177,20 @@ impl Global {
             Some(path) => Manifest::load(path)?,
             None => Manifest::default_relay(),
         };
-        if let Some(schema) = &self.schema {
-            if !crate::spec::is_schema_name(schema) {
-                return Err(ConfigError::new("--schema", format!("must match {}", crate::spec::SCHEMA_NAME_PATTERN)));
-            }
-            manifest.spec.database.schema = schema.clone();
+        if let Some(schema) = self.schema()? {
+            manifest.spec.database.schema = schema;
         }
         Ok(manifest)
+    }
+
+    /// `--schema`, checked: it overrides the manifest's or the resource's.
+    pub fn schema(&self) -> Result<Option<String>, ConfigError> {
+        match &self.schema {
+            Some(schema) if !crate::spec::is_schema_name(schema) => {
+                Err(ConfigError::new("--schema", format!("must match {}", crate::spec::SCHEMA_NAME_PATTERN)))
+            }
+            other => Ok(other.clone()),
+        }
     }
 }
 

@@ -8,6 +8,48 @@ use txrelay::transaction::limits;
 
 use crate::common::{TestDb, insert_created, new_tx, unique, wait_until};
 
+/// sqlx-core 0.9.0 left Nagle's algorithm on: a group INSERT's last segment
+/// then waited for PostgreSQL's delayed ACK, ~40 ms, on about one group in
+/// ten (vendor/README.md). Checked on the socket itself, found by the port
+/// PostgreSQL sees (every pool of the store connects the same way).
+#[tokio::test]
+async fn database_connections_are_tcp_nodelay() {
+    let db = TestDb::new().await;
+    let mut connection = db.store.pool().acquire().await.expect("a connection");
+    let port: Option<i32> =
+        sqlx::query_scalar("SELECT inet_client_port()").fetch_one(&mut *connection).await.expect("client port");
+    let port = port.expect("the test database is reached over TCP");
+    let nodelay = tcp_nodelay_of_local_port(u16::try_from(port).expect("a port"));
+    assert_eq!(nodelay, Some(true), "the connection from port {port} must set TCP_NODELAY");
+}
+
+/// TCP_NODELAY of this process's IPv4 socket bound to `port`, if there is one.
+/// Other tests open and close sockets meanwhile: a descriptor that changes
+/// hands between the listing and the calls fails them or does not match.
+fn tcp_nodelay_of_local_port(port: u16) -> Option<bool> {
+    for entry in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
+        let Some(fd) = entry.file_name().to_str().and_then(|name| name.parse::<libc::c_int>().ok()) else { continue };
+        // SAFETY: plain system calls on a descriptor number with buffers
+        // sized for them; nothing is closed or taken over.
+        unsafe {
+            let mut address: libc::sockaddr_in = std::mem::zeroed();
+            let mut length = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            if libc::getsockname(fd, (&raw mut address).cast(), &mut length) != 0
+                || libc::c_int::from(address.sin_family) != libc::AF_INET
+                || u16::from_be(address.sin_port) != port
+            {
+                continue;
+            }
+            let mut value: libc::c_int = 0;
+            let mut size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            if libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, (&raw mut value).cast(), &mut size) == 0 {
+                return Some(value != 0);
+            }
+        }
+    }
+    None
+}
+
 #[tokio::test]
 async fn save_and_fetch_round_trips_every_column() {
     let db = TestDb::new().await;

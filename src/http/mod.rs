@@ -189,6 +189,12 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        // Answers are small and written as soon as they are ready; with
+        // Nagle's algorithm on, a segment written while an earlier one is
+        // unacknowledged waits for the client's delayed ACK (up to 40 ms).
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, %peer, "could not set TCP_NODELAY");
+        }
         // Cannot fail: the make-service only attaches the peer address.
         let Ok(service) = make_service.call(peer).await;
         let mut connection = hyper::server::conn::http1::Builder::new();

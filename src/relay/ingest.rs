@@ -319,10 +319,13 @@ impl Relay {
     }
 }
 
-/// Groups committed at once: PostgreSQL's own group commit flushes the WAL
-/// of concurrent commits together, so a few groups in flight keep the disk
-/// busy while each stays large under load.
-pub const GROUPS_IN_FLIGHT: usize = 4;
+/// Groups committed at once. One: the next group is whatever arrived while
+/// this one committed, so groups grow with load on their own. Measured with
+/// `just bench` (BENCHMARKS.md): at 32 connections one group in flight gave
+/// groups of ~10 rows and the most requests per second, two gave groups of
+/// ~5 and 13 % fewer, four groups of ~3 and 35 % fewer, each extra statement
+/// costing both processes CPU on the shared cores.
+pub const GROUPS_IN_FLIGHT: usize = 1;
 
 /// The group-commit task of one relay: ends when the relay is dropped.
 async fn commit_groups(relay: Weak<Relay>, mut requests: mpsc::UnboundedReceiver<Pending>) {

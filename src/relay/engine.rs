@@ -5,6 +5,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use sqlx::postgres::PgListener;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -33,6 +35,11 @@ const HEALTH_TIMEOUT: Duration = Duration::from_millis(800);
 /// Shortest sleep after a sweep that left due rows behind (held by other
 /// processes, or waiting behind an older row of their wallet).
 const MIN_SLEEP: Duration = Duration::from_millis(20);
+/// Sweeps in flight while draining a backlog: one claims or records while
+/// another sends.
+const DRAIN_OVERLAP: usize = 2;
+/// A drain returns to the loop this often, so gauges and retention run.
+const DRAIN_TURN: Duration = GAUGE_MIN_AGE;
 
 struct LoopState {
     /// The last sweep claimed a full batch: a backlog is being drained.
@@ -152,21 +159,47 @@ impl Relay {
         }
     }
 
-    /// One sweep; or, while draining a backlog (the last sweep was full),
-    /// two overlapping sweeps, so one claims and records while the other
-    /// sends. Calls in flight stay within `concurrency` (shared permits).
+    /// One sweep; or, while draining a backlog (the last sweep was full), a
+    /// pipeline of [`DRAIN_OVERLAP`] sweeps: whenever one ends full, the next
+    /// starts at once, so claiming and recording overlap sending with no
+    /// pause for the slowest of a pair. Calls in flight stay within
+    /// `concurrency` (shared permits). The drain hands back to the loop
+    /// after [`DRAIN_TURN`] (gauges, retention) or when a sweep comes back
+    /// short, refused by the queue, or failed, once every sweep it started
+    /// has recorded its results.
     async fn sweep_or_drain(&self, draining: bool, stop: &watch::Receiver<bool>) -> Result<SweepReport, StoreError> {
         let limit = self.config.batch_size;
         if !draining {
             return self.sweep(ClaimMode::Due, limit, stop).await;
         }
-        let (first, second) =
-            tokio::join!(self.sweep(ClaimMode::Due, limit, stop), self.sweep(ClaimMode::Due, limit, stop));
-        let (mut first, second) = (first?, second?);
-        // The drain goes on only while both were full.
-        first.claimed = first.claimed.min(second.claimed);
-        first.queue_error = first.queue_error.or(second.queue_error);
-        Ok(first)
+        let started = Instant::now();
+        let mut sweeps: FuturesUnordered<_> =
+            (0..DRAIN_OVERLAP).map(|_| self.sweep(ClaimMode::Due, limit, stop)).collect();
+        let mut drained = SweepReport { claimed: limit as usize, ..SweepReport::default() };
+        let mut failed = None;
+        while let Some(sweep) = sweeps.next().await {
+            let report = match sweep {
+                Ok(report) => report,
+                Err(error) => {
+                    failed.get_or_insert(error);
+                    continue;
+                }
+            };
+            drained.claimed = drained.claimed.min(report.claimed);
+            drained.queue_error = drained.queue_error.take().or(report.queue_error);
+            let go_on = failed.is_none()
+                && drained.claimed >= limit as usize
+                && drained.queue_error.is_none()
+                && !*stop.borrow()
+                && started.elapsed() < DRAIN_TURN;
+            if go_on {
+                sweeps.push(self.sweep(ClaimMode::Due, limit, stop));
+            }
+        }
+        match failed {
+            Some(error) => Err(error),
+            None => Ok(drained),
+        }
     }
 
     async fn refresh_gauges_if_older_than(&self, age: Duration, state: &mut LoopState) {

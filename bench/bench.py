@@ -222,6 +222,7 @@ def drain(processes, rustack, queue_name, manifest, schema=None):
     rustack.start()
     rustack.create_queue(queue_name)
     up = time.time()
+    pg_before = postgres_cpu_seconds()
     first = None
     session = Session()
     while True:
@@ -235,11 +236,13 @@ def drain(processes, rustack, queue_name, manifest, schema=None):
         if time.time() - up > 300:
             raise RuntimeError(f"drain of {schema} did not finish: {unsent} unsent")
         time.sleep(0.1)
+    pg_cpu = postgres_cpu_seconds() - pg_before
     session.close()
     last = float(psql(f"SELECT extract(epoch FROM max(queue_sent_at)) FROM {schema}.transactions"))
     for relay in relays:
         relay.stop()
-    return {"seconds": last - up, "rows_per_s": DRAIN_ROWS / (last - up), "first_delivery_s": first - up}
+    return {"seconds": last - up, "rows_per_s": DRAIN_ROWS / (last - up), "first_delivery_s": first - up,
+            "pg_cpu_ms_per_row": pg_cpu / DRAIN_ROWS * 1000}
 
 
 def drain_only():
@@ -311,7 +314,10 @@ def measure():
     log("baselines: pgbench marking 100 pre-filled rows sent per UPDATE")
     txrelay("migrate", schema="pgbench_drain")
     fill_unsent("pgbench_drain", 400_000)
+    cpu_before = postgres_cpu_seconds()
     results["pgbench_mark_sent_rows_per_s"] = pgbench(ROOT / "bench/mark_sent.sql", 4, SECONDS) * 100
+    results["pg_cpu_ms_per_mark_sent_row"] = (postgres_cpu_seconds() - cpu_before) / (
+        results["pgbench_mark_sent_rows_per_s"] * SECONDS) * 1000
 
     log("baselines: the emulator alone (wrk, 32 connections)")
     raw_queue = rustack.create_queue("raw")
@@ -390,6 +396,8 @@ def render(r):
         f"| PostgreSQL CPU per pgbench INSERT (32 clients) | {r['pg_cpu_ms_per_pgbench_insert']:.3f} ms |",
         f"| PostgreSQL CPU per `/new` (32 connections) | {ingest32['pg_cpu_ms_per_request']:.3f} ms |",
         f"| pgbench mark 100 unsent rows sent per UPDATE, 4 clients | {r['pgbench_mark_sent_rows_per_s']:.0f} rows/s |",
+        f"| PostgreSQL CPU per row marked sent by pgbench | {r['pg_cpu_ms_per_mark_sent_row']:.3f} ms |",
+        f"| PostgreSQL CPU per row drained (1 process: claim, send, record) | {r['drain_1']['pg_cpu_ms_per_row']:.3f} ms |",
         f"| emulator SendMessage, wrk 32 connections | {r['emulator_send_msgs_per_s']:.0f} msgs/s |",
         f"| emulator SendMessageBatch (10), wrk 32 connections | {r['emulator_batch_msgs_per_s']:.0f} msgs/s |",
         f"| emulator SendMessageBatch (10), one sender, one call at a time | {r['emulator_sequential_batch_msgs_per_s']:.0f} msgs/s |",

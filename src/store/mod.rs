@@ -337,6 +337,11 @@ impl Store {
                 ("search_path", options.schema.as_str()),
                 ("statement_timeout", statement_timeout.as_str()),
                 ("plan_cache_mode", "force_generic_plan"),
+                // No statement here runs long enough to repay compiling it,
+                // and `enable_seqscan = off` below prices a plain scan above
+                // the JIT thresholds: the gauges then compiled for ~85 ms on
+                // every run.
+                ("jit", "off"),
                 // These connections keep `unsent_transactions` in step
                 // themselves (see `follow!`); the triggers that do it for
                 // every other writer skip them.

@@ -23,6 +23,18 @@ async fn database_connections_are_tcp_nodelay() {
     assert_eq!(nodelay, Some(true), "the connection from port {port} must set TCP_NODELAY");
 }
 
+/// The bookkeeping connections run with `enable_seqscan = off`, which prices
+/// any sequential scan (the backlog count over `unsent_transactions`) above
+/// PostgreSQL's JIT thresholds: the gauges then spent ~85 ms compiling each
+/// time they ran, once a second during a drain. No statement of the relay
+/// is long enough to repay compiling; every connection turns it off.
+#[tokio::test]
+async fn relay_connections_never_jit_compile_their_statements() {
+    let db = TestDb::new().await;
+    let jit: String = sqlx::query_scalar("SHOW jit").fetch_one(db.store.pool()).await.expect("SHOW jit");
+    assert_eq!(jit, "off");
+}
+
 /// TCP_NODELAY of this process's IPv4 socket bound to `port`, if there is one.
 /// Other tests open and close sockets meanwhile: a descriptor that changes
 /// hands between the listing and the calls fails them or does not match.

@@ -3,12 +3,12 @@
 
 pub mod backoff;
 mod engine;
+mod in_flight;
 mod ingest;
 pub mod message;
 mod recorder;
 mod sweep;
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -123,9 +123,8 @@ pub struct Relay {
     queue_up: AtomicBool,
     /// GetQueueAttributes was asked: it is not asked again.
     queue_check_asked: AtomicBool,
-    /// Rows claimed by this process and not yet recorded: released if the
-    /// process has to stop before their results are in.
-    in_flight: Mutex<HashMap<i64, ClaimRef>>,
+    /// Rows claimed by this process and not yet recorded.
+    in_flight: in_flight::InFlight,
     health: watch::Sender<RelayHealth>,
     /// HTTP requests being answered by this relay (see [`Relay::enter`]).
     requests: watch::Sender<usize>,
@@ -205,7 +204,7 @@ impl Relay {
             wake: Notify::new(),
             queue_up: AtomicBool::new(true),
             queue_check_asked: AtomicBool::new(false),
-            in_flight: Mutex::new(HashMap::new()),
+            in_flight: in_flight::InFlight::default(),
             health: watch::Sender::new(RelayHealth::default()),
             requests: watch::Sender::new(0),
             ingest: std::sync::OnceLock::new(),
@@ -363,23 +362,10 @@ impl Relay {
         record().await
     }
 
-    fn track(&self, rows: impl IntoIterator<Item = ClaimRef>) {
-        self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).extend(rows.into_iter().map(|row| (row.id, row)));
-    }
-
-    fn untrack(&self, ids: impl IntoIterator<Item = i64>) {
-        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-        for id in ids {
-            in_flight.remove(&id);
-        }
-    }
-
     /// Releases every row this process still holds. Called when shutdown
     /// cannot wait any longer for in-flight sends.
     pub async fn release_in_flight(&self) -> Result<u64, StoreError> {
-        let rows: Vec<ClaimRef> =
-            self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).drain().map(|(_, row)| row).collect();
-        self.store.release(&rows).await
+        self.store.release(&self.in_flight.take_all()).await
     }
 
     /// Reads the backlog from the database and publishes it as metrics.

@@ -131,7 +131,7 @@ impl Relay {
         let lease_end = started + claim.lease;
         let claimed: HashMap<i64, Claimed> =
             claim.rows.iter().map(|r| (r.id, Claimed { row: claim.row_ref(r.id), attempts: r.attempts })).collect();
-        self.track(claimed.values().map(|c| c.row));
+        self.in_flight.track(claimed.values().map(|c| c.row));
 
         let mut messages = Vec::with_capacity(claim.rows.len());
         let mut unbuildable = Outcome::default();
@@ -158,10 +158,7 @@ impl Relay {
             report.absorb(batch);
         }
 
-        let leftover: Vec<ClaimRef> = {
-            let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-            claimed.keys().filter_map(|id| in_flight.remove(id)).collect()
-        };
+        let leftover = self.in_flight.untrack(claimed.values().map(|c| c.row));
         if !leftover.is_empty() {
             self.store.release(&leftover).await?;
             report.released = leftover.len();
@@ -320,8 +317,8 @@ impl Relay {
                 }
             }
         }
-        let ids = sent.iter().map(|(row, _)| row.id).chain(failures.iter().map(|f| f.row.id));
-        self.untrack(ids.chain(held.iter().map(|(row, _)| row.id)));
+        let rows = sent.iter().map(|(row, _)| *row).chain(failures.iter().map(|f| f.row));
+        self.in_flight.untrack(rows.chain(held.iter().map(|(row, _)| *row)));
         report
     }
 
@@ -472,9 +469,9 @@ impl Relay {
 
     async fn send_one_now(&self, id: i64) -> Result<String, RetryError> {
         let (row, claim) = self.store.claim_one(id, self.config.claim_lease, self.is_fifo()).await?;
-        self.track([claim]);
+        self.in_flight.track([claim]);
         let result = self.send_claimed(&row, claim).await;
-        self.untrack([row.id]);
+        self.in_flight.untrack([claim]);
         result
     }
 

@@ -319,19 +319,32 @@ impl Relay {
     }
 }
 
-/// Groups committed at once. One: the next group is whatever arrived while
-/// this one committed, so groups grow with load on their own. Measured with
-/// `just bench` (BENCHMARKS.md): at 32 connections one group in flight gave
-/// groups of ~10 rows and the most requests per second, two gave groups of
-/// ~5 and 13 % fewer, four groups of ~3 and 35 % fewer, each extra statement
-/// costing both processes CPU on the shared cores.
-pub const GROUPS_IN_FLIGHT: usize = 1;
+/// Groups committed at once, at most. Normally one: the next group is
+/// whatever arrived while the previous one committed, so groups grow with
+/// load on their own (measured with `just bench`, BENCHMARKS.md: at 32
+/// connections one group in flight gave groups of ~10 rows and the most
+/// requests per second; four at once gave groups of ~3 and a third fewer,
+/// every extra statement costing both processes CPU on the shared cores).
+/// More go out only past [`GROUP_PATIENCE`].
+pub const GROUPS_IN_FLIGHT: usize = 4;
+
+/// How long the next group waits for the one in flight before it commits
+/// beside it, on a connection of its own: far above a commit (about a
+/// millisecond here, a few on a managed database), far below any request's
+/// timeout. One stalled connection, or a group slowed by replays checked
+/// one by one, then never holds `/new` back.
+pub const GROUP_PATIENCE: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// The group-commit task of one relay: ends when the relay is dropped.
 async fn commit_groups(relay: Weak<Relay>, mut requests: mpsc::UnboundedReceiver<Pending>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(GROUPS_IN_FLIGHT));
+    let mut previous: Option<oneshot::Receiver<()>> = None;
     while let Some(first) = requests.recv().await {
-        // Whatever arrives while every slot is busy joins this group.
+        // Whatever arrives while the previous group commits (or while every
+        // slot is busy) joins this group.
+        if let Some(previous) = previous.take() {
+            let _ = tokio::time::timeout(GROUP_PATIENCE, previous).await;
+        }
         let Ok(slot) = slots.clone().acquire_owned().await else { return };
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -343,9 +356,12 @@ async fn commit_groups(relay: Weak<Relay>, mut requests: mpsc::UnboundedReceiver
         let Some(relay) = relay.upgrade() else { return };
         relay.waiting.send_modify(|n| *n = n.saturating_sub(group.len()));
         relay.metrics.ingest_group(group.len());
+        let (committed, done) = oneshot::channel::<()>();
+        previous = Some(done);
         tokio::spawn(async move {
             relay.commit_group(group).await;
             drop(slot);
+            drop(committed);
         });
     }
 }

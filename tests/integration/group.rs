@@ -211,3 +211,54 @@ async fn on_a_fifo_queue_a_wallets_second_row_in_a_group_waits_behind_its_first(
     running.stop().await;
     db.assert_unsent_rows_followed().await;
 }
+
+/// One group in flight makes groups large, but a group stalled on the
+/// database (a lock, a dead connection, replays checked one by one) must not
+/// hold back the requests behind it: past `GROUP_PATIENCE` the next group
+/// commits beside it. The stall here is a row trigger waiting on an
+/// advisory lock the test holds, for one reference only.
+#[tokio::test]
+async fn a_group_stalled_on_the_database_does_not_hold_back_the_next() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let app = Arc::new(TestApp::new(&RelayBuilder::new(&db, &queue)).await);
+    let stalled = unique();
+    let key = i64::try_from(stalled).unwrap();
+    db.execute(&format!(
+        "CREATE FUNCTION test_stall() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+         IF NEW.reference = 'MYK-{stalled:06}' THEN PERFORM pg_advisory_xact_lock({key}); END IF; RETURN NEW; END $$"
+    ))
+    .await;
+    db.execute("CREATE TRIGGER test_stall BEFORE INSERT ON transactions FOR EACH ROW EXECUTE FUNCTION test_stall()")
+        .await;
+    let mut holder = db.psql.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock($1)").bind(key).execute(&mut *holder).await.unwrap();
+
+    let first = {
+        let app = app.clone();
+        tokio::spawn(async move { app.post_new(&body(stalled, "w")).await })
+    };
+    wait_until(Duration::from_secs(10), "the first group waits on the lock", || async {
+        db.scalar_i64(&format!(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND objid = {key}"
+        ))
+        .await
+            == 1
+    })
+    .await;
+    let next = {
+        let app = app.clone();
+        tokio::spawn(async move { app.post_new(&body(unique(), "w")).await })
+    };
+    let (status, answer) = tokio::time::timeout(Duration::from_secs(5), next)
+        .await
+        .expect("the next request is answered while the first group is stalled")
+        .unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    assert!(!first.is_finished(), "the first group is still stalled");
+
+    sqlx::query("SELECT pg_advisory_unlock($1)").bind(key).execute(&mut *holder).await.unwrap();
+    let (status, answer) = first.await.unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    assert_eq!(queue.receive(2, Duration::from_secs(10)).await.len(), 2, "both sent");
+    db.assert_unsent_rows_followed().await;
+}

@@ -3,6 +3,8 @@
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
+# sqlx-core with TCP_NODELAY (vendor/README.md), patched in by Cargo.toml.
+COPY vendor vendor
 COPY src src
 COPY migrations migrations
 COPY openapi.json openapi.json

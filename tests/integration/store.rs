@@ -10,51 +10,72 @@ use crate::common::{TestDb, insert_created, new_tx, unique, wait_until};
 
 /// sqlx-core 0.9.0 left Nagle's algorithm on: a group INSERT's last segment
 /// then waited for PostgreSQL's delayed ACK, ~40 ms, on about one group in
-/// ten (vendor/README.md). Checked on the socket itself, found by the port
-/// PostgreSQL sees (every pool of the store connects the same way).
+/// ten (vendor/README.md). Checked on the socket itself: the one whose both
+/// ends are those PostgreSQL reports for this very connection (every pool of
+/// the store connects the same way).
 #[tokio::test]
 async fn database_connections_are_tcp_nodelay() {
     let db = TestDb::new().await;
     let mut connection = db.store.pool().acquire().await.expect("a connection");
-    let port: Option<i32> =
-        sqlx::query_scalar("SELECT inet_client_port()").fetch_one(&mut *connection).await.expect("client port");
-    let port = port.expect("the test database is reached over TCP");
-    let nodelay = tcp_nodelay_of_local_port(u16::try_from(port).expect("a port"));
-    assert_eq!(nodelay, Some(true), "the connection from port {port} must set TCP_NODELAY");
+    let (client, server, server_port): (Option<i32>, Option<String>, Option<i32>) =
+        sqlx::query_as("SELECT inet_client_port(), host(inet_server_addr()), inet_server_port()")
+            .fetch_one(&mut *connection)
+            .await
+            .expect("the connection's ends");
+    let (Some(client), Some(server), Some(server_port)) = (client, server, server_port) else {
+        panic!("the test database must be reached over TCP");
+    };
+    let server: std::net::Ipv4Addr = server.parse().expect("the test database is reached over IPv4");
+    let port = |p: i32| u16::try_from(p).expect("a port");
+    let nodelay = tcp_nodelay_of(port(client), std::net::SocketAddrV4::new(server, port(server_port)));
+    assert_eq!(nodelay, Some(true), "the connection from port {client} must set TCP_NODELAY");
 }
 
 /// The bookkeeping connections run with `enable_seqscan = off`, which prices
 /// any sequential scan (the backlog count over `unsent_transactions`) above
 /// PostgreSQL's JIT thresholds: the gauges then spent ~85 ms compiling each
 /// time they ran, once a second during a drain. No statement of the relay
-/// is long enough to repay compiling; every connection turns it off.
+/// is long enough to repay compiling; the connections turn it off
+/// themselves, whatever the server's default (every pool shares the
+/// connection options).
 #[tokio::test]
 async fn relay_connections_never_jit_compile_their_statements() {
     let db = TestDb::new().await;
-    let jit: String = sqlx::query_scalar("SHOW jit").fetch_one(db.store.pool()).await.expect("SHOW jit");
-    assert_eq!(jit, "off");
+    let (jit, source): (String, String) = sqlx::query_as("SELECT setting, source FROM pg_settings WHERE name = 'jit'")
+        .fetch_one(db.store.pool())
+        .await
+        .expect("the jit setting");
+    assert_eq!((jit.as_str(), source.as_str()), ("off", "client"));
 }
 
-/// TCP_NODELAY of this process's IPv4 socket bound to `port`, if there is one.
-/// Other tests open and close sockets meanwhile: a descriptor that changes
-/// hands between the listing and the calls fails them or does not match.
-fn tcp_nodelay_of_local_port(port: u16) -> Option<bool> {
+/// TCP_NODELAY of this process's IPv4 socket from local `port` to `peer`, if
+/// there is one. Other tests open and close sockets meanwhile: a descriptor
+/// that changes hands between the listing and the calls fails them or does
+/// not match both ends.
+fn tcp_nodelay_of(port: u16, peer: std::net::SocketAddrV4) -> Option<bool> {
+    let matches = |address: &libc::sockaddr_in, ip: std::net::Ipv4Addr, port: u16| {
+        libc::c_int::from(address.sin_family) == libc::AF_INET
+            && u16::from_be(address.sin_port) == port
+            && u32::from_be(address.sin_addr.s_addr) == u32::from(ip)
+    };
     for entry in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
         let Some(fd) = entry.file_name().to_str().and_then(|name| name.parse::<libc::c_int>().ok()) else { continue };
         // SAFETY: plain system calls on a descriptor number with buffers
         // sized for them; nothing is closed or taken over.
         unsafe {
-            let mut address: libc::sockaddr_in = std::mem::zeroed();
-            let mut length = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            if libc::getsockname(fd, (&raw mut address).cast(), &mut length) != 0
-                || libc::c_int::from(address.sin_family) != libc::AF_INET
-                || u16::from_be(address.sin_port) != port
+            let size = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            let (mut local, mut remote): (libc::sockaddr_in, libc::sockaddr_in) = std::mem::zeroed();
+            let (mut local_size, mut remote_size) = (size, size);
+            if libc::getsockname(fd, (&raw mut local).cast(), &mut local_size) != 0
+                || libc::getpeername(fd, (&raw mut remote).cast(), &mut remote_size) != 0
+                || u16::from_be(local.sin_port) != port
+                || !matches(&remote, *peer.ip(), peer.port())
             {
                 continue;
             }
             let mut value: libc::c_int = 0;
-            let mut size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-            if libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, (&raw mut value).cast(), &mut size) == 0 {
+            let mut length = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            if libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, (&raw mut value).cast(), &mut length) == 0 {
                 return Some(value != 0);
             }
         }

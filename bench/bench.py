@@ -234,7 +234,8 @@ def drain(processes, rustack, queue_name, manifest, schema=None):
             first = float(first_sent) if first_sent else None
         unsent = session.query(f"SELECT count(*) FROM {schema}.unsent_transactions")
         if int(unsent) == 0:
-            unsent = session.query(f"SELECT count(*) FROM {schema}.transactions WHERE message_id IS NULL")
+            unsent = session.query(
+                f"SELECT count(*) FROM {schema}.transactions WHERE message_id IS NULL AND failed_at IS NULL")
         if int(unsent) == 0:
             break
         if time.time() - up > 300:

@@ -181,6 +181,11 @@ impl Relay {
             let report = match sweep {
                 Ok(report) => report,
                 Err(error) => {
+                    // The first is returned (and logged by the loop); any
+                    // other is logged here, not lost.
+                    if failed.is_some() {
+                        warn!(relay = %self.id, %error, "another sweep of the drain failed too");
+                    }
                     failed.get_or_insert(error);
                     continue;
                 }

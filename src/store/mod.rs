@@ -240,7 +240,7 @@ fn due_channel(schema: &str) -> String {
     }
     use sha2::{Digest, Sha256};
     let digest = Sha256::digest(schema.as_bytes());
-    let hex: String = digest.iter().take(20).map(|b| format!("{b:02x}")).collect();
+    let hex = crate::hex::lower(&digest[..20]);
     format!("{PREFIX}{hex}")
 }
 

@@ -45,7 +45,7 @@ impl Identity {
             reference: tx.reference.clone(),
             external_reference: tx.external_reference.clone(),
             wallet_address: tx.wallet_address.clone(),
-            payload_digest: digest.iter().map(|b| format!("{b:02x}")).collect(),
+            payload_digest: crate::hex::lower(&digest),
         }
     }
 }

@@ -223,9 +223,10 @@ impl Supervisor {
         self.shut_down_all(vec![relay], forget).await;
     }
 
-    /// Stops one relay's tasks, waiting until `deadline` for its in-flight
-    /// sends, then for the requests it is still answering, then closes its
-    /// store; `forget` also removes it from `/new` and metrics.
+    /// Stops one relay's tasks, waiting for its in-flight sends and the
+    /// requests it is still answering, then gives back the rows still
+    /// claimed and closes its store, all by `deadline`; `forget` also
+    /// removes it from `/new` and metrics.
     async fn shut_down_by(&self, relay: Running, forget: bool, deadline: tokio::time::Instant) {
         let id = relay.handle.relay.id().clone();
         if forget {
@@ -243,8 +244,14 @@ impl Supervisor {
             }
             warn!(relay = %id, "grace period over; releasing rows still in flight");
         }
-        // Whatever the loop could not finish goes back now, so no other
-        // replica waits a whole lease for it. Bounded like every call.
+        // Requests in progress finish first, within the same part of the
+        // grace: a resend the HTTP API started holds its rows among the
+        // relay's claimed rows, and giving them back under it would lose the
+        // message id it is about to record (another replica would send the
+        // row again).
+        let requests_done = relay.handle.relay.requests_finished_by(sends_by).await;
+        // Whatever could not finish goes back now, so no other replica waits
+        // a whole lease for it. Bounded like every call.
         match tokio::time::timeout_at(deadline, relay.handle.relay.release_in_flight()).await {
             Ok(Ok(0)) => {}
             Ok(Ok(released)) => info!(relay = %id, released, "released claimed rows for other replicas"),
@@ -255,7 +262,7 @@ impl Supervisor {
         }
         // A request that resolved to this relay before it was replaced may
         // still be recording its message id: the store stays open for it.
-        if !relay.handle.relay.requests_finished_by(deadline).await {
+        if !requests_done && !relay.handle.relay.requests_finished_by(deadline).await {
             warn!(relay = %id, "grace period over with requests still in progress; closing the store");
         }
         if tokio::time::timeout(CLOSE_TIMEOUT, relay.handle.relay.store().close()).await.is_err() {

@@ -547,6 +547,45 @@ async fn shutdown_stops_every_relay_at_once_within_the_grace_period_leaving_no_r
     drop(db);
 }
 
+/// A resend the HTTP API started holds its row among the relay's claimed
+/// rows. A shutdown gives back what is still claimed; done before the
+/// resend has recorded its send, the row was released under it: its message
+/// id was lost and another replica would send it again.
+#[tokio::test]
+async fn shutdown_lets_a_resend_in_progress_record_its_send_before_giving_rows_back() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let proxy = crate::common::proxy::SqsProxy::start(&queue.endpoint).await;
+    let op = operator(true); // grace period: 5 s
+    put_secrets(&op.api, &db, &queue);
+    put_queue_secret(&op.api, &queue, &proxy.endpoint, None);
+    op.api.put_secret(NAMESPACE, "dapp-tokens", &[("ingest", INGEST_TOKEN), ("admin", ADMIN_TOKEN)]);
+    let mut relay = resource(&db, "dapp", 1);
+    relay.spec.admin =
+        Some(TokenSpec { token_secret_ref: SecretKeyRef { name: "dapp-tokens".into(), key: Some("admin".into()) } });
+    reconcile(Arc::new(relay), op.ctx.clone()).await.expect("reconciled");
+    // Dead-lettered: the relay's loop leaves it to the resend.
+    let row = insert_created(&db, &new_tx(unique(), "w")).await;
+    db.execute(&format!("UPDATE transactions SET failed_at = now() WHERE id = {}", row.id)).await;
+    let router = api_router(AppState::new(op.relays.clone(), op.metrics.clone(), HttpOptions::default()));
+    let app = Arc::new(TestApp { router, relay: op.relays.resolve(None).unwrap().relay, metrics: op.metrics.clone() });
+
+    proxy.faults(|f| f.send_delay = Some(Duration::from_millis(1500)));
+    let resend = {
+        let app = app.clone();
+        let path = format!("/transactions/{}/retry", row.id);
+        tokio::spawn(
+            async move { app.request("POST", &path, Some(ADMIN_TOKEN), "application/json", b"{}".to_vec()).await },
+        )
+    };
+    wait_until(Duration::from_secs(5), "the resend is sending", || async { proxy.send_calls() > 0 }).await;
+    op.ctx.supervisor.stop_all().await;
+    let (status, answer) = resend.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let stored = db.store.find_by_reference(&row.reference).await.unwrap().unwrap();
+    assert_eq!(stored.message_id.as_deref(), answer["message_id"].as_str(), "the send is recorded: {answer}");
+    assert!(stored.message_id.is_some());
+}
+
 #[tokio::test]
 async fn a_reconfigured_relay_keeps_its_store_open_for_requests_still_in_progress() {
     let (db, queue) = (TestDb::new().await, TestQueue::standard().await);

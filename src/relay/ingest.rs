@@ -3,8 +3,9 @@
 //! Concurrent requests to one relay are gathered and committed together by
 //! one task: whatever arrived while the previous group was being committed
 //! (at most [`MAX_GROUP`] rows) goes into one multi-row INSERT, one commit.
-//! There is no timer, so a lone request on an idle relay is committed at
-//! once. Each request is still answered only after its own row is durably
+//! Nothing lingers: a lone request on an idle relay is committed at once,
+//! and a group waits for the one before it at most [`GROUP_PATIENCE`]. Each
+//! request is still answered only after its own row is durably
 //! committed, and replays and conflicts are decided per row as before.
 //!
 //! The committed rows of a group then go out together in SendMessageBatch
@@ -321,11 +322,10 @@ impl Relay {
 
 /// Groups committed at once, at most. Normally one: the next group is
 /// whatever arrived while the previous one committed, so groups grow with
-/// load on their own (measured with `just bench`, BENCHMARKS.md: at 32
-/// connections one group in flight gave groups of ~10 rows and the most
-/// requests per second; four at once gave groups of ~3 and a third fewer,
-/// every extra statement costing both processes CPU on the shared cores).
-/// More go out only past [`GROUP_PATIENCE`].
+/// load on their own (BENCHMARKS.md: at 32 connections one group in flight
+/// gave groups of ~10 rows and the most requests per second, two and four
+/// at once fewer, every extra statement costing both processes CPU on the
+/// shared cores). More go out only past [`GROUP_PATIENCE`].
 pub const GROUPS_IN_FLIGHT: usize = 4;
 
 /// How long the next group waits for the one in flight before it commits

@@ -123,7 +123,9 @@ pub struct Relay {
     queue_up: AtomicBool,
     /// GetQueueAttributes was asked: it is not asked again.
     queue_check_asked: AtomicBool,
-    /// Rows claimed by this process and not yet recorded.
+    /// Rows claimed by sweeps and resends of this process and not yet
+    /// recorded (an inline send's row is not: its request awaits it, under
+    /// the short inline lease).
     in_flight: in_flight::InFlight,
     health: watch::Sender<RelayHealth>,
     /// HTTP requests being answered by this relay (see [`Relay::enter`]).

@@ -249,7 +249,7 @@ async fn a_group_stalled_on_the_database_does_not_hold_back_the_next() {
         let app = app.clone();
         tokio::spawn(async move { app.post_new(&body(unique(), "w")).await })
     };
-    let (status, answer) = tokio::time::timeout(Duration::from_secs(5), next)
+    let (status, answer) = tokio::time::timeout(Duration::from_secs(8), next)
         .await
         .expect("the next request is answered while the first group is stalled")
         .unwrap();

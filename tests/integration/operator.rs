@@ -559,13 +559,14 @@ async fn shutdown_lets_a_resend_in_progress_record_its_send_before_giving_rows_b
     put_secrets(&op.api, &db, &queue);
     put_queue_secret(&op.api, &queue, &proxy.endpoint, None);
     op.api.put_secret(NAMESPACE, "dapp-tokens", &[("ingest", INGEST_TOKEN), ("admin", ADMIN_TOKEN)]);
+    // Dead-lettered before the relay starts: its loop leaves the row to the
+    // resend, so every send the proxy sees is the resend's.
+    let row = insert_created(&db, &new_tx(unique(), "w")).await;
+    db.execute(&format!("UPDATE transactions SET failed_at = now() WHERE id = {}", row.id)).await;
     let mut relay = resource(&db, "dapp", 1);
     relay.spec.admin =
         Some(TokenSpec { token_secret_ref: SecretKeyRef { name: "dapp-tokens".into(), key: Some("admin".into()) } });
     reconcile(Arc::new(relay), op.ctx.clone()).await.expect("reconciled");
-    // Dead-lettered: the relay's loop leaves it to the resend.
-    let row = insert_created(&db, &new_tx(unique(), "w")).await;
-    db.execute(&format!("UPDATE transactions SET failed_at = now() WHERE id = {}", row.id)).await;
     let router = api_router(AppState::new(op.relays.clone(), op.metrics.clone(), HttpOptions::default()));
     let app = Arc::new(TestApp { router, relay: op.relays.resolve(None).unwrap().relay, metrics: op.metrics.clone() });
 
@@ -578,6 +579,7 @@ async fn shutdown_lets_a_resend_in_progress_record_its_send_before_giving_rows_b
         )
     };
     wait_until(Duration::from_secs(5), "the resend is sending", || async { proxy.send_calls() > 0 }).await;
+    assert!(!resend.is_finished(), "still sending when the shutdown starts");
     op.ctx.supervisor.stop_all().await;
     let (status, answer) = resend.await.unwrap();
     assert_eq!(status, StatusCode::OK, "{answer}");

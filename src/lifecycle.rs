@@ -2,9 +2,9 @@
 //! relay through it and the operator starts many. Start: build the relay,
 //! migrate, spawn its loop, its LISTEN task and any companion, then serve
 //! it. Reconfigure: start the new one, let it take over `/new`, then retire
-//! the old one. Stop: no new claims, in-flight sends finish within the
-//! grace period, what is left is released, requests in progress answer,
-//! then the store closes. That order is what keeps the outbox honest.
+//! the old one. Stop: no new claims, in-flight sends finish and requests in
+//! progress answer within the grace period, what is left is released, then
+//! the store closes. That order is what keeps the outbox honest.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -42,6 +42,9 @@ pub enum ApiError {
     /// The queue refused the retried message.
     #[error("{0}")]
     SendFailed(String),
+    /// The retried message was sent but not recorded: it will be sent again.
+    #[error("{0}")]
+    NotRecorded(String),
     #[error("internal error")]
     Internal,
 }
@@ -65,6 +68,7 @@ impl ApiError {
         "held",
         "waits_for_older",
         "send_failed",
+        "not_recorded",
         "internal",
     ];
 
@@ -77,7 +81,7 @@ impl ApiError {
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::Unavailable | Self::RelayNotReady(_) | Self::Overloaded | Self::Timeout => {
+            Self::Unavailable | Self::RelayNotReady(_) | Self::Overloaded | Self::Timeout | Self::NotRecorded(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::RetryRefused { .. } => StatusCode::CONFLICT,
@@ -102,6 +106,7 @@ impl ApiError {
             Self::Timeout => "timeout",
             Self::RetryRefused { code, .. } => code,
             Self::SendFailed(_) => "send_failed",
+            Self::NotRecorded(_) => "not_recorded",
             Self::Internal => "internal",
         }
     }
@@ -192,6 +197,7 @@ mod tests {
             ApiError::RetryRefused { code: "held", message: "m".into() },
             ApiError::RetryRefused { code: "waits_for_older", message: "m".into() },
             ApiError::SendFailed("x".into()),
+            ApiError::NotRecorded("x".into()),
             ApiError::Internal,
         ];
         let codes: Vec<&str> = all.iter().map(ApiError::code).collect();

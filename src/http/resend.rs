@@ -85,6 +85,7 @@ pub async fn retry_one(
         }
         Err(RetryError::Claim(RetryOneError::Store(error)) | RetryError::Store(error)) => Err(error.into()),
         Err(error @ RetryError::Send { .. }) => Err(ApiError::SendFailed(error.to_string())),
+        Err(error @ RetryError::NotRecorded { .. }) => Err(ApiError::NotRecorded(error.to_string())),
     }
 }
 

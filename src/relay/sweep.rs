@@ -91,6 +91,14 @@ pub enum RetryError {
     Claim(#[from] RetryOneError),
     #[error("send failed{}: {failure}", if *.dead_lettered { " (dead-lettered)" } else { "" })]
     Send { failure: SendFailure, dead_lettered: bool },
+    /// Sent, but the claim ended before the message id was recorded (the
+    /// relay stopped and gave the row back, or the lease ran out).
+    #[error(
+        "sent as message {message_id}, but the claim on the row ended before the send was recorded \
+         (the relay stopped, or the lease ran out); the relay will send the row again, and the ledger \
+         drops the duplicate by its idempotency key"
+    )]
+    NotRecorded { message_id: String },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -280,8 +288,15 @@ impl Relay {
         let mut report = SweepReport::default();
         if !sent.is_empty() {
             match self.record_with_retry(deadline, || self.sent_recorder.record(sent.clone())).await {
-                Ok(_) => {
-                    report.sent = sent.len();
+                Ok(recorded) => {
+                    // A row missing from the answer lost its claim before
+                    // the send was recorded: it is sent again, so it is not
+                    // reported as delivered (retry-all's `succeeded`).
+                    report.sent = recorded.len();
+                    if recorded.len() < sent.len() {
+                        warn!(relay = %self.id, rows = sent.len() - recorded.len(),
+                              "sent, but the claim ended before the send was recorded; they will be sent again");
+                    }
                     self.metrics.sent(SendPath::Sweep, sent.len());
                 }
                 Err(error) => {
@@ -487,8 +502,11 @@ impl Relay {
         match sent {
             Ok(message_id) => {
                 self.mark_queue(true, None);
-                self.store.record_sent(&[(claim, message_id.clone())]).await?;
+                let recorded = self.store.record_sent(&[(claim, message_id.clone())]).await?;
                 self.metrics.sent(SendPath::Sweep, 1);
+                if recorded.is_empty() {
+                    return Err(RetryError::NotRecorded { message_id });
+                }
                 Ok(message_id)
             }
             Err(failure) if failure.holds() => {

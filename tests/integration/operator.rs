@@ -588,6 +588,47 @@ async fn shutdown_lets_a_resend_in_progress_record_its_send_before_giving_rows_b
     assert!(stored.message_id.is_some());
 }
 
+/// A resend whose send outlasts the shutdown's wait (a call may take a third
+/// of the lease, longer than the grace period's share for sends) has its row
+/// given back before it can record the message id. It must not answer 200
+/// with a message id nothing recorded: the relay will send the row again.
+#[tokio::test]
+async fn a_resend_whose_claim_ends_before_its_send_is_recorded_does_not_answer_sent() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let proxy = crate::common::proxy::SqsProxy::start(&queue.endpoint).await;
+    let op = operator(true); // grace period: 5 s, rows given back from 3.75 s
+    put_secrets(&op.api, &db, &queue);
+    put_queue_secret(&op.api, &queue, &proxy.endpoint, None);
+    op.api.put_secret(NAMESPACE, "dapp-tokens", &[("ingest", INGEST_TOKEN), ("admin", ADMIN_TOKEN)]);
+    let row = insert_created(&db, &new_tx(unique(), "w")).await;
+    db.execute(&format!("UPDATE transactions SET failed_at = now() WHERE id = {}", row.id)).await;
+    let mut relay = resource(&db, "dapp", 1);
+    relay.spec.admin =
+        Some(TokenSpec { token_secret_ref: SecretKeyRef { name: "dapp-tokens".into(), key: Some("admin".into()) } });
+    reconcile(Arc::new(relay), op.ctx.clone()).await.expect("reconciled");
+    let router = api_router(AppState::new(op.relays.clone(), op.metrics.clone(), HttpOptions::default()));
+    let app = Arc::new(TestApp { router, relay: op.relays.resolve(None).unwrap().relay, metrics: op.metrics.clone() });
+
+    // Returns after the rows are given back (3.75 s) and before the store
+    // closes (5 s).
+    proxy.faults(|f| f.send_delay = Some(Duration::from_millis(4400)));
+    let resend = {
+        let app = app.clone();
+        let path = format!("/transactions/{}/retry", row.id);
+        tokio::spawn(
+            async move { app.request("POST", &path, Some(ADMIN_TOKEN), "application/json", b"{}".to_vec()).await },
+        )
+    };
+    wait_until(Duration::from_secs(5), "the resend is sending", || async { proxy.send_calls() > 0 }).await;
+    op.ctx.supervisor.stop_all().await;
+    let (status, answer) = resend.await.unwrap();
+    let stored = db.store.find_by_reference(&row.reference).await.unwrap().unwrap();
+    assert_eq!(stored.message_id, None, "given back before the send was recorded");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "not answered as sent: {answer}");
+    assert_eq!(answer["error"]["code"], "not_recorded", "{answer}");
+    assert!(answer["error"]["message"].as_str().is_some_and(|m| m.contains("send the row again")), "{answer}");
+}
+
 #[tokio::test]
 async fn a_reconfigured_relay_keeps_its_store_open_for_requests_still_in_progress() {
     let (db, queue) = (TestDb::new().await, TestQueue::standard().await);

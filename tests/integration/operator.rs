@@ -547,20 +547,28 @@ async fn shutdown_stops_every_relay_at_once_within_the_grace_period_leaving_no_r
     drop(db);
 }
 
-/// A resend the HTTP API started holds its row among the relay's claimed
-/// rows. A shutdown gives back what is still claimed; done before the
-/// resend has recorded its send, the row was released under it: its message
-/// id was lost and another replica would send it again.
-#[tokio::test]
-async fn shutdown_lets_a_resend_in_progress_record_its_send_before_giving_rows_back() {
+/// What a resend answered when the relay shut down while it was sending.
+struct ResendAtShutdown {
+    /// The resend had not answered when the shutdown started.
+    still_sending: bool,
+    status: StatusCode,
+    answer: Value,
+    /// The row's message id as stored afterwards.
+    stored: Option<String>,
+}
+
+/// Runs an operator (grace period 5 s, rows given back from 3.75 s) with one
+/// dead-lettered row, resends it over HTTP with every send taking
+/// `send_delay`, and shuts down once the send is under way. The row is dead
+/// before the relay starts: its loop leaves it to the resend, so every send
+/// the proxy sees is the resend's.
+async fn resend_then_shut_down(send_delay: Duration) -> ResendAtShutdown {
     let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
     let proxy = crate::common::proxy::SqsProxy::start(&queue.endpoint).await;
-    let op = operator(true); // grace period: 5 s
+    let op = operator(true);
     put_secrets(&op.api, &db, &queue);
     put_queue_secret(&op.api, &queue, &proxy.endpoint, None);
     op.api.put_secret(NAMESPACE, "dapp-tokens", &[("ingest", INGEST_TOKEN), ("admin", ADMIN_TOKEN)]);
-    // Dead-lettered before the relay starts: its loop leaves the row to the
-    // resend, so every send the proxy sees is the resend's.
     let row = insert_created(&db, &new_tx(unique(), "w")).await;
     db.execute(&format!("UPDATE transactions SET failed_at = now() WHERE id = {}", row.id)).await;
     let mut relay = resource(&db, "dapp", 1);
@@ -570,7 +578,7 @@ async fn shutdown_lets_a_resend_in_progress_record_its_send_before_giving_rows_b
     let router = api_router(AppState::new(op.relays.clone(), op.metrics.clone(), HttpOptions::default()));
     let app = Arc::new(TestApp { router, relay: op.relays.resolve(None).unwrap().relay, metrics: op.metrics.clone() });
 
-    proxy.faults(|f| f.send_delay = Some(Duration::from_millis(1500)));
+    proxy.faults(|f| f.send_delay = Some(send_delay));
     let resend = {
         let app = app.clone();
         let path = format!("/transactions/{}/retry", row.id);
@@ -579,13 +587,25 @@ async fn shutdown_lets_a_resend_in_progress_record_its_send_before_giving_rows_b
         )
     };
     wait_until(Duration::from_secs(5), "the resend is sending", || async { proxy.send_calls() > 0 }).await;
-    assert!(!resend.is_finished(), "still sending when the shutdown starts");
+    let still_sending = !resend.is_finished();
     op.ctx.supervisor.stop_all().await;
     let (status, answer) = resend.await.unwrap();
+    let stored = db.store.find_by_reference(&row.reference).await.unwrap().unwrap().message_id;
+    ResendAtShutdown { still_sending, status, answer, stored }
+}
+
+/// A resend the HTTP API started holds its row among the relay's claimed
+/// rows. A shutdown gives back what is still claimed; done before the
+/// resend has recorded its send, the row was released under it: its message
+/// id was lost and another replica would send it again.
+#[tokio::test]
+async fn shutdown_lets_a_resend_in_progress_record_its_send_before_giving_rows_back() {
+    let ResendAtShutdown { still_sending, status, answer, stored } =
+        resend_then_shut_down(Duration::from_millis(1500)).await;
+    assert!(still_sending, "still sending when the shutdown starts");
     assert_eq!(status, StatusCode::OK, "{answer}");
-    let stored = db.store.find_by_reference(&row.reference).await.unwrap().unwrap();
-    assert_eq!(stored.message_id.as_deref(), answer["message_id"].as_str(), "the send is recorded: {answer}");
-    assert!(stored.message_id.is_some());
+    assert_eq!(stored.as_deref(), answer["message_id"].as_str(), "the send is recorded: {answer}");
+    assert!(stored.is_some());
 }
 
 /// A resend whose send outlasts the shutdown's wait (a call may take a third
@@ -594,36 +614,10 @@ async fn shutdown_lets_a_resend_in_progress_record_its_send_before_giving_rows_b
 /// with a message id nothing recorded: the relay will send the row again.
 #[tokio::test]
 async fn a_resend_whose_claim_ends_before_its_send_is_recorded_does_not_answer_sent() {
-    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
-    let proxy = crate::common::proxy::SqsProxy::start(&queue.endpoint).await;
-    let op = operator(true); // grace period: 5 s, rows given back from 3.75 s
-    put_secrets(&op.api, &db, &queue);
-    put_queue_secret(&op.api, &queue, &proxy.endpoint, None);
-    op.api.put_secret(NAMESPACE, "dapp-tokens", &[("ingest", INGEST_TOKEN), ("admin", ADMIN_TOKEN)]);
-    let row = insert_created(&db, &new_tx(unique(), "w")).await;
-    db.execute(&format!("UPDATE transactions SET failed_at = now() WHERE id = {}", row.id)).await;
-    let mut relay = resource(&db, "dapp", 1);
-    relay.spec.admin =
-        Some(TokenSpec { token_secret_ref: SecretKeyRef { name: "dapp-tokens".into(), key: Some("admin".into()) } });
-    reconcile(Arc::new(relay), op.ctx.clone()).await.expect("reconciled");
-    let router = api_router(AppState::new(op.relays.clone(), op.metrics.clone(), HttpOptions::default()));
-    let app = Arc::new(TestApp { router, relay: op.relays.resolve(None).unwrap().relay, metrics: op.metrics.clone() });
-
     // Returns after the rows are given back (3.75 s) and before the store
     // closes (5 s).
-    proxy.faults(|f| f.send_delay = Some(Duration::from_millis(4400)));
-    let resend = {
-        let app = app.clone();
-        let path = format!("/transactions/{}/retry", row.id);
-        tokio::spawn(
-            async move { app.request("POST", &path, Some(ADMIN_TOKEN), "application/json", b"{}".to_vec()).await },
-        )
-    };
-    wait_until(Duration::from_secs(5), "the resend is sending", || async { proxy.send_calls() > 0 }).await;
-    op.ctx.supervisor.stop_all().await;
-    let (status, answer) = resend.await.unwrap();
-    let stored = db.store.find_by_reference(&row.reference).await.unwrap().unwrap();
-    assert_eq!(stored.message_id, None, "given back before the send was recorded");
+    let ResendAtShutdown { status, answer, stored, .. } = resend_then_shut_down(Duration::from_millis(4400)).await;
+    assert_eq!(stored, None, "given back before the send was recorded");
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "not answered as sent: {answer}");
     assert_eq!(answer["error"]["code"], "not_recorded", "{answer}");
     assert!(answer["error"]["message"].as_str().is_some_and(|m| m.contains("send the row again")), "{answer}");

@@ -5,7 +5,6 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 # One build directory outside the clone, shared by every recipe, so tests and
 # the binary share artefacts and later clones reuse them.
 export CARGO_TARGET_DIR := env_var_or_default("CARGO_TARGET_DIR", home_directory() / ".cache/txrelay/target")
-export DATABASE_URL := env_var_or_default("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/txrelay")
 
 # List the recipes.
 default:
@@ -14,6 +13,15 @@ default:
 # Start moto, create the database and queue, and run a relay on :8080.
 dev:
     scripts/dev.sh
+
+# Stop what `just dev` left running: its moto and this clone's PostgreSQL.
+down:
+    scripts/moto.sh stop "${TXRELAY_DEV_MOTO_PORT:-4566}"
+    scripts/postgres.sh stop
+
+# Start this clone's own PostgreSQL (kept running until `just down`); prints its URL.
+db:
+    scripts/postgres.sh start
 
 # Run the whole test suite (starts what it needs).
 test *ARGS:

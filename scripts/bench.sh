@@ -15,4 +15,12 @@ if [ ! -x "$TXRELAY_RUSTACK" ]; then
     cargo install rustack-cli --version 0.12.0 --no-default-features --features sqs --root "$tools"
 fi
 cargo build --release --locked
-exec python3 bench/bench.py "$@"
+# TXRELAY_BENCH_ADMIN_URL, else DATABASE_URL's server, else one at
+# 127.0.0.1:5432, else this clone's private cluster with the server's
+# defaults, stopped again at the end if this run started it.
+if [ -z "${TXRELAY_BENCH_ADMIN_URL:-}" ]; then
+    pg="$(scripts/postgres.sh ensure)"
+    export TXRELAY_BENCH_ADMIN_URL="${pg% *}"
+    [ "${pg##* }" = started ] && trap 'scripts/postgres.sh stop' EXIT
+fi
+python3 bench/bench.py "$@"

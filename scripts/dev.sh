@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `just dev`: the local PostgreSQL (DATABASE_URL), moto as SQS with a queue,
+# `just dev`: PostgreSQL (DATABASE_URL, or one of the clone's own), moto as SQS with a queue,
 # migrations, and `txrelay run --config examples/relay.yaml` on :8080.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -8,7 +8,19 @@ scripts/setup.sh
 : "${CARGO_TARGET_DIR:=$HOME/.cache/txrelay/target}"
 export CARGO_TARGET_DIR
 
-: "${DATABASE_URL:=postgres://postgres@127.0.0.1:5432/txrelay}"
+# DATABASE_URL when set; otherwise a server at 127.0.0.1:5432, or this
+# clone's private cluster (.run/pg), started and left running for the next
+# `just dev` until `just down`.
+db_note=""
+if [ -z "${DATABASE_URL:-}" ]; then
+    pg="$(scripts/postgres.sh ensure)"
+    admin="${pg% *}"
+    DATABASE_URL="${admin%/*}/txrelay"
+    if [ "${pg##* }" != external ]; then
+        db_note="  (this clone's own PostgreSQL, data in .run/pg; it keeps running after
+            this relay stops, for the next \`just dev\`: \`just down\` stops it)"
+    fi
+fi
 database="${DATABASE_URL##*/}"
 database="${database%%\?*}"
 admin_url="${DATABASE_URL%/*}/postgres"
@@ -37,6 +49,7 @@ cat <<MSG
 
 txrelay is starting on http://127.0.0.1:8080 (metrics on http://127.0.0.1:9090/metrics)
   database: $DATABASE_URL (schema dapp)
+$db_note
   queue:    $SQS_QUEUE_URL
 
 Try it:

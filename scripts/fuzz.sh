@@ -11,13 +11,22 @@ scripts/setup.sh
 : "${CARGO_TARGET_DIR:=$HOME/.cache/txrelay/target}"
 export CARGO_TARGET_DIR
 
-admin_url="${TXRELAY_TEST_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+cleanup=()
+trap 'for c in "${cleanup[@]}"; do eval "$c"; done' EXIT
+if [ -n "${TXRELAY_TEST_ADMIN_URL:-}" ]; then
+    admin_url="$TXRELAY_TEST_ADMIN_URL"
+else
+    pg="$(scripts/postgres.sh ensure)"
+    admin_url="${pg% *}"
+    [ "${pg##* }" = started ] && cleanup+=("scripts/postgres.sh stop")
+fi
 psql -q -v ON_ERROR_STOP=1 "$admin_url" -c "DROP DATABASE IF EXISTS txrelay_fuzz WITH (FORCE)" -c "CREATE DATABASE txrelay_fuzz"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 moto_port="$(free_port)"
 api_port="$(free_port)"
 ops_port="$(free_port)"
 scripts/moto.sh start "$moto_port"
+cleanup+=("scripts/moto.sh stop $moto_port")
 export AWS_ENDPOINT_URL="http://127.0.0.1:$moto_port" AWS_REGION=us-east-1 AWS_ACCESS_KEY_ID=fuzz AWS_SECRET_ACCESS_KEY=fuzz
 SQS_QUEUE_URL="$(.venv/bin/python -c "import boto3; print(boto3.client('sqs', endpoint_url='$AWS_ENDPOINT_URL', region_name='us-east-1').create_queue(QueueName='fuzz')['QueueUrl'])")"
 export SQS_QUEUE_URL DATABASE_URL="${admin_url%/*}/txrelay_fuzz" RELAY_API_TOKENS=fuzz-token RELAY_ADMIN_TOKENS=fuzz-token
@@ -26,7 +35,7 @@ cargo build --locked --quiet
 log="$root/.run/fuzz-relay.log"
 "$CARGO_TARGET_DIR/debug/txrelay" run --listen "127.0.0.1:$api_port" --metrics-listen "127.0.0.1:$ops_port" >"$log" 2>&1 &
 relay=$!
-trap 'kill $relay 2>/dev/null || true; scripts/moto.sh stop "$moto_port"' EXIT
+cleanup=("kill $relay 2>/dev/null || true" "${cleanup[@]}")
 for _ in $(seq 1 100); do
     curl -fsS "http://127.0.0.1:$ops_port/readyz" >/dev/null 2>&1 && break
     sleep 0.1

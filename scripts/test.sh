@@ -9,14 +9,25 @@ scripts/system-packages.sh promtool=prometheus kubectl=kubernetes-client psql=po
 : "${CARGO_TARGET_DIR:=$HOME/.cache/txrelay/target}"
 export CARGO_TARGET_DIR
 
-admin_url="${TXRELAY_TEST_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+# The server: TXRELAY_TEST_ADMIN_URL, else DATABASE_URL's, else one at
+# 127.0.0.1:5432, else this clone's private cluster, started (and stopped
+# again at the end) when it is not running.
+cleanup=()
+trap 'for c in "${cleanup[@]}"; do eval "$c"; done' EXIT
+if [ -n "${TXRELAY_TEST_ADMIN_URL:-}" ]; then
+    admin_url="$TXRELAY_TEST_ADMIN_URL"
+else
+    pg="$(scripts/postgres.sh ensure)"
+    admin_url="${pg% *}"
+    [ "${pg##* }" = started ] && cleanup+=("scripts/postgres.sh stop")
+fi
 test_db="${TXRELAY_TEST_DATABASE:-txrelay_test}"
 psql -q -v ON_ERROR_STOP=1 "$admin_url" -c "DROP DATABASE IF EXISTS $test_db WITH (FORCE)" -c "CREATE DATABASE $test_db"
 export TXRELAY_TEST_DATABASE_URL="${admin_url%/*}/$test_db"
 
 moto_port="${TXRELAY_TEST_MOTO_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 scripts/moto.sh start "$moto_port"
-trap 'scripts/moto.sh stop "$moto_port"' EXIT
+cleanup+=("scripts/moto.sh stop $moto_port")
 export TXRELAY_TEST_SQS_ENDPOINT="http://127.0.0.1:$moto_port"
 
 cargo test --all-targets --locked -- "$@"

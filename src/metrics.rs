@@ -16,6 +16,10 @@ pub struct Metrics {
     accepted: IntCounterVec,
     sent: IntCounterVec,
     send_failures: IntCounterVec,
+    send_outcome_unknown: IntCounterVec,
+    commit_outcome_unknown: IntCounterVec,
+    unsent_drift_repaired: IntCounterVec,
+    held_wallets: IntGaugeVec,
     queue_reachable: IntGaugeVec,
     sweep_duration: HistogramVec,
     send_batch_size: HistogramVec,
@@ -44,16 +48,19 @@ pub enum FailureLabel {
     Transient,
     /// The message was refused for good and dead-lettered.
     Permanent,
+    /// The call went out and no answer came: the queue may have taken it.
+    Unknown,
 }
 
 impl FailureLabel {
-    const ALL: [Self; 3] = [Self::Queue, Self::Transient, Self::Permanent];
+    const ALL: [Self; 4] = [Self::Queue, Self::Transient, Self::Permanent, Self::Unknown];
 
     fn as_str(self) -> &'static str {
         match self {
             Self::Queue => "queue",
             Self::Transient => "transient",
             Self::Permanent => "permanent",
+            Self::Unknown => "unknown",
         }
     }
 }
@@ -97,6 +104,38 @@ impl Metrics {
             send_failures: IntCounterVec::new(
                 Opts::new("txrelay_send_failures_total", "Messages the queue did not accept, by kind"),
                 &["relay", "kind"],
+            )
+            .expect("valid metric"),
+            send_outcome_unknown: IntCounterVec::new(
+                Opts::new(
+                    "txrelay_send_outcome_unknown_total",
+                    "Messages sent in a call that got no answer (timeout, reset, lost reply): the queue may hold them",
+                ),
+                relay,
+            )
+            .expect("valid metric"),
+            commit_outcome_unknown: IntCounterVec::new(
+                Opts::new(
+                    "txrelay_commit_outcome_unknown_total",
+                    "POST /new answered 503 outcome_unknown: the commit was sent and its answer never came",
+                ),
+                relay,
+            )
+            .expect("valid metric"),
+            unsent_drift_repaired: IntCounterVec::new(
+                Opts::new(
+                    "txrelay_unsent_drift_repaired_total",
+                    "Unsent transactions found missing from unsent_transactions and listed again",
+                ),
+                relay,
+            )
+            .expect("valid metric"),
+            held_wallets: IntGaugeVec::new(
+                Opts::new(
+                    "txrelay_fifo_held_wallets",
+                    "FIFO wallets whose later transactions wait behind a dead-lettered one (retry or skip it)",
+                ),
+                relay,
             )
             .expect("valid metric"),
             queue_reachable: IntGaugeVec::new(
@@ -153,6 +192,10 @@ impl Metrics {
             Box::new(self.accepted.clone()),
             Box::new(self.sent.clone()),
             Box::new(self.send_failures.clone()),
+            Box::new(self.send_outcome_unknown.clone()),
+            Box::new(self.commit_outcome_unknown.clone()),
+            Box::new(self.unsent_drift_repaired.clone()),
+            Box::new(self.held_wallets.clone()),
             Box::new(self.queue_reachable.clone()),
             Box::new(self.sweep_duration.clone()),
             Box::new(self.send_batch_size.clone()),
@@ -239,6 +282,22 @@ impl RelayMetrics {
         }
     }
 
+    pub fn send_outcome_unknown(&self, count: usize) {
+        self.metrics.send_outcome_unknown.with_label_values(&[&self.relay]).inc_by(count as u64);
+    }
+
+    pub fn commit_outcome_unknown(&self) {
+        self.metrics.commit_outcome_unknown.with_label_values(&[&self.relay]).inc();
+    }
+
+    pub fn unsent_drift_repaired(&self, count: u64) {
+        self.metrics.unsent_drift_repaired.with_label_values(&[&self.relay]).inc_by(count);
+    }
+
+    pub fn set_held_wallets(&self, wallets: i64) {
+        self.metrics.held_wallets.with_label_values(&[&self.relay]).set(wallets);
+    }
+
     pub fn set_queue_reachable(&self, reachable: bool) {
         self.metrics.queue_reachable.with_label_values(&[&self.relay]).set(i64::from(reachable));
     }
@@ -263,6 +322,10 @@ impl RelayMetrics {
         let _ = m.dead_lettered.remove_label_values(&relay);
         let _ = m.oldest_unsent_age.remove_label_values(&relay);
         let _ = m.queue_reachable.remove_label_values(&relay);
+        let _ = m.send_outcome_unknown.remove_label_values(&relay);
+        let _ = m.commit_outcome_unknown.remove_label_values(&relay);
+        let _ = m.unsent_drift_repaired.remove_label_values(&relay);
+        let _ = m.held_wallets.remove_label_values(&relay);
         let _ = m.sweep_duration.remove_label_values(&relay);
         let _ = m.send_batch_size.remove_label_values(&relay);
         let _ = m.ingest_group_size.remove_label_values(&relay);

@@ -29,6 +29,13 @@ pub enum ApiError {
     Unauthorized,
     #[error("database unavailable; nothing was stored, retry later")]
     Unavailable,
+    /// The commit went out and its answer never came.
+    #[error(
+        "the database did not confirm the commit, so the transaction may or may not be stored; retry with the same \
+         idempotency key and body: the answer is then 200 with the stored transaction, or 201/202 if it was not \
+         stored, and it is never stored or sent twice"
+    )]
+    OutcomeUnknown,
     #[error("{0}; nothing was stored, retry later")]
     RelayNotReady(String),
     #[error("too many requests in flight; retry later")]
@@ -61,6 +68,7 @@ impl ApiError {
         "not_found",
         "unauthorized",
         "database_unavailable",
+        "outcome_unknown",
         "relay_not_ready",
         "overloaded",
         "timeout",
@@ -81,9 +89,12 @@ impl ApiError {
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::Unavailable | Self::RelayNotReady(_) | Self::Overloaded | Self::Timeout | Self::NotRecorded(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::Unavailable
+            | Self::OutcomeUnknown
+            | Self::RelayNotReady(_)
+            | Self::Overloaded
+            | Self::Timeout
+            | Self::NotRecorded(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::RetryRefused { .. } => StatusCode::CONFLICT,
             Self::SendFailed(_) => StatusCode::BAD_GATEWAY,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -101,6 +112,7 @@ impl ApiError {
             Self::NotFound(_) => "not_found",
             Self::Unauthorized => "unauthorized",
             Self::Unavailable => "database_unavailable",
+            Self::OutcomeUnknown => "outcome_unknown",
             Self::RelayNotReady(_) => "relay_not_ready",
             Self::Overloaded => "overloaded",
             Self::Timeout => "timeout",
@@ -152,7 +164,10 @@ impl From<IngestError> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
-        if error.is_unavailable() {
+        if error.is_outcome_unknown() {
+            warn!(%error, "database outcome unknown");
+            Self::OutcomeUnknown
+        } else if error.is_unavailable() {
             warn!(%error, "database unavailable");
             Self::Unavailable
         } else {
@@ -190,6 +205,7 @@ mod tests {
             ApiError::NotFound("x".into()),
             ApiError::Unauthorized,
             ApiError::Unavailable,
+            ApiError::OutcomeUnknown,
             ApiError::RelayNotReady("x".into()),
             ApiError::Overloaded,
             ApiError::Timeout,

@@ -62,6 +62,12 @@ pub enum FailureKind {
     /// `SenderFault=false`): an attempt is counted and it is retried with
     /// backoff until `maxAttempts`.
     Transient,
+    /// No answer to a call that was sent: it timed out, the connection was
+    /// reset after the request was written, or the reply was lost. The
+    /// queue may have taken the messages. Never a refusal: an attempt is
+    /// counted and the row backs off, so it is sent at most `maxAttempts`
+    /// times (docs/delivery.md), and the relay probes with other rows.
+    Unknown,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,9 +104,27 @@ impl SendFailure {
         Self { kind: FailureKind::Transient, scope: FailureScope::Entry, code: None, message: message.into() }
     }
 
-    /// The rows stay unsent without an attempt: the queue is the problem.
+    /// A call that went out and got no answer (see [`FailureKind::Unknown`]).
+    pub fn unknown(message: impl Into<String>) -> Self {
+        Self { kind: FailureKind::Unknown, scope: FailureScope::Request, code: None, message: message.into() }
+    }
+
+    /// The rows stay unsent without an attempt: the queue refused the call,
+    /// so nothing was sent.
     pub fn holds(&self) -> bool {
         self.kind == FailureKind::Queue
+    }
+
+    /// The queue may have taken the message (no answer came).
+    pub fn is_unknown(&self) -> bool {
+        self.kind == FailureKind::Unknown
+    }
+
+    /// The queue itself looks unwell: it refused the call, or did not
+    /// answer. Inline sends stop and the loop probes until a send goes
+    /// through.
+    pub fn queue_suspect(&self) -> bool {
+        matches!(self.kind, FailureKind::Queue | FailureKind::Unknown)
     }
 
     /// The row is dead-lettered now, whatever its attempt count.
@@ -116,9 +140,13 @@ impl SendFailure {
 
     /// A status-condition reason (CamelCase, no dots): the error code's last
     /// part, such as `NonExistentQueue` for
-    /// `AWS.SimpleQueueService.NonExistentQueue`, or `QueueUnreachable` when
-    /// the queue gave no code (network, timeout).
+    /// `AWS.SimpleQueueService.NonExistentQueue`, `SendOutcomeUnknown` for a
+    /// call that got no answer, or `QueueUnreachable` when the queue gave no
+    /// code (network).
     pub fn reason(&self) -> String {
+        if self.kind == FailureKind::Unknown {
+            return "SendOutcomeUnknown".to_owned();
+        }
         let code = self.code.as_deref().and_then(|c| c.rsplit('.').next()).unwrap_or_default();
         if !code.is_empty() && code.chars().all(|c| c.is_ascii_alphanumeric()) {
             code.to_owned()

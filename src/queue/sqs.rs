@@ -320,7 +320,28 @@ where
         );
         return SendFailure { kind, scope: FailureScope::Request, code, message };
     }
-    SendFailure::unreachable(truncate(DisplayErrorContext(&error).to_string(), 500))
+    let text = truncate(DisplayErrorContext(&error).to_string(), 500);
+    if never_sent(&error, &text) { SendFailure::unreachable(text) } else { SendFailure::unknown(text) }
+}
+
+/// Whether a call that got no answer is known not to have reached the
+/// queue: it was never built, or its connection was never made (refused,
+/// no route, DNS, a connect or TLS-handshake timeout). Anything after that
+/// (a timeout while waiting for the answer, a reset after the request was
+/// written, a reply that could not be read) may have been acted on.
+fn never_sent<E, R>(error: &SdkError<E, R>, text: &str) -> bool {
+    match error {
+        SdkError::ConstructionFailure(_) => true,
+        SdkError::DispatchFailure(_) => {
+            let text = text.to_ascii_lowercase();
+            // hyper-util's connector reports a failed connection as
+            // "client error (Connect)"; smithy's as "connect timeout".
+            ["(connect)", "tcp connect error", "connect timeout", "dns error", "connection refused", "handshake"]
+                .iter()
+                .any(|marker| text.contains(marker))
+        }
+        _ => false,
+    }
 }
 
 fn truncate(mut text: String, max: usize) -> String {
@@ -356,6 +377,29 @@ mod tests {
         }
         // A batch entry refused for a passing reason is retried as itself.
         assert!(!is_queue_code("InternalError") && !is_message_code("InternalError"));
+    }
+
+    #[test]
+    fn a_call_that_went_out_and_got_no_answer_is_unknown_and_a_refused_connection_is_not() {
+        use aws_sdk_sqs::config::http::HttpResponse;
+        use aws_sdk_sqs::error::ConnectorError;
+        type Error = SdkError<aws_sdk_sqs::operation::send_message_batch::SendMessageBatchError, HttpResponse>;
+        let io = |kind, text: &str| ConnectorError::io(Box::new(std::io::Error::new(kind, text.to_owned())));
+        let refused: Error = SdkError::dispatch_failure(io(
+            std::io::ErrorKind::ConnectionRefused,
+            "client error (Connect): tcp connect error: Connection refused (os error 111)",
+        ));
+        assert_eq!(classify(refused).kind, FailureKind::Queue, "never connected: nothing was sent");
+        let reset: Error = SdkError::dispatch_failure(io(
+            std::io::ErrorKind::ConnectionReset,
+            "connection closed before message completed",
+        ));
+        assert_eq!(classify(reset).kind, FailureKind::Unknown, "reset after the request was written");
+        let timeout: Error = SdkError::timeout_error("operation timed out");
+        let failure = classify(timeout);
+        assert_eq!(failure.kind, FailureKind::Unknown, "no answer in time");
+        assert_eq!(failure.reason(), "SendOutcomeUnknown");
+        assert!(!failure.holds() && failure.queue_suspect() && !failure.dead_letters());
     }
 
     #[test]

@@ -67,14 +67,21 @@ impl Relay {
             tokio::spawn(commit_groups(Arc::downgrade(self), received));
             requests
         });
-        let stopped = || StoreError::Unavailable("the relay is stopping".into());
         let (reply, answer) = oneshot::channel();
         self.waiting.send_modify(|n| *n += 1);
         if requests.send(Pending { tx: tx.clone(), reply }).is_err() {
             self.waiting.send_modify(|n| *n = n.saturating_sub(1));
-            return Err(stopped());
+            return Err(StoreError::Unavailable("the relay is stopping".into()));
         }
-        let submission = answer.await.map_err(|_| stopped())??;
+        // The group's task ended without an answer: its INSERT may have gone out.
+        let answered =
+            answer.await.map_err(|_| StoreError::OutcomeUnknown("the relay stopped while committing".into()))?;
+        let submission = answered.inspect_err(|error| {
+            if error.is_outcome_unknown() {
+                self.metrics.commit_outcome_unknown();
+                warn!(%error, "commit outcome unknown; the client is told to retry with the same idempotency key");
+            }
+        })?;
         match &submission {
             Submission::Sent(row) => {
                 self.metrics.accepted(Accepted::Created);
@@ -212,7 +219,8 @@ impl Relay {
         // A split batch's single sends share what is left of the send's part
         // of the lease; the rest of it is for recording.
         let sends_by = lease_end - limit - std::time::Duration::from_secs(1);
-        let timed_out = || SendFailure::unreachable(format!("inline send timed out after {limit:?}"));
+        // The call went out: the queue may have taken it.
+        let timed_out = || SendFailure::unknown(format!("inline send got no answer within {limit:?}"));
         self.metrics.send_batch_size(batch.len());
         let results = match tokio::time::timeout(limit, self.queue.send_batch(batch)).await {
             Ok(Ok(results)) => results,
@@ -235,7 +243,7 @@ impl Relay {
         results: Vec<Option<SendResult>>,
         lease_end: tokio::time::Instant,
     ) {
-        let refused = results.iter().flatten().find_map(|r| r.as_ref().err().filter(|f| f.holds())).cloned();
+        let refused = results.iter().flatten().find_map(|r| r.as_ref().err().filter(|f| f.queue_suspect())).cloned();
         match &refused {
             Some(failure) => self.mark_queue(false, Some(failure)),
             None if results.iter().flatten().any(Result::is_ok) => self.mark_queue(true, None),

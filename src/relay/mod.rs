@@ -284,8 +284,10 @@ impl Relay {
     }
 
     /// What the last call to the queue showed: it took messages, or it
-    /// refused a whole call. While the queue is down, inline sends stop and
-    /// the loop probes it by sending the oldest due batch, once a second.
+    /// refused a whole call or left it unanswered. While the queue is down,
+    /// inline sends stop and the loop probes it by sending the oldest due
+    /// batch, once a second; rows whose send went unanswered back off, so
+    /// the probe never sends the same rows over and over.
     fn mark_queue(&self, up: bool, failure: Option<&SendFailure>) {
         let was_up = self.queue_up.swap(up, Ordering::AcqRel);
         if was_up && !up {
@@ -338,8 +340,12 @@ impl Relay {
             FailureKind::Queue => FailureLabel::Queue,
             FailureKind::Message => FailureLabel::Permanent,
             FailureKind::Transient => FailureLabel::Transient,
+            FailureKind::Unknown => FailureLabel::Unknown,
         };
         self.metrics.send_failures(label, count);
+        if kind == FailureKind::Unknown {
+            self.metrics.send_outcome_unknown(count);
+        }
     }
 
     /// Recording a result is retried briefly: a blip must not turn a

@@ -231,9 +231,9 @@ impl Relay {
                     let Some(timeout) = self.call_budget(lease_end).filter(|_| !must_wait()) else { break };
                     let result = match tokio::time::timeout(timeout, self.queue.send(message)).await {
                         Ok(result) => result,
-                        Err(_) => Err(SendFailure::unreachable(format!("SendMessage timed out after {timeout:?}"))),
+                        Err(_) => Err(SendFailure::unknown(format!("SendMessage got no answer within {timeout:?}"))),
                     };
-                    let stop_here = matches!(&result, Err(f) if f.holds());
+                    let stop_here = matches!(&result, Err(f) if f.queue_suspect());
                     results.push(result);
                     if stop_here {
                         break;
@@ -242,12 +242,15 @@ impl Relay {
                 results
             }
             Ok(Err(failure)) => vec![Err(failure); batch.len()],
+            // The call went out: the queue may have taken every entry.
             Err(_) => vec![
-                Err(SendFailure::unreachable(format!("SendMessageBatch timed out after {timeout:?}")));
+                Err(SendFailure::unknown(format!("SendMessageBatch got no answer within {timeout:?}")));
                 batch.len()
             ],
         };
-        let refused = results.iter().find_map(|r| r.as_ref().err().filter(|f| f.holds())).cloned();
+        // A refused or unanswered call ends the sweep's sending: the rest is
+        // released untouched, and the loop probes once a second.
+        let refused = results.iter().find_map(|r| r.as_ref().err().filter(|f| f.queue_suspect())).cloned();
         match refused {
             Some(failure) => {
                 self.mark_queue(false, Some(&failure));
@@ -270,6 +273,14 @@ impl Relay {
                     if failure.holds() {
                         debug!(relay = %self.id, reference = %message.reference, error = %failure, "held: the queue refused the call");
                         outcome.held.push((row.row, failure.message));
+                    } else if failure.is_unknown() {
+                        // Counted as an attempt, with backoff: a row whose
+                        // sends keep going unanswered is sent at most
+                        // maxAttempts times, then dead-lettered.
+                        warn!(relay = %self.id, reference = %message.reference, idempotency_key = %message.idempotency_key,
+                              attempt = row.attempts + 1, error = %failure,
+                              "send outcome unknown: the queue may have taken it; resent after backoff, at most maxAttempts times");
+                        outcome.failures.push(self.failed_send(row.row, row.attempts, &failure));
                     } else {
                         warn!(relay = %self.id, reference = %message.reference, idempotency_key = %message.idempotency_key,
                               error = %failure, dead_letters = failure.dead_letters(), "send failed");
@@ -495,7 +506,7 @@ impl Relay {
         let sent = match message::outbound(row, self.ledger_token.as_ref()) {
             Ok(message) => match tokio::time::timeout(timeout, self.queue.send(&message)).await {
                 Ok(result) => result,
-                Err(_) => Err(SendFailure::unreachable(format!("SendMessage timed out after {timeout:?}"))),
+                Err(_) => Err(SendFailure::unknown(format!("SendMessage got no answer within {timeout:?}"))),
             },
             Err(error) => Err(SendFailure::message(error)),
         };
@@ -517,6 +528,9 @@ impl Relay {
             }
             Err(failure) => {
                 self.count_failures(failure.kind, 1);
+                if failure.is_unknown() {
+                    self.mark_queue(false, Some(&failure));
+                }
                 let failed = self.failed_send(claim, row.attempts, &failure);
                 let rows = self.store.record_failures(&[failed], self.config.max_attempts).await?;
                 let dead_lettered = rows.iter().any(|r| r.failed_at.is_some());

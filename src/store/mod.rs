@@ -143,11 +143,54 @@ pub enum StoreError {
     Migration(String),
     #[error("stored data is inconsistent: {0}")]
     Inconsistent(String),
+    /// A write went out and its answer never came (the connection was lost
+    /// after it was sent, or the bound here ran out): it may have
+    /// committed. Worth retrying, like [`Self::Unavailable`], but never
+    /// reported as "nothing was stored".
+    #[error("the database did not confirm the write, which may have committed: {0}")]
+    OutcomeUnknown(String),
 }
 
 impl StoreError {
+    /// Worth retrying: the database could not be reached, or did not answer.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, Self::Unavailable(_))
+        matches!(self, Self::Unavailable(_) | Self::OutcomeUnknown(_))
+    }
+
+    /// The same error once more, for each request of a group that shared it.
+    pub fn again(&self) -> Self {
+        match self {
+            Self::Unavailable(text) => Self::Unavailable(text.clone()),
+            Self::Query(text) => Self::Query(text.clone()),
+            Self::InvalidUrl => Self::InvalidUrl,
+            Self::Migration(text) => Self::Migration(text.clone()),
+            Self::Inconsistent(text) => Self::Inconsistent(text.clone()),
+            Self::OutcomeUnknown(text) => Self::OutcomeUnknown(text.clone()),
+        }
+    }
+
+    /// A write that may have committed (see [`Self::OutcomeUnknown`]).
+    pub fn is_outcome_unknown(&self) -> bool {
+        matches!(self, Self::OutcomeUnknown(_))
+    }
+}
+
+/// Whether an error on a connection that had already sent a statement
+/// leaves its outcome unknown: the connection broke, or the server ended
+/// the session, before the answer arrived. An error the server answered
+/// with (a constraint, its own statement timeout, which rolls back) is a
+/// known failure.
+fn answer_lost(error: &sqlx::Error) -> bool {
+    use sqlx::Error as E;
+    match error {
+        E::Io(_) | E::Tls(_) | E::Protocol(_) | E::WorkerCrashed => true,
+        E::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            // 08: connection exception; 57P01/57P02: the session was ended
+            // by an administrator or a crash, at a point the client cannot see.
+            code.starts_with("08") || code == "57P01" || code == "57P02"
+        }
+        _ => false,
     }
 }
 
@@ -205,18 +248,46 @@ impl Bounded {
     where
         F: std::future::Future<Output = std::result::Result<T, sqlx::Error>> + 's,
     {
+        match self.bounded(statement).await {
+            Ok(result) => result.map_err(StoreError::from),
+            Err(limit) => Err(StoreError::Unavailable(format!("the database did not answer within {limit:?}"))),
+        }
+    }
+
+    /// As [`Self::run`], for a statement that commits a write: a broken
+    /// connection or the bound running out after it was sent is
+    /// [`StoreError::OutcomeUnknown`], never "nothing was stored".
+    pub(crate) async fn run_write<'s, T, F>(
+        &'s mut self,
+        statement: impl FnOnce(&'s mut sqlx::PgConnection) -> F,
+    ) -> Result<T>
+    where
+        F: std::future::Future<Output = std::result::Result<T, sqlx::Error>> + 's,
+    {
+        match self.bounded(statement).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) if answer_lost(&error) => Err(StoreError::OutcomeUnknown(error.to_string())),
+            Ok(Err(error)) => Err(StoreError::from(error)),
+            Err(limit) => Err(StoreError::OutcomeUnknown(format!("no answer within {limit:?}"))),
+        }
+    }
+
+    /// The statement's own result, or the bound that ran out.
+    async fn bounded<'s, T, F>(
+        &'s mut self,
+        statement: impl FnOnce(&'s mut sqlx::PgConnection) -> F,
+    ) -> std::result::Result<std::result::Result<T, sqlx::Error>, Duration>
+    where
+        F: std::future::Future<Output = std::result::Result<T, sqlx::Error>> + 's,
+    {
         let limit = self.limit;
         // Abandoned until the statement completes: whether this timer fires
         // or the caller drops the call (its own timeout, an HTTP request
         // cut short), a connection left mid-statement is closed.
         self.abandoned = true;
-        match tokio::time::timeout(limit, statement(&mut self.connection)).await {
-            Ok(result) => {
-                self.abandoned = false;
-                result.map_err(StoreError::from)
-            }
-            Err(_) => Err(StoreError::Unavailable(format!("the database did not answer within {limit:?}"))),
-        }
+        let result = tokio::time::timeout(limit, statement(&mut self.connection)).await.map_err(|_| limit)?;
+        self.abandoned = false;
+        Ok(result)
     }
 }
 

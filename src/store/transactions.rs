@@ -198,10 +198,7 @@ impl Store {
     ) -> Vec<Result<InsertOutcome>> {
         match self.insert_group(txs, inline_lease_ms, fifo).await {
             Ok(outcomes) => outcomes,
-            Err(error) if error.is_unavailable() => {
-                let text = error.to_string();
-                txs.iter().map(|_| Err(StoreError::Unavailable(text.clone()))).collect()
-            }
+            Err(error) if error.is_unavailable() => txs.iter().map(|_| Err(error.again())).collect(),
             Err(_) => {
                 let mut outcomes = Vec::with_capacity(txs.len());
                 for tx in txs {
@@ -283,7 +280,9 @@ impl Store {
             .bind(inline_lease_ms)
             .bind(tokens)
             .bind(fifo);
-        self.on(self.pool()).await?.run(|c| query.fetch_all(c)).await
+        // The INSERT is its own transaction: once it went out, a lost
+        // answer leaves its commit unknown.
+        self.on(self.pool()).await?.run_write(|c| query.fetch_all(c)).await
     }
 
     async fn classify_conflict(&self, tx: &NewTransaction) -> Result<Option<InsertOutcome>> {

@@ -3,6 +3,7 @@
 
 mod common;
 
+mod ambiguous;
 mod cli;
 mod cluster;
 mod engine;

@@ -2,7 +2,6 @@
 //! take the network away and give it back without touching the servers
 //! other tests share.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,7 +20,9 @@ use tokio::sync::watch;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SqsMode {
     Forward,
-    /// Every connection is cut and new ones are closed at once.
+    /// Every connection is cut and new ones are refused (the port stops
+    /// listening): a queue endpoint that is down, and known to have taken
+    /// nothing.
     Down,
     /// SendMessage and SendMessageBatch answer HTTP 500; other calls pass.
     FailSends,
@@ -47,10 +48,23 @@ pub struct SqsFaults {
     pub strict_fifo_ids: bool,
     /// SendMessage and SendMessageBatch wait this long before going on.
     pub send_delay: Option<Duration>,
+    /// Sends whose body contains the marker reach moto, which takes them;
+    /// then their reply is lost as given. Real SQS does this; moto never.
+    pub lose_replies: Option<(String, LostReply)>,
+}
+
+/// What becomes of the reply to a call that was carried out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LostReply {
+    /// The connection is closed instead of answering.
+    Dropped,
+    /// The reply comes this much later (after the caller gave up).
+    Late(Duration),
 }
 
 struct SqsState {
     mode: Mutex<SqsMode>,
+    modes: watch::Sender<SqsMode>,
     faults: Mutex<SqsFaults>,
     cut: watch::Sender<u64>,
     upstream: String,
@@ -71,6 +85,7 @@ impl SqsProxy {
         let address = listener.local_addr().expect("proxy address");
         let state = Arc::new(SqsState {
             mode: Mutex::new(SqsMode::Forward),
+            modes: watch::Sender::new(SqsMode::Forward),
             faults: Mutex::new(SqsFaults::default()),
             cut: watch::Sender::new(0),
             upstream: upstream.trim_end_matches('/').to_owned(),
@@ -78,7 +93,7 @@ impl SqsProxy {
             send_calls: 0.into(),
             denied: 0.into(),
         });
-        tokio::spawn(accept_http(listener, state.clone()));
+        tokio::spawn(accept_http(listener, address, state.clone()));
         Self { endpoint: format!("http://{address}"), state }
     }
 
@@ -87,6 +102,7 @@ impl SqsProxy {
         if mode == SqsMode::Down {
             self.state.cut.send_modify(|g| *g += 1);
         }
+        self.state.modes.send_replace(mode);
     }
 
     pub fn faults(&self, change: impl FnOnce(&mut SqsFaults)) {
@@ -104,12 +120,41 @@ impl SqsProxy {
     }
 }
 
-async fn accept_http(listener: TcpListener, state: Arc<SqsState>) {
-    while let Ok((stream, _)) = listener.accept().await {
-        if *state.mode.lock().unwrap() == SqsMode::Down {
-            drop(stream);
+async fn accept_http(listener: TcpListener, address: SocketAddr, state: Arc<SqsState>) {
+    let mut listener = Some(listener);
+    let mut modes = state.modes.subscribe();
+    loop {
+        // Down: the port is closed, so connections are refused, as by a
+        // stopped endpoint, and no request can have been written.
+        let Some(bound) = listener.as_ref() else {
+            if modes.wait_for(|mode| *mode != SqsMode::Down).await.is_err() {
+                return;
+            }
+            for _ in 0..100 {
+                if let Ok(again) = TcpListener::bind(address).await {
+                    listener = Some(again);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert!(listener.is_some(), "the SQS proxy could not listen on {address} again");
             continue;
-        }
+        };
+        let stream = tokio::select! {
+            accepted = bound.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => return,
+            },
+            changed = modes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                if *modes.borrow_and_update() == SqsMode::Down {
+                    listener = None;
+                }
+                continue;
+            }
+        };
         let state = state.clone();
         tokio::spawn(async move {
             let mut cut = state.cut.subscribe();
@@ -124,7 +169,10 @@ async fn accept_http(listener: TcpListener, state: Arc<SqsState>) {
     }
 }
 
-async fn handle(state: Arc<SqsState>, request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+/// An error from the service makes hyper close the connection unanswered.
+type Handled = Result<Response<Full<Bytes>>, Box<dyn std::error::Error + Send + Sync>>;
+
+async fn handle(state: Arc<SqsState>, request: Request<Incoming>) -> Handled {
     let target = request.headers().get("x-amz-target").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
     let is_batch = target.ends_with(".SendMessageBatch");
     let is_send = is_batch || target.ends_with(".SendMessage");
@@ -153,6 +201,11 @@ async fn handle(state: Arc<SqsState>, request: Request<Incoming>) -> Result<Resp
     }
     let (parts, body) = request.into_parts();
     let mut body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let lost = faults
+        .lose_replies
+        .as_ref()
+        .filter(|(marker, _)| is_send && body.windows(marker.len()).any(|w| w == marker.as_bytes()))
+        .map(|(_, lost)| *lost);
     if is_send && faults.strict_fifo_ids && !fifo_ids_valid(&body) {
         return Ok(error(StatusCode::BAD_REQUEST, "InvalidParameterValue"));
     }
@@ -192,6 +245,11 @@ async fn handle(state: Arc<SqsState>, request: Request<Incoming>) -> Result<Resp
                 failed.as_array_mut().expect("failed").extend(refused);
                 body = Bytes::from(answer.to_string());
                 parts.headers.remove(hyper::header::CONTENT_LENGTH);
+            }
+            match lost {
+                Some(LostReply::Dropped) => return Err("reply dropped by the test proxy".into()),
+                Some(LostReply::Late(delay)) => tokio::time::sleep(delay).await,
+                None => {}
             }
             Ok(Response::from_parts(parts, Full::new(body)))
         }
@@ -241,6 +299,10 @@ fn error(status: StatusCode, code: &str) -> Response<Full<Bytes>> {
 /// that silently drops packets. Only client-side timeouts notice that.
 pub struct TcpProxy {
     pub address: SocketAddr,
+    /// The next client message containing these bytes reaches the server,
+    /// whose whole answer is then swallowed and the client's connection
+    /// closed: a statement carried out (a commit made) whose reply was lost.
+    lose_reply: Arc<Mutex<Option<Vec<u8>>>>,
     up: Arc<AtomicBool>,
     stalled: Arc<AtomicBool>,
     frozen: watch::Sender<bool>,
@@ -255,8 +317,9 @@ impl TcpProxy {
         let stalled = Arc::new(AtomicBool::new(false));
         let cut = watch::Sender::new(0u64);
         let frozen = watch::Sender::new(false);
-        let (accept_up, accept_stalled, accept_cut, accept_frozen) =
-            (up.clone(), stalled.clone(), cut.clone(), frozen.clone());
+        let lose_reply: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
+        let (accept_up, accept_stalled, accept_cut, accept_frozen, accept_lose) =
+            (up.clone(), stalled.clone(), cut.clone(), frozen.clone(), lose_reply.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 if !accept_up.load(Ordering::SeqCst) {
@@ -273,19 +336,27 @@ impl TcpProxy {
                     continue;
                 }
                 let frozen = accept_frozen.subscribe();
+                let lose = accept_lose.clone();
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(upstream).await else { return };
                     let (client_read, client_write) = client.into_split();
                     let (server_read, server_write) = server.into_split();
+                    let blinded = Arc::new(AtomicBool::new(false));
+                    let up = Tap::Request { lose, seen: Mutex::new(false), blinded: blinded.clone() };
                     tokio::select! {
-                        _ = pump(client_read, server_write, frozen.clone()) => {}
-                        _ = pump(server_read, client_write, frozen) => {}
+                        _ = pump(client_read, server_write, frozen.clone(), up) => {}
+                        _ = pump(server_read, client_write, frozen, Tap::Reply { blinded }) => {}
                         _ = cut.changed() => {}
                     }
                 });
             }
         });
-        Self { address, up, stalled, frozen, cut }
+        Self { address, lose_reply, up, stalled, frozen, cut }
+    }
+
+    /// Arms a one-time lost reply (see the field).
+    pub fn lose_reply_after(&self, marker: &[u8]) {
+        *self.lose_reply.lock().unwrap() = Some(marker.to_vec());
     }
 
     /// New connections hang without an answer (existing ones are cut).
@@ -315,13 +386,44 @@ impl TcpProxy {
     }
 }
 
+/// What a pump watches for, besides copying.
+enum Tap {
+    /// Client to server: the message that arms a lost reply.
+    Request { lose: Arc<Mutex<Option<Vec<u8>>>>, seen: Mutex<bool>, blinded: Arc<AtomicBool> },
+    /// Server to client: swallowed once blinded, up to the server's
+    /// ReadyForQuery (the statement and its commit are done), then the
+    /// connection ends unanswered.
+    Reply { blinded: Arc<AtomicBool> },
+}
+
+/// Whether a chunk of frontend messages (type byte, then a big-endian
+/// length that counts itself) holds an Execute.
+fn has_execute(chunk: &[u8]) -> bool {
+    let mut at = 0;
+    while at + 5 <= chunk.len() {
+        if chunk[at] == b'E' {
+            return true;
+        }
+        let length = u32::from_be_bytes([chunk[at + 1], chunk[at + 2], chunk[at + 3], chunk[at + 4]]) as usize;
+        at += 1 + length.max(4);
+    }
+    false
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
 /// Copies bytes one way, holding each chunk while the proxy is frozen.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut frozen: watch::Receiver<bool>,
+    tap: Tap,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// ReadyForQuery: 'Z', length 5, then the transaction status.
+    const READY_FOR_QUERY: &[u8] = &[b'Z', 0, 0, 0, 5];
     let mut buffer = vec![0u8; 16 * 1024];
     loop {
         let Ok(read) = from.read(&mut buffer).await else { return };
@@ -331,7 +433,30 @@ async fn pump(
         if frozen.wait_for(|frozen| !*frozen).await.is_err() {
             return;
         }
-        if to.write_all(&buffer[..read]).await.is_err() {
+        let chunk = &buffer[..read];
+        match &tap {
+            Tap::Request { lose, seen, blinded } => {
+                let mut armed = lose.lock().unwrap();
+                if armed.as_deref().is_some_and(|marker| contains(chunk, marker)) {
+                    *armed = None;
+                    *seen.lock().unwrap() = true;
+                }
+                // The statement is parsed (prepared) first and carried out
+                // by a later Execute: the reply is lost from that one on.
+                if *seen.lock().unwrap() && has_execute(chunk) {
+                    *seen.lock().unwrap() = false;
+                    blinded.store(true, Ordering::SeqCst);
+                }
+            }
+            Tap::Reply { blinded } if blinded.load(Ordering::SeqCst) => {
+                if contains(chunk, READY_FOR_QUERY) {
+                    return;
+                }
+                continue;
+            }
+            Tap::Reply { .. } => {}
+        }
+        if to.write_all(chunk).await.is_err() {
             return;
         }
     }

@@ -22,6 +22,10 @@ pub struct MigrateArgs {
     /// Undo the most recently applied migration.
     #[arg(long)]
     pub revert: bool,
+    /// With --revert of the resend audit's migration: drop its records too
+    /// (refused without this while it holds any; keep a copy first).
+    #[arg(long, requires = "revert")]
+    pub drop_resend_audit: bool,
     /// List migrations and whether each is applied.
     #[arg(long)]
     pub status: bool,
@@ -47,6 +51,12 @@ pub struct StatsArgs {
 #[derive(Debug, Args)]
 pub struct RetryArgs {
     /// Database id of the transaction.
+    pub id: i64,
+}
+
+#[derive(Debug, Args)]
+pub struct SkipArgs {
+    /// Database id of the dead-lettered transaction.
     pub id: i64,
 }
 
@@ -152,7 +162,7 @@ pub async fn migrate(global: &Global, args: MigrateArgs) -> Result<(), CliError>
             println!("{:<16} {:<40} {state}", migration.version, migration.description);
         }
     } else if args.revert {
-        match store.revert_last_migration().await? {
+        match store.revert_last_migration_with(args.drop_resend_audit).await? {
             Some(version) => println!("reverted migration {version}"),
             None => println!("no migration to revert"),
         }
@@ -221,6 +231,13 @@ pub async fn retry(global: &Global, args: RetryArgs) -> Result<(), CliError> {
     let relay = relay(global).await?;
     let message_id = relay.retry_one(args.id, &cli_audit("retry")).await.map_err(CliError::failed)?;
     println!("{message_id}");
+    Ok(())
+}
+
+pub async fn skip(global: &Global, args: SkipArgs) -> Result<(), CliError> {
+    let relay = relay(global).await?;
+    relay.skip_one(args.id, &cli_audit("skip")).await.map_err(CliError::failed)?;
+    println!("skipped {}: it stays dead-lettered, and its wallet's later transactions go on", args.id);
     Ok(())
 }
 

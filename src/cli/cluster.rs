@@ -208,7 +208,7 @@ pub fn plugin_args(args: Vec<OsString>) -> Vec<OsString> {
         return args;
     }
     let arg0 = args[0].clone();
-    const TAKE_A_RELAY: [&str; 6] = ["list", "stats", "retry", "retry-all", "migrate", "doctor"];
+    const TAKE_A_RELAY: [&str; 7] = ["list", "stats", "retry", "retry-all", "skip", "migrate", "doctor"];
     // Global flags that take a value, which may come before the command.
     const WITH_VALUE: [&str; 6] = ["--config", "--schema", "--log-format", "--db-pool-size", "--relay", "--context"];
     let mut out = Vec::with_capacity(args.len() + 1);

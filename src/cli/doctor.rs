@@ -170,6 +170,7 @@ async fn migrations(store: &Store, report: &mut Report) {
                 .collect();
             if pending.is_empty() {
                 report.pass(format!("schema {schema} exists, every migration applied ({})", status.len()));
+                drift(store, report).await;
             } else {
                 report.fail(
                     format!("schema {schema}: migrations pending: {}", pending.join(", ")),
@@ -178,6 +179,20 @@ async fn migrations(store: &Store, report: &mut Report) {
             }
         }
         Err(error) => report.fail(format!("schema {schema}: {error}"), "check the database user's permissions"),
+    }
+}
+
+/// Unsent rows that `unsent_transactions` does not list: the relay would
+/// find them only at its next drift reconciliation.
+async fn drift(store: &Store, report: &mut Report) {
+    match store.count_unsent_drift().await {
+        Ok(0) => report.pass("unsent_transactions lists every unsent transaction (no drift)"),
+        Ok(rows) => report.fail(
+            format!("{rows} unsent transactions are missing from unsent_transactions (drift)"),
+            "a writer bypassed the triggers (DISABLE TRIGGER, a direct edit); a running relay lists them again \
+             within its reconciliation bound (docs/delivery.md#drift), or restart it to do so at once",
+        ),
+        Err(error) => report.fail(format!("drift check: {error}"), "check the database user's permissions"),
     }
 }
 

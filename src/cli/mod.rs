@@ -68,6 +68,9 @@ pub enum Command {
     Retry(admin::RetryArgs),
     /// Send every unsent transaction now, ignoring backoff.
     RetryAll(admin::RetryAllArgs),
+    /// Give up on a dead-lettered transaction for good, so its FIFO wallet's
+    /// later transactions go on (audited; the row stays dead-lettered).
+    Skip(admin::SkipArgs),
     /// Print the TransactionRelay CustomResourceDefinition.
     Crd,
     /// List the cluster's TransactionRelays with their state and last error.
@@ -203,6 +206,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Stats(args) => admin::stats(&cli.global, args).await,
         Command::Retry(args) => admin::retry(&cli.global, args).await,
         Command::RetryAll(args) => admin::retry_all(&cli.global, args).await,
+        Command::Skip(args) => admin::skip(&cli.global, args).await,
         Command::Doctor(args) => doctor::doctor(&cli.global, args).await,
         Command::Get(args) => cluster::get(cli.global.context.as_deref(), args).await,
         Command::Crd => {

@@ -23,6 +23,13 @@ const GAUGE_MAX_AGE: Duration = Duration::from_secs(15);
 /// ...and at most this often while a backlog drains.
 const GAUGE_MIN_AGE: Duration = Duration::from_secs(1);
 const RETENTION_EVERY: Duration = Duration::from_secs(600);
+/// The drift reconciliation looks at this many rows of `transactions`, by
+/// primary key, at the loop's start and then every [`DRIFT_EVERY`]: a row
+/// missing from `unsent_transactions` is listed again within one minute per
+/// 100,000 rows of the table (docs/delivery.md), at the cost of one index
+/// range scan of that many ids a minute.
+const DRIFT_BATCH: u32 = 100_000;
+const DRIFT_EVERY: Duration = Duration::from_secs(60);
 const RETENTION_BATCH: u32 = 500;
 /// Backoff while the database is unreachable.
 const DB_RETRY_MIN: Duration = Duration::from_millis(250);
@@ -49,6 +56,9 @@ struct LoopState {
     retention_at: Option<Instant>,
     /// When the last probe went out while the queue was refusing calls.
     probed_at: Option<Instant>,
+    drift_at: Option<Instant>,
+    /// Where the drift reconciliation goes on from (an id of `transactions`).
+    drift_after: i64,
 }
 
 /// Runs until `stop` turns true (or its sender is dropped). A sweep that
@@ -56,8 +66,15 @@ struct LoopState {
 pub async fn run_loop(relay: Arc<Relay>, mut stop: watch::Receiver<bool>) {
     info!(relay = %relay.id, suspended = relay.config.suspend, "relay loop started");
     let health = tokio::spawn(keep_health_fresh(relay.clone(), stop.clone()));
-    let mut state =
-        LoopState { draining: false, db_retry: DB_RETRY_MIN, gauges_at: None, retention_at: None, probed_at: None };
+    let mut state = LoopState {
+        draining: false,
+        db_retry: DB_RETRY_MIN,
+        gauges_at: None,
+        retention_at: None,
+        probed_at: None,
+        drift_at: None,
+        drift_after: 0,
+    };
     loop {
         if *stop.borrow() {
             break;
@@ -135,6 +152,7 @@ impl Relay {
         self.health.send_modify(|h| h.last_sweep = Some(chrono::Utc::now()));
         self.refresh_gauges_if_older_than(GAUGE_MIN_AGE, state).await;
         self.apply_retention(state).await;
+        self.repair_drift(state).await;
 
         if report.queue_error.is_some() {
             debug!(relay = %self.id, error = report.queue_error.as_deref(), "the queue still refuses calls");
@@ -220,6 +238,29 @@ impl Relay {
                 warn!(relay = %self.id, %error, "could not read the backlog");
                 self.mark_database(Some(&error));
             }
+        }
+    }
+
+    /// One bounded step of the drift reconciliation (see [`DRIFT_BATCH`]):
+    /// an unsent row that a writer left out of `unsent_transactions` would
+    /// otherwise never be sent, counted or alerted on.
+    async fn repair_drift(&self, state: &mut LoopState) {
+        if state.drift_at.is_some_and(|at| at.elapsed() < DRIFT_EVERY) {
+            return;
+        }
+        state.drift_at = Some(Instant::now());
+        match self.store.repair_unsent_drift(state.drift_after, DRIFT_BATCH).await {
+            Ok(scan) => {
+                // Past the newest row: the next step starts over.
+                state.drift_after = scan.last_id.unwrap_or(0);
+                if !scan.repaired.is_empty() {
+                    self.metrics.unsent_drift_repaired(scan.repaired.len() as u64);
+                    warn!(relay = %self.id, rows = scan.repaired.len(), ids = ?&scan.repaired[..scan.repaired.len().min(20)],
+                          "unsent transactions were missing from unsent_transactions (a writer bypassed its triggers); listed again, they are sent now");
+                    self.wake();
+                }
+            }
+            Err(error) => warn!(relay = %self.id, %error, "drift reconciliation failed; retried in a minute"),
         }
     }
 

@@ -7,6 +7,7 @@ mod in_flight;
 mod ingest;
 pub mod message;
 mod recorder;
+mod skip;
 mod sweep;
 
 use std::fmt;
@@ -380,6 +381,8 @@ impl Relay {
     pub async fn refresh_gauges(&self) -> Result<Gauges, StoreError> {
         let gauges = self.store.gauges().await?;
         self.metrics.set_backlog(gauges.unsent, gauges.failed, gauges.oldest_unsent_age_seconds);
+        // Only a FIFO queue holds a wallet behind its dead letter.
+        self.metrics.set_held_wallets(if self.is_fifo() { gauges.dead_wallets } else { 0 });
         self.health.send_modify(|h| h.gauges = Some(gauges));
         Ok(gauges)
     }

@@ -390,6 +390,9 @@ impl Relay {
         };
         let (succeeded, failed) = (report.succeeded as u64, report.failed as u64);
         self.resend_finished(audit_id, audit, ids.len(), succeeded, failed, outcome).await;
+        if succeeded > 0 {
+            self.wallet_may_move().await;
+        }
         result.map(|()| report)
     }
 
@@ -475,6 +478,15 @@ impl Relay {
         });
     }
 
+    /// A row sent or skipped by hand may free its FIFO wallet's later rows,
+    /// which the loops (this one, and other processes') are not waiting for.
+    pub(super) async fn wallet_may_move(&self) {
+        self.wake();
+        if let Err(error) = self.store.notify_due().await {
+            warn!(relay = %self.id, %error, "could not notify other replicas");
+        }
+    }
+
     /// Sends one row now (`txrelay retry ID`), reviving it if dead-lettered.
     /// The audit record is written first, before the row is revived or
     /// claimed, and gets its outcome whatever happens after.
@@ -490,6 +502,9 @@ impl Relay {
         };
         let failed = u64::from(matches!(&result, Err(e) if !matches!(e, RetryError::Claim(_))));
         self.resend_finished(audit_id, audit, 1, succeeded, failed, outcome).await;
+        if result.is_ok() {
+            self.wallet_may_move().await;
+        }
         result
     }
 

@@ -25,14 +25,31 @@ impl Store {
     }
 
     /// Reverts the most recently applied migration; returns its version.
+    /// Reverting the resend audit's migration refuses while it holds
+    /// records (see [`Self::revert_last_migration_with`]).
     pub async fn revert_last_migration(&self) -> Result<Option<i64>> {
+        self.revert_last_migration_with(false).await
+    }
+
+    /// As [`Self::revert_last_migration`]; `drop_resend_audit` lets the
+    /// resend audit's down migration drop its records.
+    pub async fn revert_last_migration_with(&self, drop_resend_audit: bool) -> Result<Option<i64>> {
         let applied: Vec<i64> =
             self.status().await?.into_iter().filter_map(|m| m.installed_on.map(|_| m.version)).collect();
         let Some((&last, earlier)) = applied.split_last() else {
             return Ok(None);
         };
         let target = earlier.last().copied().unwrap_or(0);
-        MIGRATOR.undo(self.pool(), target).await.map_err(|e| StoreError::Migration(e.to_string()))?;
+        let mut connection = self.pool().acquire().await?;
+        if drop_resend_audit {
+            sqlx::query("SET txrelay.drop_resend_audit = on").execute(&mut *connection).await?;
+        }
+        let undone = MIGRATOR.undo(&mut *connection, target).await;
+        if drop_resend_audit {
+            // The pool must not hand the permission on to anyone else.
+            connection.close_on_drop();
+        }
+        undone.map_err(|e| StoreError::Migration(e.to_string()))?;
         Ok(Some(last))
     }
 

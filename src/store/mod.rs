@@ -13,7 +13,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 pub use migrations::MigrationStatus;
-pub use outbox::{Claim, ClaimMode, ClaimRef, ClaimedRow, FailedSend, Gauges, RetryOneError};
+pub use outbox::{Claim, ClaimMode, ClaimRef, ClaimedRow, DriftScan, FailedSend, Gauges, RetryOneError, SkipError};
 pub use resend::{ResendAudit, ResendFilter, ResendRow};
 pub use transactions::{Conflict, InsertOutcome, ListFilter, Stats};
 
@@ -54,9 +54,21 @@ macro_rules! not_held {
     };
 }
 
+/// `holds its wallet`: dead-lettered and not resolved. On a FIFO queue such
+/// a row holds its wallet's later rows until it is retried (unsent again)
+/// or skipped on purpose (`txrelay skip`), so a withdrawal never lands
+/// before the deposit that failed ahead of it. Indexed by
+/// `transactions_dead_wallet_idx`.
+macro_rules! holds_its_wallet {
+    ($t:literal) => {
+        concat!($t, ".failed_at IS NOT NULL AND ", $t, ".skipped_at IS NULL")
+    };
+}
+
 /// On a FIFO queue a row waits while an older row of its wallet (its
-/// MessageGroupId) is unsent, whether pending, claimed or backing off.
-/// `unsent_transactions` holds exactly the unsent rows.
+/// MessageGroupId) is unsent, whether pending, claimed or backing off, or
+/// is dead-lettered and unresolved. `unsent_transactions` holds exactly
+/// the unsent rows.
 macro_rules! first_of_its_wallet {
     ($t:literal) => {
         concat!(
@@ -64,7 +76,13 @@ macro_rules! first_of_its_wallet {
             $t,
             ".wallet_address AND o.id < ",
             $t,
-            ".id)"
+            ".id) AND NOT EXISTS (SELECT 1 FROM transactions d WHERE d.wallet_address = ",
+            $t,
+            ".wallet_address AND d.id < ",
+            $t,
+            ".id AND ",
+            holds_its_wallet!("d"),
+            ")"
         )
     };
 }
@@ -126,7 +144,8 @@ macro_rules! columns {
 }
 
 pub(crate) use {
-    columns, dead_lettered, due_at, first_of_its_wallet, follow, follow_columns, not_held, not_sent, sent, unsent,
+    columns, dead_lettered, due_at, first_of_its_wallet, follow, follow_columns, holds_its_wallet, not_held, not_sent,
+    sent, unsent,
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -7,8 +7,8 @@ use chrono::{DateTime, Utc};
 use sqlx::{FromRow, Row};
 
 use super::{
-    Result, Store, StoreError, columns, dead_lettered, due_at, first_of_its_wallet, follow, follow_columns, not_held,
-    not_sent, sent, unsent,
+    Result, Store, StoreError, columns, dead_lettered, due_at, first_of_its_wallet, follow, follow_columns,
+    holds_its_wallet, not_held, not_sent, sent, unsent,
 };
 use crate::transaction::Transaction;
 
@@ -91,6 +91,9 @@ pub struct FailedSend {
 pub struct Gauges {
     pub unsent: i64,
     pub failed: i64,
+    /// Wallets with a dead-lettered, unresolved row: on a FIFO queue their
+    /// later rows wait for it.
+    pub dead_wallets: i64,
     pub oldest_unsent_age_seconds: f64,
 }
 
@@ -102,7 +105,10 @@ pub enum RetryOneError {
     AlreadySent { id: i64, message_id: String },
     #[error("transaction {id} is being sent by a running relay until {until}; try again after that")]
     Held { id: i64, until: DateTime<Utc> },
-    #[error("transaction {id} must wait for the older unsent transaction {older} of the same wallet (FIFO order)")]
+    #[error(
+        "transaction {id} must wait for the older transaction {older} of the same wallet (FIFO order): it is unsent, \
+         or dead-lettered (retry it, or `txrelay skip {older}` to let the wallet go on without it)"
+    )]
     WaitsForOlder { id: i64, older: i64 },
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -260,7 +266,10 @@ const GAUGES: &str = concat!(
      coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_age, \
      (SELECT count(*) FROM transactions WHERE ",
     dead_lettered!("transactions"),
-    ") AS failed \
+    ") AS failed, \
+     (SELECT count(DISTINCT d.wallet_address) FROM transactions d WHERE ",
+    holds_its_wallet!("d"),
+    ") AS dead_wallets \
      FROM unsent_transactions"
 );
 
@@ -281,7 +290,7 @@ const NEXT_DUE_FIFO: &str = next_due_sql!(concat!(" WHERE ", first_of_its_wallet
 /// a FIFO queue only a row with no older unsent row of its wallet.
 const CLAIM_REVIVE: &str = and_follow!(
     concat!(
-        "UPDATE transactions SET failed_at = NULL, next_attempt_at = now(), \
+        "UPDATE transactions SET failed_at = NULL, skipped_at = NULL, next_attempt_at = now(), \
          claimed_until = now() + $2 * interval '1 millisecond', claim_token = $3, updated_at = clock_timestamp() \
          WHERE id = ANY (ARRAY(SELECT t.id FROM transactions t WHERE t.id = ANY ($4::bigint[]) AND ",
         dead_lettered!("t"),
@@ -297,8 +306,8 @@ const CLAIM_REVIVE: &str = and_follow!(
 
 const CLAIM_ONE: &str = and_follow!(
     concat!(
-        "UPDATE transactions SET failed_at = NULL, claimed_until = now() + $2 * interval '1 millisecond', \
-         claim_token = $4, updated_at = clock_timestamp() WHERE id = $1 AND ",
+        "UPDATE transactions SET failed_at = NULL, skipped_at = NULL, \
+         claimed_until = now() + $2 * interval '1 millisecond', claim_token = $4, updated_at = clock_timestamp() WHERE id = $1 AND ",
         not_sent!("transactions"),
         " AND ",
         not_held!("transactions"),
@@ -310,7 +319,99 @@ const CLAIM_ONE: &str = and_follow!(
     "SELECT * FROM changed"
 );
 
+/// Re-lists the unsent rows among the next `$2` ids after `$1` that are
+/// missing from `unsent_transactions` (a writer that bypassed its triggers:
+/// `DISABLE TRIGGER`, a direct edit of the narrow table). The scan walks the
+/// primary key, so its cost is bounded by `$2` whatever the table's size.
+const REPAIR_DRIFT: &str = concat!(
+    "WITH scanned AS MATERIALIZED (SELECT id FROM transactions WHERE id > $1 ORDER BY id LIMIT $2), \
+     repaired AS (INSERT INTO unsent_transactions (id, wallet_address, created_at, claimed_until, due_at) \
+     SELECT t.id, t.wallet_address, t.created_at, t.claimed_until, ",
+    due_at!("t"),
+    " FROM transactions t WHERE t.id = ANY (ARRAY(SELECT id FROM scanned)) AND ",
+    unsent!("t"),
+    " AND NOT EXISTS (SELECT 1 FROM unsent_transactions u WHERE u.id = t.id) \
+     ON CONFLICT (id) DO NOTHING RETURNING id) \
+     SELECT (SELECT max(id) FROM scanned) AS last_id, ARRAY(SELECT id FROM repaired ORDER BY id) AS repaired"
+);
+
+/// Unsent rows missing from `unsent_transactions`, counted over the whole
+/// table (`doctor`: a full scan, bounded by the statement timeout).
+const COUNT_DRIFT: &str = concat!(
+    "SELECT count(*) FROM transactions t WHERE ",
+    unsent!("t"),
+    " AND NOT EXISTS (SELECT 1 FROM unsent_transactions u WHERE u.id = t.id)"
+);
+
+/// One step of the drift reconciliation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DriftScan {
+    /// The last id scanned; `None` when the scan ran past the newest row.
+    pub last_id: Option<i64>,
+    /// Rows found missing and listed again.
+    pub repaired: Vec<i64>,
+}
+
+/// Why `txrelay skip ID` was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SkipError {
+    #[error("no transaction with id {0}")]
+    NotFound(i64),
+    #[error("transaction {0} is not dead-lettered (sent, or still being delivered); only a dead letter can be skipped")]
+    NotDeadLettered(i64),
+    #[error("transaction {0} was already skipped")]
+    AlreadySkipped(i64),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+const SKIP: &str = concat!(
+    "UPDATE transactions SET skipped_at = now(), updated_at = clock_timestamp() WHERE id = $1 AND ",
+    holds_its_wallet!("transactions"),
+    " RETURNING wallet_address"
+);
+
 impl Store {
+    /// One bounded step of the drift reconciliation: the next `batch` ids
+    /// after `after` (see [`REPAIR_DRIFT`]).
+    pub async fn repair_unsent_drift(&self, after: i64, batch: u32) -> Result<DriftScan> {
+        let (last_id, repaired): (Option<i64>, Vec<i64>) = self
+            .on(self.bookkeeping())
+            .await?
+            .run(|c| sqlx::query_as(REPAIR_DRIFT).bind(after).bind(i64::from(batch)).fetch_one(c))
+            .await?;
+        Ok(DriftScan { last_id, repaired })
+    }
+
+    /// Unsent rows missing from `unsent_transactions`, over the whole table.
+    pub async fn count_unsent_drift(&self) -> Result<i64> {
+        self.on(self.pool()).await?.run(|c| sqlx::query_scalar(COUNT_DRIFT).fetch_one(c)).await
+    }
+
+    /// Ends a dead-lettered row's hold on its FIFO wallet (`txrelay skip`):
+    /// it stays dead-lettered and unsent. Returns its wallet.
+    pub async fn skip_dead_letter(&self, id: i64) -> std::result::Result<String, SkipError> {
+        let skipped: Option<String> =
+            self.on(self.pool()).await?.run(|c| sqlx::query_scalar(SKIP).bind(id).fetch_optional(c)).await?;
+        if let Some(wallet) = skipped {
+            return Ok(wallet);
+        }
+        let state: Option<(bool, bool)> = self
+            .on(self.pool())
+            .await?
+            .run(|c| {
+                sqlx::query_as("SELECT failed_at IS NOT NULL, skipped_at IS NOT NULL FROM transactions WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(c)
+            })
+            .await?;
+        Err(match state {
+            None => SkipError::NotFound(id),
+            Some((true, true)) => SkipError::AlreadySkipped(id),
+            Some(_) => SkipError::NotDeadLettered(id),
+        })
+    }
+
     /// Claims up to `limit` rows in one short transaction, skipping rows other
     /// processes hold, and holds them for `lease` under a new claim token.
     pub async fn claim(&self, mode: ClaimMode<'_>, limit: u32, lease: Duration, fifo: bool) -> Result<Claim> {
@@ -410,6 +511,7 @@ impl Store {
         Ok(Gauges {
             unsent: row.try_get("unsent")?,
             failed: row.try_get("failed")?,
+            dead_wallets: row.try_get("dead_wallets")?,
             oldest_unsent_age_seconds: row.try_get("oldest_age")?,
         })
     }
@@ -474,10 +576,15 @@ impl Store {
             .on(self.pool())
             .await?
             .run(|c| {
-                sqlx::query_scalar("SELECT max(id) FROM unsent_transactions WHERE wallet_address = $1 AND id < $2")
-                    .bind(&existing.wallet_address)
-                    .bind(id)
-                    .fetch_one(c)
+                sqlx::query_scalar(concat!(
+                    "SELECT max(id) FROM (SELECT id FROM unsent_transactions WHERE wallet_address = $1 AND id < $2 \
+                     UNION ALL SELECT d.id FROM transactions d WHERE d.wallet_address = $1 AND d.id < $2 AND ",
+                    holds_its_wallet!("d"),
+                    ") AS older"
+                ))
+                .bind(&existing.wallet_address)
+                .bind(id)
+                .fetch_one(c)
             })
             .await?;
         match older {
@@ -540,7 +647,9 @@ mod sql_tests {
         };
         let not_held = |t: &str| format!("({t}.claimed_until IS NULL OR {t}.claimed_until <= now())");
         let first_of_its_wallet = "NOT EXISTS (SELECT 1 FROM unsent_transactions o WHERE o.wallet_address = \
-                                   u.wallet_address AND o.id < u.id)";
+                                   u.wallet_address AND o.id < u.id) AND NOT EXISTS (SELECT 1 FROM transactions d \
+                                   WHERE d.wallet_address = u.wallet_address AND d.id < u.id \
+                                   AND d.failed_at IS NOT NULL AND d.skipped_at IS NULL)";
         let due = format!("t.next_attempt_at <= now() AND {}", not_held("t"));
         assert_eq!(super::CLAIM_DUE, claim("u.due_at <= now()", "u.due_at, u.id", &due));
         assert_eq!(
@@ -566,8 +675,9 @@ mod sql_tests {
         assert_eq!(
             super::GAUGES,
             "SELECT count(*) AS unsent, coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_age, \
-             (SELECT count(*) FROM transactions WHERE transactions.failed_at IS NOT NULL) AS failed \
-             FROM unsent_transactions"
+             (SELECT count(*) FROM transactions WHERE transactions.failed_at IS NOT NULL) AS failed, \
+             (SELECT count(DISTINCT d.wallet_address) FROM transactions d WHERE d.failed_at IS NOT NULL \
+             AND d.skipped_at IS NULL) AS dead_wallets FROM unsent_transactions"
         );
         assert_eq!(
             crate::store::transactions::STATS_SQL,

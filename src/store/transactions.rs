@@ -6,7 +6,8 @@ use serde::Serialize;
 use sqlx::{FromRow, Row};
 
 use super::{
-    ClaimRef, Result, Store, StoreError, columns, dead_lettered, due_at, follow, follow_columns, not_sent, sent, unsent,
+    ClaimRef, Result, Store, StoreError, columns, dead_lettered, due_at, follow, follow_columns, holds_its_wallet,
+    not_sent, sent, unsent,
 };
 use crate::transaction::{NewTransaction, Transaction};
 
@@ -125,8 +126,11 @@ const INSERT_MANY: &str = concat!(
     follow_columns!(),
     "), ",
     follow!(),
-    " SELECT changed.*, ($21 AND EXISTS (SELECT 1 FROM unsent_transactions o \
-     WHERE o.wallet_address = changed.wallet_address)) AS held_back FROM changed"
+    " SELECT changed.*, ($21 AND (EXISTS (SELECT 1 FROM unsent_transactions o \
+     WHERE o.wallet_address = changed.wallet_address) OR EXISTS (SELECT 1 FROM transactions d \
+     WHERE d.wallet_address = changed.wallet_address AND d.id < changed.id AND ",
+    holds_its_wallet!("d"),
+    "))) AS held_back FROM changed"
 );
 
 const FIND_CONFLICT: &str = concat!(

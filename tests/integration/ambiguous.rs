@@ -162,3 +162,133 @@ async fn a_database_that_refuses_connections_answers_that_nothing_was_stored() {
     assert_eq!(error["error"]["code"], "database_unavailable", "{error}");
     assert_eq!(db.scalar_i64("SELECT count(*) FROM transactions").await, 0);
 }
+
+fn audit(command: &'static str) -> txrelay::store::ResendAudit {
+    txrelay::store::ResendAudit { actor: "test".into(), via: "cli", command }
+}
+
+async fn row_of(db: &TestDb, n: u64) -> txrelay::transaction::Transaction {
+    db.store.find_by_reference(&format!("MYK-{n:06}")).await.unwrap().expect("stored")
+}
+
+/// On a FIFO queue, a dead-lettered row keeps holding its wallet: the
+/// wallet's later rows wait until it is retried (then both go, in order) or
+/// skipped on purpose (audited). Other wallets keep moving meanwhile.
+#[tokio::test]
+async fn on_a_fifo_queue_a_dead_letter_holds_its_wallet_until_retried_or_skipped() {
+    let (db, queue) = (TestDb::new().await, TestQueue::fifo().await);
+    let proxy = SqsProxy::start(&queue.endpoint).await;
+    let (deposit, withdrawal) = (unique(), unique());
+    proxy.faults(|f| f.refuse_entries = Some((format!("MYK-{deposit:06}"), true)));
+    let app = TestApp::new(&RelayBuilder::new(&db, &queue).endpoint(&proxy.endpoint)).await;
+    let running = RunningLoop::start(&app.relay);
+    app.post_new(&body(deposit, "wallet-w")).await;
+    wait_until(Duration::from_secs(10), "the deposit is dead-lettered", || async {
+        row_of(&db, deposit).await.failed_at.is_some()
+    })
+    .await;
+    let (status, _) = app.post_new(&body(withdrawal, "wallet-w")).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "held behind the dead letter: not sent inline");
+    // Another wallet's row goes through, and the gauge has been read since:
+    // the relay has had every chance to send the withdrawal.
+    let elsewhere = unique();
+    app.post_new(&body(elsewhere, "wallet-x")).await;
+    wait_until(Duration::from_secs(20), "another wallet moves and one wallet is counted as held", || async {
+        row_of(&db, elsewhere).await.message_id.is_some()
+            && metric(&app, r#"txrelay_fifo_held_wallets{relay="RELAY"}"#) == 1.0
+    })
+    .await;
+    assert_eq!(row_of(&db, withdrawal).await.message_id, None, "the withdrawal waits for its deposit");
+    let refused = app.relay.retry_one(row_of(&db, withdrawal).await.id, &audit("retry")).await;
+    assert!(refused.is_err_and(|e| e.to_string().contains("txrelay skip")), "retry of the later row is refused");
+
+    proxy.faults(|f| f.refuse_entries = None);
+    app.relay.retry_one(row_of(&db, deposit).await.id, &audit("retry")).await.expect("the deposit is retried");
+    wait_until(Duration::from_secs(10), "the withdrawal follows", || async {
+        row_of(&db, withdrawal).await.message_id.is_some()
+    })
+    .await;
+    let order: Vec<String> = queue
+        .drain()
+        .await
+        .iter()
+        .filter_map(|m| attribute(m, "reference"))
+        .filter(|r| r != &format!("MYK-{elsewhere:06}"))
+        .collect();
+    assert_eq!(order, [format!("MYK-{deposit:06}"), format!("MYK-{withdrawal:06}")], "the deposit lands first");
+
+    // Skipped on purpose: the row stays dead-lettered, the wallet goes on.
+    let (stuck, next) = (unique(), unique());
+    proxy.faults(|f| f.refuse_entries = Some((format!("MYK-{stuck:06}"), true)));
+    app.post_new(&body(stuck, "wallet-v")).await;
+    wait_until(Duration::from_secs(10), "dead-lettered", || async { row_of(&db, stuck).await.failed_at.is_some() })
+        .await;
+    app.post_new(&body(next, "wallet-v")).await;
+    let stuck_id = row_of(&db, stuck).await.id;
+    app.relay.skip_one(stuck_id, &audit("skip")).await.expect("a dead letter can be skipped");
+    wait_until(Duration::from_secs(10), "the wallet goes on", || async {
+        row_of(&db, next).await.message_id.is_some()
+    })
+    .await;
+    assert!(row_of(&db, stuck).await.failed_at.is_some(), "the skipped row stays dead-lettered");
+    assert_eq!(
+        db.scalar_i64(&format!(
+            "SELECT count(*) FROM resend_audit WHERE command = 'skip' AND transaction_ids = ARRAY[{stuck_id}::bigint] \
+             AND outcome LIKE 'skipped%'"
+        ))
+        .await,
+        1,
+        "the skip is audited"
+    );
+    assert!(app.relay.skip_one(stuck_id, &audit("skip")).await.is_err(), "skipped once only");
+    running.stop().await;
+}
+
+/// A row written by hand (psql, a bulk fix), as the old tools write it.
+fn raw_insert(n: u64, wallet: &str) -> String {
+    let payload = body(n, wallet)["ledger_payload"].to_string().replace('\'', "''");
+    format!(
+        "INSERT INTO transactions (reference, external_reference, idempotency_key, transaction_type, status, source, \
+         instruction_type, incoming_currency, outgoing_currency, value, fee, wallet_address, payload) VALUES \
+         ('MYK-{n:06}', 'ext-{n}', 'idem-{n}', 'DEPOSIT', 'PENDING_PAYER', 'ANCHOR_SOLANA', 'Transaction', 'EUR', \
+         'EURC', 100, 1.5, '{wallet}', '{payload}')"
+    )
+}
+
+/// Rows written under `session_replication_role = replica` (bulk fixes,
+/// replication tools) are followed by the triggers; rows written with the
+/// triggers disabled are found by the relay's drift reconciliation, counted
+/// and delivered; `doctor`'s check sees the drift first.
+#[tokio::test]
+async fn rows_written_around_the_triggers_are_listed_counted_and_delivered() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let (replica, disabled) = (unique(), unique());
+    let mut session = db.psql.begin().await.unwrap();
+    for sql in ["SET LOCAL session_replication_role = replica".to_owned(), raw_insert(replica, "w")] {
+        sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut *session).await.unwrap();
+    }
+    session.commit().await.unwrap();
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM unsent_transactions").await,
+        1,
+        "the triggers fire under the replica role"
+    );
+    db.execute("ALTER TABLE transactions DISABLE TRIGGER unsent_transactions_follow").await;
+    db.execute(&raw_insert(disabled, "w")).await;
+    db.execute("ALTER TABLE transactions ENABLE ALWAYS TRIGGER unsent_transactions_follow").await;
+    assert_eq!(db.store.count_unsent_drift().await.unwrap(), 1, "doctor's check sees the drift");
+
+    let app = TestApp::new(&RelayBuilder::new(&db, &queue)).await;
+    let running = RunningLoop::start(&app.relay);
+    wait_until(Duration::from_secs(10), "both rows are delivered", || async {
+        db.scalar_i64("SELECT count(*) FROM transactions WHERE message_id IS NOT NULL").await == 2
+    })
+    .await;
+    running.stop().await;
+    assert_eq!(metric(&app, r#"txrelay_unsent_drift_repaired_total{relay="RELAY"}"#), 1.0, "the repair is counted");
+    assert_eq!(db.store.count_unsent_drift().await.unwrap(), 0);
+    let copies = copies_per_key(&queue).await;
+    assert_eq!(copies.get(&format!("idem-{replica}")), Some(&1));
+    assert_eq!(copies.get(&format!("idem-{disabled}")), Some(&1));
+    db.assert_unsent_rows_followed().await;
+}

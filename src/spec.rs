@@ -78,6 +78,12 @@ pub struct TransactionRelaySpec {
     /// Delete sent rows older than this; unset keeps every row.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<HumanDuration>,
+    /// How long an idempotency key is recognised after its transaction was
+    /// created, also after retention deleted the row (a compact record of
+    /// the key, its body digest and message id is kept): a replay within it
+    /// is answered 200 or 409, never sent twice. At least `retention`.
+    #[serde(default = "defaults::idempotency_window")]
+    pub idempotency_window: HumanDuration,
     pub database: DatabaseSpec,
     pub queue: QueueSpec,
     /// Bearer tokens accepted on `/new`.
@@ -179,6 +185,9 @@ mod defaults {
     pub fn inline_send_timeout() -> HumanDuration {
         HumanDuration::from_secs(2)
     }
+    pub fn idempotency_window() -> HumanDuration {
+        HumanDuration::from_secs(30 * 86_400)
+    }
     pub fn schema() -> String {
         "dapp".to_owned()
     }
@@ -206,6 +215,7 @@ impl TransactionRelaySpec {
             concurrency: defaults::concurrency(),
             inline_send_timeout: defaults::inline_send_timeout(),
             retention: None,
+            idempotency_window: defaults::idempotency_window(),
             database,
             queue,
             ingest: None,
@@ -246,6 +256,16 @@ impl TransactionRelaySpec {
         }
         if self.retention.is_some_and(|r| r.get() < std::time::Duration::from_secs(3600)) {
             return fail("spec.retention", "must be at least 1h".into());
+        }
+        if self.idempotency_window.get() < std::time::Duration::from_secs(3600)
+            || self.retention.is_some_and(|r| self.idempotency_window.get() < r.get())
+        {
+            return fail(
+                "spec.idempotencyWindow",
+                "must be at least 1h and no shorter than spec.retention (a replay of a deleted row would be sent \
+                 again)"
+                    .into(),
+            );
         }
         if !is_schema_name(&self.database.schema) {
             return fail(

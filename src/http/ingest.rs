@@ -48,6 +48,8 @@ pub async fn new_transaction(
         Submission::Sent(tx) => (StatusCode::CREATED, tx),
         Submission::Queued(tx) => (StatusCode::ACCEPTED, tx),
         Submission::Replayed(tx) => (StatusCode::OK, tx),
+        // Retention deleted the row; its record answers the replay.
+        Submission::Retired(record) => return Ok((StatusCode::OK, Json(record)).into_response()),
         Submission::Conflict(conflict) => return Err(ApiError::Conflict(conflict)),
     };
     Ok((status, Json(transaction)).into_response())

@@ -267,16 +267,29 @@ impl Relay {
     /// Deletes old sent rows in small batches, so the table stays small
     /// without long locks. Unsent and dead-lettered rows are never deleted.
     async fn apply_retention(&self, state: &mut LoopState) {
-        let Some(age) = self.config.retention else {
-            return;
-        };
         if state.retention_at.is_some_and(|at| at.elapsed() < RETENTION_EVERY) {
             return;
         }
         state.retention_at = Some(Instant::now());
+        let window = self.config.idempotency_window;
+        // Records of keys whose window ended, whether or not retention is
+        // still on (it may have been turned off since).
+        for _ in 0..100 {
+            match self.store.expire_retired_older_than(window, RETENTION_BATCH).await {
+                Ok(count) if count == u64::from(RETENTION_BATCH) => {}
+                Ok(_) => break,
+                Err(error) => {
+                    warn!(relay = %self.id, %error, "expiring idempotency records stopped");
+                    break;
+                }
+            }
+        }
+        let Some(age) = self.config.retention else {
+            return;
+        };
         let mut deleted = 0;
         for _ in 0..100 {
-            match self.store.delete_sent_older_than(age, RETENTION_BATCH).await {
+            match self.store.delete_sent_older_than(age, window, RETENTION_BATCH).await {
                 Ok(count) => {
                     deleted += count;
                     if count < u64::from(RETENTION_BATCH) {

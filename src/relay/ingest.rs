@@ -96,6 +96,10 @@ impl Relay {
                 self.metrics.accepted(Accepted::Replayed);
                 info!(id = row.id, "replayed: same idempotency key and content");
             }
+            Submission::Retired(record) => {
+                self.metrics.accepted(Accepted::Replayed);
+                info!(id = record.id, "replayed after retention: answered from the retired record");
+            }
             Submission::Conflict(conflict) => {
                 self.metrics.accepted(Accepted::Rejected);
                 info!(field = conflict.field(), "conflict with a stored transaction");
@@ -128,6 +132,10 @@ impl Relay {
                 Ok(InsertOutcome::Created { transaction, held_back, claim }) => (transaction, held_back, claim),
                 Ok(InsertOutcome::Replayed(row)) => {
                     let _ = pending.reply.send(Ok(Submission::Replayed(row)));
+                    continue;
+                }
+                Ok(InsertOutcome::Retired(record)) => {
+                    let _ = pending.reply.send(Ok(Submission::Retired(record)));
                     continue;
                 }
                 Ok(InsertOutcome::Conflict(conflict)) => {

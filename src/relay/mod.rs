@@ -43,6 +43,7 @@ pub struct RelayConfig {
     pub concurrency: usize,
     pub inline_send_timeout: Duration,
     pub retention: Option<Duration>,
+    pub idempotency_window: Duration,
     pub unsent_warning_threshold: u64,
 }
 
@@ -57,6 +58,7 @@ impl From<&TransactionRelaySpec> for RelayConfig {
             concurrency: usize::try_from(spec.concurrency).unwrap_or(1).max(1),
             inline_send_timeout: spec.inline_send_timeout.get(),
             retention: spec.retention.map(|r| r.get()),
+            idempotency_window: spec.idempotency_window.get(),
             unsent_warning_threshold: spec.unsent_warning_threshold,
         }
     }
@@ -91,6 +93,8 @@ pub enum Submission {
     Queued(Transaction),
     /// Same key, same content: the stored transaction (200).
     Replayed(Transaction),
+    /// Same key, same content, for a row retention deleted (200): its record.
+    Retired(crate::store::RetiredTransaction),
     Conflict(Conflict),
 }
 

@@ -15,7 +15,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 pub use migrations::MigrationStatus;
 pub use outbox::{Claim, ClaimMode, ClaimRef, ClaimedRow, DriftScan, FailedSend, Gauges, RetryOneError, SkipError};
 pub use resend::{ResendAudit, ResendFilter, ResendRow};
-pub use transactions::{Conflict, InsertOutcome, ListFilter, Stats};
+pub use transactions::{Conflict, InsertOutcome, ListFilter, RetiredTransaction, Stats};
 
 use crate::secret::Secret;
 

@@ -526,23 +526,54 @@ impl Store {
     }
 
     /// Deletes up to `batch` sent rows that were created and sent more than
-    /// `age` ago. Unsent and dead-lettered rows are never touched.
-    pub async fn delete_sent_older_than(&self, age: Duration, batch: u32) -> Result<u64> {
-        let result = self
+    /// `age` ago. Unsent and dead-lettered rows are never touched. Each
+    /// deleted row created within `window` leaves its compact record in
+    /// `retired_transactions`, in the same statement, so its idempotency key
+    /// is still recognised.
+    pub async fn delete_sent_older_than(&self, age: Duration, window: Duration, batch: u32) -> Result<u64> {
+        let deleted: i64 = self
             .on(self.bookkeeping())
             .await?
             .run(|c| {
-                sqlx::query(concat!(
+                sqlx::query_scalar(concat!(
                     // The outer predicate is checked again on a row changed
                     // meanwhile: a row un-sent by hand is never deleted.
-                    "DELETE FROM transactions WHERE ",
+                    "WITH gone AS (DELETE FROM transactions WHERE ",
                     sent!("transactions"),
                     " AND id IN (SELECT id FROM transactions WHERE ",
                     sent!("transactions"),
                     " AND queue_sent_at < now() - $1 * interval '1 millisecond' \
-                     AND created_at < now() - $1 * interval '1 millisecond' ORDER BY created_at LIMIT $2)",
+                     AND created_at < now() - $1 * interval '1 millisecond' ORDER BY created_at LIMIT $2) \
+                     RETURNING idempotency_key, id, reference, wallet_address, \
+                     encode(sha256(convert_to(payload::text, 'UTF8')), 'hex') AS payload_digest, message_id, \
+                     queue_sent_at, created_at), \
+                     kept AS (INSERT INTO retired_transactions (idempotency_key, id, reference, wallet_address, \
+                     payload_digest, message_id, queue_sent_at, created_at) SELECT * FROM gone \
+                     WHERE created_at >= now() - $3 * interval '1 millisecond' ON CONFLICT (idempotency_key) DO NOTHING) \
+                     SELECT count(*) FROM gone",
                 ))
                 .bind(millis(age))
+                .bind(i64::from(batch))
+                .bind(millis(window))
+                .fetch_one(c)
+            })
+            .await?;
+        Ok(u64::try_from(deleted).unwrap_or(0))
+    }
+
+    /// Forgets up to `batch` retired keys created more than `window` ago:
+    /// the idempotency window has ended for them.
+    pub async fn expire_retired_older_than(&self, window: Duration, batch: u32) -> Result<u64> {
+        let result = self
+            .on(self.bookkeeping())
+            .await?
+            .run(|c| {
+                sqlx::query(
+                    "DELETE FROM retired_transactions WHERE idempotency_key = ANY (ARRAY(SELECT idempotency_key \
+                     FROM retired_transactions WHERE created_at < now() - $1 * interval '1 millisecond' \
+                     ORDER BY created_at LIMIT $2))",
+                )
+                .bind(millis(window))
                 .bind(i64::from(batch))
                 .execute(c)
             })

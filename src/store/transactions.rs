@@ -24,7 +24,28 @@ pub enum InsertOutcome {
     },
     /// The same idempotency key with the same content: the stored row.
     Replayed(Transaction),
+    /// The same idempotency key with the same content, for a row retention
+    /// has deleted: its compact record.
+    Retired(RetiredTransaction),
     Conflict(Conflict),
+}
+
+/// What stays of a sent transaction after retention deleted it, for the
+/// idempotency window: enough to answer a replay, never the payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct RetiredTransaction {
+    pub id: i64,
+    pub reference: String,
+    pub idempotency_key: String,
+    pub wallet_address: String,
+    pub message_id: String,
+    pub queue_sent_at: chrono::DateTime<chrono::Utc>,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    /// Always true: the full row is gone, only this record remains.
+    #[sqlx(default)]
+    pub retired: bool,
+    #[serde(skip)]
+    pub payload_digest: String,
 }
 
 /// What makes a request itself, to find its row among those a group returns.
@@ -118,7 +139,8 @@ const INSERT_MANY: &str = concat!(
      FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], \
      $9::text[], $10::numeric[], $11::numeric[], $12::text[], $13::text[], $14::text[], $15::text[], $16::text[], \
      $17::text[], $18::text[], $20::bigint[]) WITH ORDINALITY \
-     AS i(r, er, ik, tt, st, so, it, ic, oc, va, fe, pa, pe, fi, la, wa, ip, pl, tok, ord) ORDER BY ord \
+     AS i(r, er, ik, tt, st, so, it, ic, oc, va, fe, pa, pe, fi, la, wa, ip, pl, tok, ord) \
+     WHERE NOT EXISTS (SELECT 1 FROM retired_transactions k WHERE k.idempotency_key = i.ik) ORDER BY ord \
      ON CONFLICT DO NOTHING RETURNING ",
     columns!(),
     ", claim_token AS claim_token_out, \
@@ -290,7 +312,7 @@ impl Store {
     }
 
     async fn classify_conflict(&self, tx: &NewTransaction) -> Result<Option<InsertOutcome>> {
-        let Some(row) = self
+        let found = self
             .on(self.pool())
             .await?
             .run(|c| {
@@ -302,9 +324,9 @@ impl Store {
                     .bind(&tx.wallet_address)
                     .fetch_optional(c)
             })
-            .await?
-        else {
-            return Ok(None);
+            .await?;
+        let Some(row) = found else {
+            return self.classify_retired(tx).await;
         };
         let existing = Transaction::from_row(&row)?;
         let outcome = if row.try_get("same_key")? {
@@ -319,6 +341,30 @@ impl Store {
             InsertOutcome::Conflict(Conflict::ExternalReference)
         };
         Ok(Some(outcome))
+    }
+
+    /// A key whose row retention deleted, within the idempotency window.
+    async fn classify_retired(&self, tx: &NewTransaction) -> Result<Option<InsertOutcome>> {
+        let retired: Option<RetiredTransaction> = self
+            .on(self.pool())
+            .await?
+            .run(|c| {
+                sqlx::query_as(
+                    "SELECT id, reference, idempotency_key, wallet_address, message_id, queue_sent_at, created_at, \
+                     true AS retired, payload_digest FROM retired_transactions WHERE idempotency_key = $1",
+                )
+                .bind(&tx.idempotency_key)
+                .fetch_optional(c)
+            })
+            .await?;
+        Ok(retired.map(|retired| {
+            if retired.payload_digest == Identity::of(tx).payload_digest && retired.wallet_address == tx.wallet_address
+            {
+                InsertOutcome::Retired(retired)
+            } else {
+                InsertOutcome::Conflict(Conflict::IdempotencyKey)
+            }
+        }))
     }
 
     pub async fn find_by_reference(&self, reference: &str) -> Result<Option<Transaction>> {

@@ -292,3 +292,43 @@ async fn rows_written_around_the_triggers_are_listed_counted_and_delivered() {
     assert_eq!(copies.get(&format!("idem-{disabled}")), Some(&1));
     db.assert_unsent_rows_followed().await;
 }
+
+/// Retention deletes a sent row; a replay of its key within the
+/// idempotency window is answered 200 from the retired record with the
+/// original message id (409 for another body), and nothing is stored or
+/// sent again. After the window the record goes.
+#[tokio::test]
+async fn a_replay_after_retention_is_recognised_within_the_idempotency_window_and_never_sent_twice() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let app = TestApp::new(&RelayBuilder::new(&db, &queue).spec(|s| s.retention = Some(secs(3600)))).await;
+    let n = unique();
+    let (status, first) = app.post_new(&body(n, "w")).await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    // Two hours pass for this row: retention (1 h) deletes it at the loop's first turn.
+    db.execute(
+        "UPDATE transactions SET created_at = now() - interval '2 hours', queue_sent_at = now() - interval '2 hours'",
+    )
+    .await;
+    let running = RunningLoop::start(&app.relay);
+    wait_until(Duration::from_secs(10), "retention deletes the sent row", || async {
+        db.scalar_i64("SELECT count(*) FROM transactions").await == 0
+    })
+    .await;
+    running.stop().await;
+
+    let (status, replay) = app.post_new(&body(n, "w")).await;
+    assert_eq!(status, StatusCode::OK, "{replay}");
+    assert_eq!(replay["message_id"], first["message_id"], "the original message id: {replay}");
+    assert_eq!(replay["retired"], true, "{replay}");
+    let mut other = body(n, "w");
+    other["ledger_payload"]["payload"]["value"] = "200.00".into();
+    let (status, error) = app.post_new(&other).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{error}");
+    assert_eq!(error["error"]["code"], "idempotency_key_reused");
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM transactions").await, 0, "nothing stored again");
+    assert_eq!(copies_per_key(&queue).await.get(&format!("idem-{n}")), Some(&1), "never sent twice");
+
+    db.execute("UPDATE retired_transactions SET created_at = now() - interval '31 days'").await;
+    let window = Duration::from_secs(30 * 86_400);
+    assert_eq!(db.store.expire_retired_older_than(window, 100).await.unwrap(), 1, "the window ends");
+}

@@ -238,6 +238,10 @@ fn the_dashboard_and_alerts_use_only_exported_metrics() {
     relay.set_queue_reachable(true);
     relay.sweep_duration().observe(0.1);
     relay.send_batch_size(10);
+    relay.send_outcome_unknown(1);
+    relay.commit_outcome_unknown();
+    relay.unsent_drift_repaired(1);
+    relay.set_held_wallets(1);
     metrics.observe_http("/new", 201, 0.01);
     let exported = metrics.render();
 

@@ -374,7 +374,11 @@ async fn retention_deletes_only_old_sent_rows() {
         old_sent.id, old_unsent.id, old_dead.id
     ))
     .await;
-    let deleted = db.store.delete_sent_older_than(Duration::from_secs(30 * 86_400), 100).await.unwrap();
+    let deleted = db
+        .store
+        .delete_sent_older_than(Duration::from_secs(30 * 86_400), Duration::from_secs(30 * 86_400), 100)
+        .await
+        .unwrap();
     assert_eq!(deleted, 1);
     let remaining: Vec<i64> =
         sqlx::query_scalar("SELECT id FROM transactions ORDER BY id").fetch_all(db.store.pool()).await.unwrap();

@@ -27,6 +27,10 @@ db:
 test *ARGS:
     scripts/test.sh {{ARGS}}
 
+# Only the operator tests against a real kube-apiserver (started by scripts/test.sh).
+test-cluster *ARGS:
+    scripts/test.sh real_cluster:: {{ARGS}}
+
 # Format the code.
 fmt:
     cargo fmt --all

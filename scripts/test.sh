@@ -30,5 +30,13 @@ scripts/moto.sh start "$moto_port"
 cleanup+=("scripts/moto.sh stop $moto_port")
 export TXRELAY_TEST_SQS_ENDPOINT="http://127.0.0.1:$moto_port"
 
+# A real kube-apiserver (etcd + kube-apiserver, no nodes) for the
+# real_cluster:: tests; each test works in a namespace of its own.
+control_plane="$root/.run/control-plane"
+scripts/control-plane.sh start "$control_plane"
+cleanup+=("scripts/control-plane.sh stop '$control_plane'")
+export TXRELAY_TEST_KUBECONFIG="$control_plane/kubeconfig"
+export TXRELAY_TEST_KUBECTL="$control_plane/bin/kubectl"
+
 cargo test --all-targets --locked -- "$@"
 scripts/test-rules.sh

@@ -36,10 +36,7 @@ impl Manifest {
     /// What runs without `--config`: every default, secrets from the environment.
     pub fn default_relay() -> Self {
         let spec = TransactionRelaySpec::with_defaults(
-            spec::DatabaseSpec {
-                secret_ref: spec::SecretKeyRef { name: "environment".into(), key: None },
-                schema: "dapp".into(),
-            },
+            spec::DatabaseSpec::new(spec::SecretKeyRef { name: "environment".into(), key: None }, "dapp"),
             spec::QueueSpec { secret_ref: spec::SecretRef { name: "environment".into() } },
         );
         Self { id: RelayId::new("default", "txrelay"), spec }

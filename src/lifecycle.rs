@@ -103,16 +103,19 @@ impl Supervisor {
         // not hold up other relays. The controller never reconciles one
         // resource twice at once, so nobody else starts this relay meanwhile.
         let handle = settings.build(&self.metrics).await?;
-        let ready = async {
-            if self.migrate { handle.relay.store().migrate().await } else { handle.relay.store().ping().await }
-        };
+        let migrate = self.migrate && settings.spec.database.migrate;
+        let store = handle.relay.store();
+        let ready = async { if migrate { store.migrate().await } else { store.ping().await } };
         // Bounded: a reconcile stuck here would hold up the next one of the
-        // same resource (a token revocation, say).
-        match tokio::time::timeout(START_TIMEOUT, ready).await {
+        // same resource (a token revocation, say). Migrations have their own,
+        // longer bound (spec.database.migrationTimeout); teams with large
+        // tables run them as a job instead (spec.database.migrate: false).
+        let bound = if migrate { store.migration_bound() } else { START_TIMEOUT };
+        match tokio::time::timeout(bound, ready).await {
             Ok(result) => result?,
             Err(_) => {
                 return Err(StartError::Store(crate::store::StoreError::Unavailable(format!(
-                    "migrations did not finish within {START_TIMEOUT:?}"
+                    "the database was not ready within {bound:?}"
                 ))));
             }
         }

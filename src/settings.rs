@@ -61,6 +61,7 @@ impl RelaySettings {
     pub fn store_options(&self) -> StoreOptions {
         let mut options = StoreOptions::new(self.database_url.clone(), self.spec.database.schema.clone());
         options.max_connections = self.database_pool_size;
+        options.migration_timeout = self.spec.database.migration_timeout.get();
         options
     }
 

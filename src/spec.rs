@@ -5,7 +5,7 @@
 use std::fmt;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -23,7 +23,7 @@ pub const SCHEMA_NAME_PATTERN: &str = "^[a-z_][a-z0-9_]{0,62}$";
 /// Relays ledger transactions from a PostgreSQL outbox table to an SQS queue.
 // Several printer columns share a type; clippy reads that as a repeated attribute.
 #[allow(clippy::duplicated_attributes)]
-#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
 #[kube(
     group = "relay.mykobo.io",
     version = "v1alpha1",
@@ -44,45 +44,74 @@ pub const SCHEMA_NAME_PATTERN: &str = "^[a-z_][a-z0-9_]{0,62}$";
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
+// The cross-field limits of `validate()`, enforced by the API server too. CEL's
+// `duration()` knows no `d` unit; a duration with days is longer than any
+// limit here, so it passes the first rule and is refused as an inline send
+// timeout (the operator's own check still applies in full).
+#[x_kube(validation = Rule::new(
+    "self.claimLease.contains('d') || duration(self.claimLease) >= duration('5s')"
+).message("spec.claimLease must be at least 5s: each call to the queue gets a third of it (1-10s) and must end before the claim does").reason(Reason::FieldValueInvalid).field_path(".claimLease"))]
+#[x_kube(validation = Rule::new(
+    "!self.inlineSendTimeout.contains('d') && duration(self.inlineSendTimeout) > duration('0s') && (self.claimLease.contains('d') || duration(self.inlineSendTimeout) + duration(self.inlineSendTimeout) < duration(self.claimLease))"
+).message("spec.inlineSendTimeout must be longer than 0s and shorter than half of spec.claimLease").reason(Reason::FieldValueInvalid).field_path(".inlineSendTimeout"))]
 pub struct TransactionRelaySpec {
     /// Longest sleep between two sweeps, and the cap of the retry backoff.
     #[serde(default = "defaults::retry_interval")]
+    // Durations the operator can read (more digits overflow, and one object
+    // it cannot read stops its watch of every relay), bounded for CEL's cost.
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = Rule::new("self.matches('^([0-9]{1,9}(ms|s|m|h|d)){1,5}$')").message("at most 5 parts of at most 9 digits each, such as 90s or 1h30m"))]
     pub retry_interval: HumanDuration,
     /// Rows claimed per sweep.
     #[serde(default = "defaults::batch_size")]
     #[schemars(range(min = 1, max = 1000))]
+    // Integer formats the API server knows: it warns about `uint32` on every apply.
+    #[schemars(extend("format" = "int32"))]
     pub batch_size: u32,
     /// Failed sends before a row is dead-lettered; 0 retries for ever.
     #[serde(default = "defaults::max_attempts")]
+    #[schemars(range(max = u32::MAX))]
+    #[schemars(extend("format" = "int64"))]
     pub max_attempts: u32,
     /// SQS `DelaySeconds` of every message (standard queues only).
     #[serde(default)]
     #[schemars(range(min = 0, max = 900))]
+    #[schemars(extend("format" = "int32"))]
     pub delay_seconds: u32,
     /// Accept and store transactions, but send nothing.
     #[serde(default)]
     pub suspend: bool,
     /// `/health/transactions` reports `warning` from this many unsent rows on.
     #[serde(default = "defaults::unsent_warning_threshold")]
+    #[schemars(extend("format" = "int64"))]
     pub unsent_warning_threshold: u64,
     /// How long a sweep holds the rows it claimed before another process may take them.
     #[serde(default = "defaults::claim_lease")]
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = Rule::new("self.matches('^([0-9]{1,9}(ms|s|m|h|d)){1,5}$')").message("at most 5 parts of at most 9 digits each, such as 90s or 1h30m"))]
     pub claim_lease: HumanDuration,
     /// `SendMessageBatch` calls in flight per sweep.
     #[serde(default = "defaults::concurrency")]
     #[schemars(range(min = 1, max = 64))]
+    #[schemars(extend("format" = "int32"))]
     pub concurrency: u32,
     /// How long `/new` waits for the inline send before answering 202.
     #[serde(default = "defaults::inline_send_timeout")]
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = Rule::new("self.matches('^([0-9]{1,9}(ms|s|m|h|d)){1,5}$')").message("at most 5 parts of at most 9 digits each, such as 90s or 1h30m"))]
     pub inline_send_timeout: HumanDuration,
     /// Delete sent rows older than this; unset keeps every row.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = Rule::new("self.matches('^([0-9]{1,9}(ms|s|m|h|d)){1,5}$')").message("at most 5 parts of at most 9 digits each, such as 90s or 1h30m"))]
     pub retention: Option<HumanDuration>,
     /// How long an idempotency key is recognised after its transaction was
     /// created, also after retention deleted the row (a compact record of
     /// the key, its body digest and message id is kept): a replay within it
     /// is answered 200 or 409, never sent twice. At least `retention`.
     #[serde(default = "defaults::idempotency_window")]
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = Rule::new("self.matches('^([0-9]{1,9}(ms|s|m|h|d)){1,5}$')").message("at most 5 parts of at most 9 digits each, such as 90s or 1h30m"))]
     pub idempotency_window: HumanDuration,
     pub database: DatabaseSpec,
     pub queue: QueueSpec,
@@ -94,7 +123,7 @@ pub struct TransactionRelaySpec {
     pub admin: Option<TokenSpec>,
 }
 
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DatabaseSpec {
     /// Secret holding the PostgreSQL URL.
@@ -102,7 +131,31 @@ pub struct DatabaseSpec {
     /// PostgreSQL schema of the `transactions` table.
     #[serde(default = "defaults::schema")]
     #[schemars(regex(pattern = "^[a-z_][a-z0-9_]{0,62}$"))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.database.schema is immutable: the relay's rows live in it; create a new TransactionRelay to use another schema"))]
     pub schema: String,
+    /// Apply pending migrations when the relay starts. `false` for teams that
+    /// run `txrelay migrate` as a separate job: the relay then only checks
+    /// that the database answers.
+    #[serde(default = "defaults::migrate")]
+    pub migrate: bool,
+    /// The statement timeout of a migration (requests have 10 s). Each
+    /// statement also waits at most 5 s for a lock, and is retried until this
+    /// much time has passed, so a migration never queues every writer behind
+    /// a long transaction.
+    #[serde(default = "defaults::migration_timeout")]
+    pub migration_timeout: HumanDuration,
+}
+
+impl DatabaseSpec {
+    /// A database spec with the defaults.
+    pub fn new(secret_ref: SecretKeyRef, schema: impl Into<String>) -> Self {
+        Self {
+            secret_ref,
+            schema: schema.into(),
+            migrate: defaults::migrate(),
+            migration_timeout: defaults::migration_timeout(),
+        }
+    }
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -184,6 +237,12 @@ mod defaults {
     }
     pub fn inline_send_timeout() -> HumanDuration {
         HumanDuration::from_secs(2)
+    }
+    pub fn migrate() -> bool {
+        true
+    }
+    pub fn migration_timeout() -> HumanDuration {
+        HumanDuration::from_secs(15 * 60)
     }
     pub fn idempotency_window() -> HumanDuration {
         HumanDuration::from_secs(30 * 86_400)
@@ -327,7 +386,7 @@ mod tests {
         assert_eq!(
             spec,
             TransactionRelaySpec::with_defaults(
-                DatabaseSpec { secret_ref: SecretKeyRef { name: "db".into(), key: None }, schema: "dapp".into() },
+                DatabaseSpec::new(SecretKeyRef { name: "db".into(), key: None }, "dapp"),
                 QueueSpec { secret_ref: SecretRef { name: "sqs".into() } },
             )
         );

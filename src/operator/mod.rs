@@ -126,16 +126,18 @@ pub async fn run(
     };
     let (reader, writer) = reflector::store();
     // Spec changes only: status writes do not wake the reconciler.
-    let relay_changes = watcher(relay_api, watcher::Config::default())
-        .default_backoff()
+    let relay_changes = relist_when_expired(watcher(relay_api, watcher::Config::default()))
         .reflect(writer)
         .applied_objects()
         .predicate_filter(predicates::generation, Default::default());
     // Secret metadata only: the operator never caches Secret values.
-    let secret_changes = watcher(secret_api, watcher::Config::default()).default_backoff().touched_objects();
+    let secret_changes = relist_when_expired(watcher(secret_api, watcher::Config::default())).touched_objects();
     let mapper_store = reader.clone();
     let mut stop_controller = stopped.clone();
     let controller = Controller::for_stream(relay_changes, reader.clone())
+        // One backoff for both watches (their errors all reach it), capped
+        // low so that the operator catches up within seconds of an outage.
+        .trigger_backoff(WatchBackoff::default())
         .watches_stream(secret_changes, move |secret| {
             relays_using(&mapper_store, &secret.namespace().unwrap_or_default(), &secret.name_any())
         })
@@ -161,6 +163,61 @@ pub async fn run(
     let deadline = tokio::time::Instant::now() + options.grace;
     tokio::join!(within(deadline, controller), within(deadline, election), context.supervisor.stop_all());
     info!("operator stopped");
+}
+
+/// Drops 410 Gone from a watch ("too old resource version", as a restarted
+/// API server answers a watch resumed from before the restart): the watcher
+/// lists again on the next poll by itself, and passed on, the error would
+/// make the backoff wait first, once per watch.
+fn relist_when_expired<K>(
+    events: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+) -> impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> {
+    events.filter(|event| {
+        let expired = matches!(event, Err(watcher::Error::WatchError(status)) if status.code == 410);
+        if expired {
+            tracing::debug!("watch expired (410 Gone); listing again");
+        }
+        std::future::ready(!expired)
+    })
+}
+
+/// The retry delay of the watches (the controller's trigger backoff, which
+/// every watch error reaches): 0.5 s doubling to 5 s, plus up to half again
+/// of jitter, back to 0.5 s once an event arrives. kube's default grows to
+/// 30 s (and up to twice that with its jitter), and a restarted API server
+/// answers the first watch with 410 Gone, one more failure: after a 15 s
+/// outage an edit then waited over a minute to be applied. Two watches per
+/// replica are no load worth backing off further for.
+#[derive(Debug)]
+pub struct WatchBackoff {
+    next: Duration,
+}
+
+impl WatchBackoff {
+    const MIN: Duration = Duration::from_millis(500);
+    const MAX: Duration = Duration::from_secs(5);
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        Self { next: Self::MIN }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let delay = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        Some(delay + delay.mul_f64(fastrand::f64() / 2.0))
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = Self::MIN;
+    }
 }
 
 /// Waits for `task` until `deadline`, then aborts it.
@@ -191,3 +248,22 @@ pub async fn stop_deleted_relays(ctx: Arc<Context>, store: Store<TransactionRela
 
 /// How often the janitor looks for deleted relays.
 pub const JANITOR_EVERY: Duration = Duration::from_secs(2);
+
+#[cfg(test)]
+mod tests {
+    use super::WatchBackoff;
+    use kube::runtime::utils::Backoff;
+    use std::time::Duration;
+
+    #[test]
+    fn the_watch_backoff_doubles_to_five_seconds_with_jitter_and_resets() {
+        let mut backoff = WatchBackoff::default();
+        let delays: Vec<Duration> = backoff.by_ref().take(8).collect();
+        for (delay, base) in delays.iter().zip([500, 1000, 2000, 4000, 5000, 5000, 5000, 5000]) {
+            let base = Duration::from_millis(base);
+            assert!(*delay >= base && *delay <= base + base / 2, "{delay:?} for {base:?}");
+        }
+        backoff.reset();
+        assert!(backoff.next().unwrap() <= Duration::from_millis(750));
+    }
+}

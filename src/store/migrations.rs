@@ -1,12 +1,29 @@
 //! Schema migrations, embedded in the binary from `migrations/`.
 
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::migrate::Migrator;
 
 use super::{Result, Store, StoreError};
 
-static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+/// The embedded migrations. A schema with migrations this binary does not
+/// know (a newer release applied them) is accepted: every migration is
+/// written so that the release before it keeps working (docs/upgrading.md),
+/// so an older binary must not refuse to start, or a rollback would wedge.
+fn migrator() -> Migrator {
+    let mut migrator = sqlx::migrate!("./migrations");
+    migrator.set_ignore_missing(true);
+    migrator
+}
+
+/// How long one migration statement waits for a lock before it gives up
+/// and is tried again: a migration that queues for a lock behind a long
+/// transaction would hold every writer behind itself meanwhile.
+const MIGRATION_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `migrate` waits between tries.
+const MIGRATION_RETRY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct MigrationStatus {
@@ -19,9 +36,67 @@ impl Store {
     /// Creates the schema when missing and applies pending migrations. Safe
     /// to run from several replicas at once: sqlx serialises them with an
     /// advisory lock.
+    ///
+    /// Migrations run on a connection of their own, with the migration
+    /// timeout instead of the 10 s request bound, and a 5 s lock timeout: a
+    /// statement that cannot get its lock gives up, and the whole run is
+    /// tried again (each migration is one transaction, so a failed try
+    /// leaves nothing half done) until the migration timeout has passed.
     pub async fn migrate(&self) -> Result<()> {
         self.create_schema().await?;
-        MIGRATOR.run(self.pool()).await.map_err(|e| StoreError::Migration(e.to_string()))
+        let deadline = tokio::time::Instant::now() + self.migration_timeout;
+        loop {
+            match self.migrate_once().await {
+                Err(MigrationTry::LockTimeout(error)) if tokio::time::Instant::now() + MIGRATION_RETRY < deadline => {
+                    tracing::warn!(schema = %self.schema(), %error, "a migration could not get its lock in time; trying again");
+                    tokio::time::sleep(MIGRATION_RETRY).await;
+                }
+                Err(MigrationTry::LockTimeout(error) | MigrationTry::Failed(error)) => return Err(error),
+                Ok(()) => return Ok(()),
+            }
+        }
+    }
+
+    async fn migrate_once(&self) -> std::result::Result<(), MigrationTry> {
+        let mut connection = self.pool().acquire().await.map_err(|e| MigrationTry::Failed(e.into()))?;
+        // Session settings of this connection only: it is closed afterwards,
+        // never handed back to the pool with them.
+        connection.close_on_drop();
+        let settings = format!(
+            "SET statement_timeout = {}; SET lock_timeout = {}",
+            self.migration_timeout.as_millis(),
+            MIGRATION_LOCK_TIMEOUT.as_millis()
+        );
+        sqlx::raw_sql(sqlx::AssertSqlSafe(settings))
+            .execute(&mut *connection)
+            .await
+            .map_err(|e| MigrationTry::Failed(e.into()))?;
+        // The server's timeouts should fire first; this bounds a network
+        // that stopped answering.
+        let bound = self.migration_timeout + Duration::from_secs(5);
+        let migrator = migrator();
+        let run = migrator.run_direct(None, &mut *connection, false);
+        match tokio::time::timeout(bound, run).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => {
+                let lock_timeout = match &error {
+                    sqlx::migrate::MigrateError::Execute(e) | sqlx::migrate::MigrateError::ExecuteMigration(e, _) => {
+                        e.as_database_error().and_then(|db| db.code()).is_some_and(|code| code == "55P03")
+                    }
+                    _ => false,
+                };
+                let error = StoreError::Migration(error.to_string());
+                Err(if lock_timeout { MigrationTry::LockTimeout(error) } else { MigrationTry::Failed(error) })
+            }
+            Err(_) => Err(MigrationTry::Failed(StoreError::Unavailable(format!(
+                "migrations did not finish within {bound:?}"
+            )))),
+        }
+    }
+
+    /// The bound on [`Self::migrate`], for callers that wait for it.
+    pub fn migration_bound(&self) -> Duration {
+        self.migration_timeout + Duration::from_secs(10)
     }
 
     /// Reverts the most recently applied migration; returns its version.
@@ -44,7 +119,7 @@ impl Store {
         if drop_resend_audit {
             sqlx::query("SET txrelay.drop_resend_audit = on").execute(&mut *connection).await?;
         }
-        let undone = MIGRATOR.undo(&mut *connection, target).await;
+        let undone = migrator().undo(&mut *connection, target).await;
         if drop_resend_audit {
             // The pool must not hand the permission on to anyone else.
             connection.close_on_drop();
@@ -64,7 +139,7 @@ impl Store {
         } else {
             Vec::new()
         };
-        Ok(MIGRATOR
+        Ok(migrator()
             .iter()
             .filter(|m| m.migration_type.is_up_migration())
             .map(|m| MigrationStatus {
@@ -81,4 +156,10 @@ impl Store {
         sqlx::query(sqlx::AssertSqlSafe(sql)).execute(self.pool()).await?;
         Ok(())
     }
+}
+
+enum MigrationTry {
+    /// A statement gave up waiting for a lock: worth another try.
+    LockTimeout(StoreError),
+    Failed(StoreError),
 }

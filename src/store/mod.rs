@@ -368,6 +368,9 @@ pub struct StoreOptions {
     /// between us is gone: every statement is also bounded on this side, a
     /// little later (see [`Bounded`]).
     pub statement_timeout: Duration,
+    /// The statement timeout of migrations, which may rewrite or index a
+    /// large table (see [`Store::migrate`]).
+    pub migration_timeout: Duration,
 }
 
 impl StoreOptions {
@@ -378,6 +381,7 @@ impl StoreOptions {
             max_connections: DEFAULT_POOL_SIZE,
             acquire_timeout: Duration::from_secs(3),
             statement_timeout: Duration::from_secs(10),
+            migration_timeout: Duration::from_secs(15 * 60),
         }
     }
 }
@@ -398,6 +402,7 @@ pub struct Store {
     schema: String,
     /// The client-side ceiling on one call (acquire included).
     call_timeout: Duration,
+    migration_timeout: Duration,
 }
 
 /// How much longer than `statement_timeout` a call may take on this side:
@@ -460,7 +465,14 @@ impl Store {
             .idle_timeout(Duration::from_secs(600))
             .connect_lazy_with(connect);
         let call_timeout = options.statement_timeout + options.acquire_timeout.min(CLIENT_MARGIN);
-        Ok(Self { pool, bookkeeping, health, schema: options.schema.clone(), call_timeout })
+        Ok(Self {
+            pool,
+            bookkeeping,
+            health,
+            schema: options.schema.clone(),
+            call_timeout,
+            migration_timeout: options.migration_timeout,
+        })
     }
 
     /// Connects and checks the database answers.

@@ -14,6 +14,7 @@ mod manifests;
 mod metrics;
 mod operator;
 mod processes;
+mod real_cluster;
 mod resend;
 mod security;
 mod store;

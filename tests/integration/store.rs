@@ -593,3 +593,54 @@ async fn revert_to_before_unsent_transactions(db: &TestDb) {
     assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261201000003), "the resend audit");
     assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261201000002), "unsent_transactions");
 }
+
+/// A newer release applied a migration this binary does not know: it still
+/// starts (every migration keeps the release before it working), so a
+/// rollback of the binary never wedges on the schema.
+#[tokio::test]
+async fn a_schema_with_newer_migrations_does_not_stop_this_binary() {
+    let db = TestDb::new().await;
+    db.execute(
+        "INSERT INTO _sqlx_migrations (version, description, installed_on, success, checksum, execution_time) \
+         VALUES (20991231000000, 'a later release', now(), true, '\\x00', 0)",
+    )
+    .await;
+    db.store.migrate().await.expect("an unknown, newer migration is no reason to refuse");
+    insert_created(&db, &new_tx(unique(), "w")).await;
+}
+
+/// A migration that must wait for a lock (a long transaction reads the
+/// table) gives up after its 5 s lock timeout instead of queueing every
+/// writer behind itself, and tries again until it gets the lock.
+#[tokio::test]
+async fn a_migration_waiting_for_a_lock_lets_writers_through_and_tries_again() {
+    let db = TestDb::new().await;
+    assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261203000001));
+    let mut reader = db.psql.begin().await.unwrap();
+    sqlx::query("SELECT count(*) FROM transactions").execute(&mut *reader).await.unwrap();
+    let store = db.store.clone();
+    let migration = tokio::spawn(async move { store.migrate().await });
+    wait_until(Duration::from_secs(10), "the migration waits for its lock", || async {
+        db.scalar_i64("SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'transactions'::regclass").await
+            > 0
+    })
+    .await;
+    // Without a lock timeout this writer would queue behind the waiting
+    // migration until the reader ends.
+    // (A plain session, as the release before this migration writes: this
+    // binary's INSERT needs the tables the migration adds.)
+    let insert = sqlx::query(
+        "INSERT INTO transactions (reference, external_reference, idempotency_key, transaction_type, status, \
+         source, instruction_type, incoming_currency, outgoing_currency, value, fee, wallet_address, payload) \
+         VALUES ('meanwhile', 'e-meanwhile', 'k-meanwhile', 'DEPOSIT', 'P', 'S', 'T', 'EUR', 'EUR', 1, 0, 'w', '{}')",
+    )
+    .execute(&db.psql);
+    let written = tokio::time::timeout(Duration::from_secs(8), insert).await;
+    assert!(written.is_ok_and(|r| r.is_ok()), "a writer got through within the migration's lock timeout");
+    reader.commit().await.unwrap();
+    migration.await.unwrap().expect("the migration is applied once the lock is free");
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM _sqlx_migrations WHERE version = 20261203000001 AND success").await,
+        1
+    );
+}

@@ -74,7 +74,7 @@ pub fn unique() -> u64 {
 
 pub fn spec(schema: &str) -> TransactionRelaySpec {
     TransactionRelaySpec::with_defaults(
-        DatabaseSpec { secret_ref: SecretKeyRef { name: "db".into(), key: None }, schema: schema.into() },
+        DatabaseSpec::new(SecretKeyRef { name: "db".into(), key: None }, schema),
         QueueSpec { secret_ref: SecretRef { name: "sqs".into() } },
     )
 }

@@ -1,3 +1,9 @@
+-- Every statement below needs `transactions`; the strongest lock first, so
+-- the migration never holds a weaker one (which blocks writers) while it
+-- waits for the next. Under the migrator's 2 s lock timeout a try that
+-- cannot get it gives up at once and is tried again later.
+LOCK TABLE transactions IN ACCESS EXCLUSIVE MODE;
+
 -- 1. `unsent_transactions` follows every writer, replication tools included.
 -- Triggers are skipped under `session_replication_role = replica` (bulk
 -- fixes, pg_restore, logical-replication appliers) unless they are ENABLE
@@ -24,6 +30,14 @@ ALTER TABLE transactions ADD COLUMN skipped_at timestamptz;
 -- long (docs/upgrading.md).
 CREATE INDEX transactions_dead_wallet_idx
     ON transactions (wallet_address, id) WHERE failed_at IS NOT NULL AND skipped_at IS NULL;
+-- Dead letters from before this release, whose wallet has already sent a
+-- later row, were passed over under the earlier contract: holding their
+-- wallet now would stall every new payment of it, and retrying them would
+-- deliver them out of order. They count as skipped, as of this migration.
+UPDATE transactions d SET skipped_at = now()
+WHERE d.failed_at IS NOT NULL AND d.skipped_at IS NULL
+  AND EXISTS (SELECT 1 FROM transactions l
+              WHERE l.wallet_address = d.wallet_address AND l.id > d.id AND l.message_id IS NOT NULL);
 
 -- 3. Idempotency outlives retention. When retention deletes a sent row, a
 -- compact record of it stays here for the idempotency window (spec

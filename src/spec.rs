@@ -321,8 +321,8 @@ impl TransactionRelaySpec {
         {
             return fail(
                 "spec.idempotencyWindow",
-                "must be at least 1h and no shorter than spec.retention (a replay of a deleted row would be sent \
-                 again)"
+                "must be at least 1h and no shorter than spec.retention (the window counts from a row's creation: \
+                 a replay within it is recognised even after retention deleted the row)"
                     .into(),
             );
         }

@@ -301,16 +301,21 @@ fn is_message_code(code: &str) -> bool {
 }
 
 /// A whole call that failed concerns the queue (held, no attempt), unless
-/// SQS named something one message can cause.
-fn classify<E, R>(error: SdkError<E, R>) -> SendFailure
+/// SQS named something one message can cause, or answered with a server
+/// error (5xx, 408) that is not a known refusal: AWS documents those as
+/// "may or may not have been processed", and a gateway that forwarded the
+/// call and then timed out answers 502/504. Those are unknown outcomes.
+fn classify<E>(error: SdkError<E, aws_sdk_sqs::config::http::HttpResponse>) -> SendFailure
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug,
 {
     if let SdkError::ServiceError(service) = &error {
         let code = service.err().code().map(str::to_owned);
+        let status = service.raw().status().as_u16();
         let kind = match code.as_deref() {
             Some(code) if is_message_code(code) => FailureKind::Message,
+            Some(code) if is_queue_code(code) => FailureKind::Queue,
+            _ if status >= 500 || status == 408 => FailureKind::Unknown,
             _ => FailureKind::Queue,
         };
         let message = format!(
@@ -329,7 +334,7 @@ where
 /// no route, DNS, a connect or TLS-handshake timeout). Anything after that
 /// (a timeout while waiting for the answer, a reset after the request was
 /// written, a reply that could not be read) may have been acted on.
-fn never_sent<E, R>(error: &SdkError<E, R>, text: &str) -> bool {
+fn never_sent<E>(error: &SdkError<E, aws_sdk_sqs::config::http::HttpResponse>, text: &str) -> bool {
     match error {
         SdkError::ConstructionFailure(_) => true,
         SdkError::DispatchFailure(_) => {

@@ -21,9 +21,12 @@ fn migrator() -> Migrator {
 /// How long one migration statement waits for a lock before it gives up
 /// and is tried again: a migration that queues for a lock behind a long
 /// transaction would hold every writer behind itself meanwhile.
-const MIGRATION_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long `migrate` waits between tries.
+const MIGRATION_LOCK_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long `migrate` waits between tries at first, doubling up to
+/// [`MIGRATION_RETRY_MAX`]: writers queued behind a waiting migration stall
+/// for at most the lock timeout per try, and tries thin out.
 const MIGRATION_RETRY: Duration = Duration::from_secs(1);
+const MIGRATION_RETRY_MAX: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct MigrationStatus {
@@ -45,11 +48,14 @@ impl Store {
     pub async fn migrate(&self) -> Result<()> {
         self.create_schema().await?;
         let deadline = tokio::time::Instant::now() + self.migration_timeout;
+        let mut pause = MIGRATION_RETRY;
         loop {
             match self.migrate_once().await {
-                Err(MigrationTry::LockTimeout(error)) if tokio::time::Instant::now() + MIGRATION_RETRY < deadline => {
-                    tracing::warn!(schema = %self.schema(), %error, "a migration could not get its lock in time; trying again");
-                    tokio::time::sleep(MIGRATION_RETRY).await;
+                Err(MigrationTry::LockTimeout(error)) if tokio::time::Instant::now() + pause < deadline => {
+                    tracing::warn!(schema = %self.schema(), %error, retry_in_ms = pause.as_millis() as u64,
+                                   "a migration could not get its lock in time; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(MIGRATION_RETRY_MAX);
                 }
                 Err(MigrationTry::LockTimeout(error) | MigrationTry::Failed(error)) => return Err(error),
                 Ok(()) => return Ok(()),
@@ -62,15 +68,20 @@ impl Store {
         // Session settings of this connection only: it is closed afterwards,
         // never handed back to the pool with them.
         connection.close_on_drop();
-        let settings = format!(
-            "SET statement_timeout = {}; SET lock_timeout = {}",
-            self.migration_timeout.as_millis(),
-            MIGRATION_LOCK_TIMEOUT.as_millis()
-        );
-        sqlx::raw_sql(sqlx::AssertSqlSafe(settings))
-            .execute(&mut *connection)
-            .await
-            .map_err(|e| MigrationTry::Failed(e.into()))?;
+        let failed = |e: sqlx::Error| MigrationTry::Failed(e.into());
+        let timeout = format!("SET statement_timeout = {}", self.migration_timeout.as_millis());
+        sqlx::raw_sql(sqlx::AssertSqlSafe(timeout)).execute(&mut *connection).await.map_err(failed)?;
+        // The migrators of every replica and relay on this database take
+        // turns through one advisory lock: waited for here, without the
+        // short lock timeout (it blocks no writer); sqlx's own take of it
+        // below is then immediate (session advisory locks nest), and closing
+        // the connection releases it.
+        {
+            use sqlx::migrate::Migrate;
+            connection.lock().await.map_err(|e| MigrationTry::Failed(StoreError::Migration(e.to_string())))?;
+        }
+        let lock_timeout = format!("SET lock_timeout = {}", MIGRATION_LOCK_TIMEOUT.as_millis());
+        sqlx::raw_sql(sqlx::AssertSqlSafe(lock_timeout)).execute(&mut *connection).await.map_err(failed)?;
         // The server's timeouts should fire first; this bounds a network
         // that stopped answering.
         let bound = self.migration_timeout + Duration::from_secs(5);
@@ -116,14 +127,15 @@ impl Store {
         };
         let target = earlier.last().copied().unwrap_or(0);
         let mut connection = self.pool().acquire().await?;
+        // Session settings (the permission, the migration's own timeout)
+        // must never go back to the pool with this connection.
+        connection.close_on_drop();
+        let timeout = format!("SET statement_timeout = {}", self.migration_timeout.as_millis());
+        sqlx::raw_sql(sqlx::AssertSqlSafe(timeout)).execute(&mut *connection).await?;
         if drop_resend_audit {
             sqlx::query("SET txrelay.drop_resend_audit = on").execute(&mut *connection).await?;
         }
         let undone = migrator().undo(&mut *connection, target).await;
-        if drop_resend_audit {
-            // The pool must not hand the permission on to anyone else.
-            connection.close_on_drop();
-        }
         undone.map_err(|e| StoreError::Migration(e.to_string()))?;
         Ok(Some(last))
     }

@@ -266,10 +266,11 @@ const GAUGES: &str = concat!(
      coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_age, \
      (SELECT count(*) FROM transactions WHERE ",
     dead_lettered!("transactions"),
-    ") AS failed, \
+    " AND transactions.skipped_at IS NULL) AS failed, \
      (SELECT count(DISTINCT d.wallet_address) FROM transactions d WHERE ",
     holds_its_wallet!("d"),
-    ") AS dead_wallets \
+    " AND EXISTS (SELECT 1 FROM unsent_transactions w WHERE w.wallet_address = d.wallet_address \
+     AND w.id > d.id)) AS dead_wallets \
      FROM unsent_transactions"
 );
 
@@ -293,7 +294,8 @@ const CLAIM_REVIVE: &str = and_follow!(
         "UPDATE transactions SET failed_at = NULL, skipped_at = NULL, next_attempt_at = now(), \
          claimed_until = now() + $2 * interval '1 millisecond', claim_token = $3, updated_at = clock_timestamp() \
          WHERE id = ANY (ARRAY(SELECT t.id FROM transactions t WHERE t.id = ANY ($4::bigint[]) AND ",
-        dead_lettered!("t"),
+        // A skipped row was given up on by decision: only `retry ID` names it.
+        holds_its_wallet!("t"),
         " AND ",
         not_sent!("t"),
         " AND NOT (t.id = ANY ($6::bigint[])) AND (NOT $5 OR ",
@@ -706,9 +708,11 @@ mod sql_tests {
         assert_eq!(
             super::GAUGES,
             "SELECT count(*) AS unsent, coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_age, \
-             (SELECT count(*) FROM transactions WHERE transactions.failed_at IS NOT NULL) AS failed, \
+             (SELECT count(*) FROM transactions WHERE transactions.failed_at IS NOT NULL \
+             AND transactions.skipped_at IS NULL) AS failed, \
              (SELECT count(DISTINCT d.wallet_address) FROM transactions d WHERE d.failed_at IS NOT NULL \
-             AND d.skipped_at IS NULL) AS dead_wallets FROM unsent_transactions"
+             AND d.skipped_at IS NULL AND EXISTS (SELECT 1 FROM unsent_transactions w \
+             WHERE w.wallet_address = d.wallet_address AND w.id > d.id)) AS dead_wallets FROM unsent_transactions"
         );
         assert_eq!(
             crate::store::transactions::STATS_SQL,

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::FromRow;
 
-use super::{Result, Store, dead_lettered, not_sent};
+use super::{Result, Store, dead_lettered, holds_its_wallet, not_sent};
 
 /// Which rows a resend takes. Every field narrows the choice; none set is
 /// every unsent row (and with `include_dead`, the dead-lettered ones too).
@@ -60,7 +60,9 @@ const SELECT: &str = concat!(
     " AS dead_lettered, t.last_error FROM transactions t \
      WHERE t.id IN (SELECT id FROM unsent_transactions WHERE NOT $5 \
      UNION ALL SELECT id FROM transactions d WHERE ($5 OR $6) AND ",
-    dead_lettered!("d"),
+    // Skipped dead letters were given up on by decision (`txrelay skip`):
+    // a bulk resend never revives one behind its wallet's later rows.
+    holds_its_wallet!("d"),
     " AND ",
     not_sent!("d"),
     ") AND ($1::text IS NULL OR t.wallet_address = $1) \

@@ -332,3 +332,26 @@ async fn a_replay_after_retention_is_recognised_within_the_idempotency_window_an
     let window = Duration::from_secs(30 * 86_400);
     assert_eq!(db.store.expire_retired_older_than(window, 100).await.unwrap(), 1, "the window ends");
 }
+
+/// A server error (5xx) may come after SQS took the call (AWS: "may or may
+/// not have been processed"; a gateway that forwarded it and timed out
+/// answers 502/504): an unknown outcome, counted as an attempt, never a
+/// hold that resends the same rows every second without limit.
+#[tokio::test]
+async fn a_server_error_answer_is_an_unknown_outcome_and_counts_an_attempt() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let proxy = SqsProxy::start(&queue.endpoint).await;
+    let app =
+        TestApp::new(&RelayBuilder::new(&db, &queue).endpoint(&proxy.endpoint).spec(|s| s.max_attempts = 5)).await;
+    let (_keep, stop) = tokio::sync::watch::channel(false);
+    for (status, code) in [(500, "InternalError"), (502, "BadGateway"), (503, "ServiceUnavailable")] {
+        proxy.faults(|f| f.send_error = Some((status, code)));
+        let n = unique();
+        insert_created(&db, &new_tx(n, "w")).await;
+        let report = app.relay.sweep(txrelay::store::ClaimMode::Due, 100, &stop).await.unwrap();
+        assert!(report.queue_error.is_some(), "{code}: the queue is suspect: {report:?}");
+        assert_eq!(row_of(&db, n).await.attempts, 1, "{code}: an attempt is counted, so resends are bounded");
+        db.execute("DELETE FROM transactions").await;
+    }
+    assert_eq!(metric(&app, r#"txrelay_send_outcome_unknown_total{relay="RELAY"}"#), 3.0);
+}

@@ -119,8 +119,6 @@ async fn refusals_of_the_whole_call_hold_rows_whatever_their_cause() {
         (403, "ExpiredToken"),
         (400, "KmsAccessDenied"),
         (400, "RequestThrottled"),
-        (500, "InternalError"),
-        (503, "ServiceUnavailable"),
     ];
     let (_keep, stop) = tokio::sync::watch::channel(false);
     for (status, code) in causes {

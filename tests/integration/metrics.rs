@@ -42,9 +42,9 @@ async fn metrics_after_accepted_sent_failed_and_dead_lettered() {
     conflict["ledger_payload"]["payload"]["reference"] = a["ledger_payload"]["payload"]["reference"].clone();
     assert_eq!(app.post_new(&conflict).await.0, StatusCode::CONFLICT); // rejected
 
-    proxy.set(SqsMode::FailSends);
+    proxy.faults(|f| f.send_error = Some((403, "AccessDenied")));
     assert_eq!(app.post_new(&body(unique(), "w")).await.0, StatusCode::ACCEPTED); // created, held: the queue refused
-    proxy.set(SqsMode::Forward);
+    proxy.faults(|f| f.send_error = None);
     let mut poison = body(unique(), "w");
     poison["ledger_payload"]["payload"]["memo"] = json!("x".repeat(2000));
     assert_eq!(app.post_new(&poison).await.0, StatusCode::ACCEPTED); // created; queue marked down, so not inline

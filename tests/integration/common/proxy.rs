@@ -24,8 +24,6 @@ pub enum SqsMode {
     /// listening): a queue endpoint that is down, and known to have taken
     /// nothing.
     Down,
-    /// SendMessage and SendMessageBatch answer HTTP 500; other calls pass.
-    FailSends,
     /// Every call waits this long before it is forwarded.
     Delay(Duration),
 }
@@ -182,8 +180,10 @@ async fn handle(state: Arc<SqsState>, request: Request<Incoming>) -> Handled {
     let mode = *state.mode.lock().unwrap();
     let faults = state.faults.lock().unwrap().clone();
     match mode {
-        SqsMode::Down => return Ok(error(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable")),
-        SqsMode::FailSends if is_send => return Ok(error(StatusCode::INTERNAL_SERVER_ERROR, "InternalError")),
+        // A request already on a connection when the endpoint went down: a
+        // refusal known to come before any processing (a 5xx would be an
+        // unknown outcome), as a load balancer shedding load answers.
+        SqsMode::Down => return Ok(error(StatusCode::BAD_REQUEST, "RequestThrottled")),
         SqsMode::Delay(delay) => tokio::time::sleep(delay).await,
         _ => {}
     }

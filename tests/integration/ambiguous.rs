@@ -12,15 +12,6 @@ use crate::common::proxy::{LostReply, SqsProxy, TcpProxy};
 use crate::common::sqs::attribute;
 use crate::common::*;
 
-fn metric(app: &TestApp, series: &str) -> f64 {
-    let series = series.replace("RELAY", &app.relay.id().to_string());
-    app.metrics
-        .render()
-        .lines()
-        .find_map(|line| line.strip_prefix(series.as_str()).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0.0)
-}
-
 /// Copies of each idempotency key in the queue, taking every message.
 async fn copies_per_key(queue: &TestQueue) -> HashMap<String, usize> {
     let mut copies = HashMap::new();
@@ -88,7 +79,7 @@ async fn lost_replies_are_bounded(lost: LostReply) {
         assert_eq!(copies.get(&format!("idem-{n}")), Some(&1), "{lost:?}: a later row: {copies:?}");
     }
     assert!(
-        metric(&app, r#"txrelay_send_outcome_unknown_total{relay="RELAY"}"#) >= f64::from(MAX_ATTEMPTS),
+        app.metric(r#"txrelay_send_outcome_unknown_total{relay="RELAY"}"#) >= f64::from(MAX_ATTEMPTS),
         "every unanswered send is counted"
     );
 }
@@ -132,7 +123,7 @@ async fn a_commit_whose_answer_was_lost_is_outcome_unknown_and_the_retry_is_answ
         1,
         "the commit went through"
     );
-    assert_eq!(metric(&app, r#"txrelay_commit_outcome_unknown_total{relay="RELAY"}"#), 1.0);
+    assert_eq!(app.metric(r#"txrelay_commit_outcome_unknown_total{relay="RELAY"}"#), 1.0);
 
     let running = RunningLoop::start(&app.relay);
     let (status, replayed) = app.post_new(&body(n, "w")).await;
@@ -195,7 +186,7 @@ async fn on_a_fifo_queue_a_dead_letter_holds_its_wallet_until_retried_or_skipped
     app.post_new(&body(elsewhere, "wallet-x")).await;
     wait_until(Duration::from_secs(20), "another wallet moves and one wallet is counted as held", || async {
         row_of(&db, elsewhere).await.message_id.is_some()
-            && metric(&app, r#"txrelay_fifo_held_wallets{relay="RELAY"}"#) == 1.0
+            && app.metric(r#"txrelay_fifo_held_wallets{relay="RELAY"}"#) == 1.0
     })
     .await;
     assert_eq!(row_of(&db, withdrawal).await.message_id, None, "the withdrawal waits for its deposit");
@@ -285,7 +276,7 @@ async fn rows_written_around_the_triggers_are_listed_counted_and_delivered() {
     })
     .await;
     running.stop().await;
-    assert_eq!(metric(&app, r#"txrelay_unsent_drift_repaired_total{relay="RELAY"}"#), 1.0, "the repair is counted");
+    assert_eq!(app.metric(r#"txrelay_unsent_drift_repaired_total{relay="RELAY"}"#), 1.0, "the repair is counted");
     assert_eq!(db.store.count_unsent_drift().await.unwrap(), 0);
     let copies = copies_per_key(&queue).await;
     assert_eq!(copies.get(&format!("idem-{replica}")), Some(&1));
@@ -353,5 +344,5 @@ async fn a_server_error_answer_is_an_unknown_outcome_and_counts_an_attempt() {
         assert_eq!(row_of(&db, n).await.attempts, 1, "{code}: an attempt is counted, so resends are bounded");
         db.execute("DELETE FROM transactions").await;
     }
-    assert_eq!(metric(&app, r#"txrelay_send_outcome_unknown_total{relay="RELAY"}"#), 3.0);
+    assert_eq!(app.metric(r#"txrelay_send_outcome_unknown_total{relay="RELAY"}"#), 3.0);
 }

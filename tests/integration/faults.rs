@@ -18,15 +18,6 @@ async fn row(db: &TestDb, n: u64) -> txrelay::transaction::Transaction {
     db.store.find_by_reference(&format!("MYK-{n:06}")).await.unwrap().expect("stored")
 }
 
-fn metric(app: &TestApp, series: &str) -> f64 {
-    let series = series.replace("RELAY", &app.relay.id().to_string());
-    app.metrics
-        .render()
-        .lines()
-        .find_map(|line| line.strip_prefix(series.as_str()).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0.0)
-}
-
 #[tokio::test]
 async fn a_send_only_iam_policy_is_enough_to_start_deliver_and_recover_from_a_blip() {
     let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
@@ -74,7 +65,7 @@ async fn a_missing_queue_holds_rows_without_attempts_and_delivers_once_it_exists
     // The loop keeps trying by sending; more attempts than maxAttempts
     // would have dead-lettered the rows by now.
     wait_until(Duration::from_secs(10), "several sends were refused", || async {
-        metric(&app, r#"txrelay_send_failures_total{kind="queue",relay="RELAY"}"#) >= 5.0
+        app.metric(r#"txrelay_send_failures_total{kind="queue",relay="RELAY"}"#) >= 5.0
     })
     .await;
     for n in &rows {
@@ -84,7 +75,7 @@ async fn a_missing_queue_holds_rows_without_attempts_and_delivers_once_it_exists
     }
     let health = app.relay.health().borrow().clone();
     assert_eq!(health.queue_error_code.as_deref(), Some("NonExistentQueue"), "{health:?}");
-    assert_eq!(metric(&app, r#"txrelay_queue_reachable{relay="RELAY"}"#), 0.0);
+    assert_eq!(app.metric(r#"txrelay_queue_reachable{relay="RELAY"}"#), 0.0);
     assert_eq!(db.scalar_i64("SELECT count(*) FROM transactions WHERE failed_at IS NOT NULL").await, 0);
 
     let name = queue.url.rsplit('/').next().unwrap();
@@ -133,7 +124,7 @@ async fn refusals_of_the_whole_call_hold_rows_whatever_their_cause() {
         assert_eq!(app.relay.health().borrow().queue_error_code.as_deref(), Some(code));
         assert!(db.scalar_i64("SELECT count(*) FROM transactions WHERE claimed_until IS NOT NULL").await == 0);
     }
-    assert!(metric(&app, r#"txrelay_send_failures_total{kind="queue",relay="RELAY"}"#) >= causes.len() as f64);
+    assert!(app.metric(r#"txrelay_send_failures_total{kind="queue",relay="RELAY"}"#) >= causes.len() as f64);
     proxy.faults(|f| f.send_error = None);
     let running = RunningLoop::start(&app.relay);
     let delivered = queue.receive(causes.len() + 1, Duration::from_secs(10)).await;

@@ -173,6 +173,17 @@ pub struct TestApp {
 }
 
 impl TestApp {
+    /// The value of one series of this app's metrics (0 when absent);
+    /// `RELAY` in `series` stands for the relay's id.
+    pub fn metric(&self, series: &str) -> f64 {
+        let series = series.replace("RELAY", &self.relay.id().to_string());
+        self.metrics
+            .render()
+            .lines()
+            .find_map(|line| line.strip_prefix(series.as_str()).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0.0)
+    }
+
     pub async fn new(builder: &RelayBuilder) -> Self {
         Self::with_options(builder, HttpOptions::default()).await
     }
@@ -376,23 +387,7 @@ impl RelayProcess {
         headers: &[(&str, &str)],
         body: &Value,
     ) -> (StatusCode, String) {
-        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
-        let mut request = hyper::Request::builder()
-            .method(method)
-            .uri(format!("http://{address}{path}"))
-            .header("content-type", "application/json");
-        if let Some(token) = token {
-            request = request.header("authorization", format!("Bearer {token}"));
-        }
-        for (name, value) in headers {
-            request = request.header(*name, *value);
-        }
-        let bytes = if body.is_null() { Vec::new() } else { serde_json::to_vec(body).unwrap() };
-        let response =
-            client.request(request.body(http_body_util::Full::new(bytes::Bytes::from(bytes))).unwrap()).await.unwrap();
-        let status = response.status();
-        let text = response.into_body().collect().await.unwrap().to_bytes();
-        (StatusCode::from_u16(status.as_u16()).unwrap(), String::from_utf8_lossy(&text).into_owned())
+        http_request(address, method, path, token, headers, body).await
     }
 
     pub fn signal(&self, signal: &str) {
@@ -400,6 +395,37 @@ impl RelayProcess {
         let status = std::process::Command::new("kill").arg(format!("-{signal}")).arg(pid).status().unwrap();
         assert!(status.success());
     }
+}
+
+/// One HTTP/1.1 request to a server the test started, bounded by 15 s.
+pub async fn http_request(
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+    body: &Value,
+) -> (StatusCode, String) {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let mut request = hyper::Request::builder()
+        .method(method)
+        .uri(format!("http://{address}{path}"))
+        .header("content-type", "application/json");
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let bytes = if body.is_null() { Vec::new() } else { serde_json::to_vec(body).unwrap() };
+    let request = request.body(http_body_util::Full::new(bytes::Bytes::from(bytes))).unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(15), client.request(request))
+        .await
+        .unwrap_or_else(|_| panic!("{method} {path} did not answer within 15 s"))
+        .unwrap();
+    let status = response.status();
+    let text = response.into_body().collect().await.unwrap().to_bytes();
+    (StatusCode::from_u16(status.as_u16()).unwrap(), String::from_utf8_lossy(&text).into_owned())
 }
 
 /// Writes a TransactionRelay manifest for a process test.

@@ -24,7 +24,6 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use http_body_util::BodyExt;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client};
 use serde_json::{Value, json};
@@ -382,23 +381,7 @@ pub async fn http(
     token: Option<&str>,
     body: &Value,
 ) -> (StatusCode, String) {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
-    let mut request = hyper::Request::builder()
-        .method(method)
-        .uri(format!("http://{address}{path}"))
-        .header("content-type", "application/json");
-    if let Some(token) = token {
-        request = request.header("authorization", format!("Bearer {token}"));
-    }
-    let bytes = if body.is_null() { Vec::new() } else { serde_json::to_vec(body).unwrap() };
-    let request = request.body(http_body_util::Full::new(bytes::Bytes::from(bytes))).unwrap();
-    let response = tokio::time::timeout(Duration::from_secs(15), client.request(request))
-        .await
-        .unwrap_or_else(|_| panic!("{method} {path} did not answer within 15 s"))
-        .unwrap();
-    let status = response.status();
-    let text = response.into_body().collect().await.unwrap().to_bytes();
-    (StatusCode::from_u16(status.as_u16()).unwrap(), String::from_utf8_lossy(&text).into_owned())
+    crate::common::http_request(address, method, path, token, &[], body).await
 }
 
 /// A control plane of the test's own under `.run/`, stopped on drop, for

@@ -76,6 +76,13 @@ datadir() {
     fi
 }
 
+# The server's log, where its user can write it: beside the data.
+logfile() {
+    local data
+    data="$(datadir)"
+    if [ "$data" = "$state/data" ]; then echo "$state/server.log"; else echo "$data.log"; fi
+}
+
 private_port() { cat "$state/port" 2>/dev/null || true; }
 
 private_running() {
@@ -101,7 +108,8 @@ start_private() {
         mkdir -p "$data"
         [ "$(id -u)" -eq 0 ] && chown postgres "$data"
         chmod 0700 "$data"
-        as_server_user "$bin/initdb" -D "$data" -U postgres --auth=trust --encoding=UTF8 --locale=C.UTF-8 >"$state/initdb.log" 2>&1 || {
+        (cd / && as_server_user "$bin/initdb" -D "$data" -U postgres --auth=trust --encoding=UTF8 --locale=C.UTF-8) \
+            >"$state/initdb.log" 2>&1 || {
             say "initdb failed; see $state/initdb.log"
             exit 1
         }
@@ -118,15 +126,17 @@ start_private() {
         if port_free 5432; then port=5432; else port="$(free_port)"; fi
         echo "$port" >"$state/port"
     fi
-    local log="$state/server.log"
+    local log
+    log="$(logfile)"
     touch "$log"
     [ "$(id -u)" -eq 0 ] && chown postgres "$log"
     # 9>&-: the server must not inherit (and so hold forever) the lock.
     say "starting PostgreSQL on 127.0.0.1:$port (data $data, log $log)"
     # The server's defaults otherwise (autovacuum, fsync and synchronous_commit
     # on): the benchmarks and tests see what production sees.
-    as_server_user "$bin/pg_ctl" -D "$data" -l "$log" -w -t 60 start \
-        -o "-c listen_addresses=127.0.0.1 -p $port -c unix_socket_directories=''" >&2 9>&- || {
+    # From /: the server's user may not be able to enter the clone.
+    (cd / && as_server_user "$bin/pg_ctl" -D "$data" -l "$log" -w -t 60 start \
+        -o "-c listen_addresses=127.0.0.1 -p $port -c unix_socket_directories=''" >&2 9>&-) || {
         say "PostgreSQL did not start; see $log"
         exit 1
     }
@@ -137,7 +147,7 @@ stop_private() {
     data="$(datadir)"
     if [ -f "$data/postmaster.pid" ]; then
         bin="$(bindir)"
-        as_server_user "$bin/pg_ctl" -D "$data" -m fast -w -t 60 stop >&2 || true
+        (cd / && as_server_user "$bin/pg_ctl" -D "$data" -m fast -w -t 60 stop >&2) || true
         say "stopped the private PostgreSQL"
     fi
 }

@@ -152,11 +152,20 @@ async fn on_a_fifo_queue_a_failing_row_holds_back_its_wallet_only_and_order_is_k
 
     db.execute(&format!("UPDATE transactions SET next_attempt_at = now() WHERE reference = 'MYK-{a1:06}'")).await;
     app.relay.wake();
-    let wallet_a = queue.receive(2, Duration::from_secs(15)).await;
+    let wallet_a = queue.receive(2, Duration::from_secs(30)).await;
     running.stop().await;
     let order: Vec<String> =
         wallet_a.iter().filter_map(|m| crate::common::sqs::attribute(m, "idempotency_key")).collect();
-    assert_eq!(order, [format!("idem-{a1}"), format!("idem-{a2}")], "wallet A keeps its order");
+    // On failure, say where each of wallet A's rows stands.
+    let rows = db
+        .scalar_text(&format!(
+            "SELECT string_agg(format('%s attempts=%s sent=%s failed=%s due_in=%s claimed_until=%s error=%s', \
+             reference, attempts, message_id IS NOT NULL, failed_at IS NOT NULL, next_attempt_at - now(), \
+             claimed_until - now(), last_error), '; ' ORDER BY id) FROM transactions \
+             WHERE reference IN ('MYK-{a1:06}', 'MYK-{a2:06}')"
+        ))
+        .await;
+    assert_eq!(order, [format!("idem-{a1}"), format!("idem-{a2}")], "wallet A keeps its order; rows: {rows}");
 }
 
 #[tokio::test]

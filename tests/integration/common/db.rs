@@ -50,6 +50,13 @@ impl TestDb {
         sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned())).fetch_one(&self.psql).await.expect(sql)
     }
 
+    /// A text value (NULL reads as an empty string), for failure messages.
+    pub async fn scalar_text(&self, sql: &str) -> String {
+        let value: Option<String> =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned())).fetch_one(&self.psql).await.expect(sql);
+        value.unwrap_or_default()
+    }
+
     /// `unsent_transactions` holds exactly the unsent rows of `transactions`,
     /// each with its wallet, creation time, lease and due time.
     pub async fn assert_unsent_rows_followed(&self) {

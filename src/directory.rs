@@ -14,6 +14,9 @@ pub struct Relays {
     /// missing): `/new` answers 503 for them rather than 404.
     starting: RwLock<BTreeMap<RelayId, String>>,
     default: Option<RelayId>,
+    /// The process is shutting down: every request is told so (503), not
+    /// that its token is unknown once the relays are gone.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -31,7 +34,16 @@ pub enum ResolveError {
 impl Relays {
     /// `default` is the relay plain `/new` reaches when several are served.
     pub fn new(default: Option<RelayId>) -> Self {
-        Self { relays: RwLock::default(), starting: RwLock::default(), default }
+        Self { relays: RwLock::default(), starting: RwLock::default(), default, closing: Default::default() }
+    }
+
+    /// Marks the process as shutting down, before its relays are removed.
+    pub fn close(&self) {
+        self.closing.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn insert(&self, handle: RelayHandle) -> Option<RelayHandle> {

@@ -56,7 +56,26 @@ pub struct Supervisor {
     /// Apply pending migrations when a relay starts (else only check that
     /// the database answers).
     migrate: bool,
+    /// The newest tokens read for each relay, whether it runs yet or not: a
+    /// relay that finishes starting (or restarting) after a revocation takes
+    /// these, never the older ones its settings were read with.
+    tokens: std::sync::Mutex<HashMap<RelayId, LatestTokens>>,
+    /// Numbers token reads in the order they started (see [`Self::token_read`]).
+    token_reads: std::sync::atomic::AtomicU64,
 }
+
+/// Each set as last read, with the number of the read it came from.
+#[derive(Debug, Default, Clone)]
+struct LatestTokens {
+    ingest: Option<(u64, TokenSet)>,
+    admin: Option<(u64, TokenSet)>,
+}
+
+/// A read of a relay's token Secrets, numbered when it started: of two
+/// reads, the one started later saw the Secrets as new or newer, so an
+/// earlier read that finishes last never undoes a later one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TokenRead(u64);
 
 impl Supervisor {
     pub fn new(relays: Arc<Relays>, metrics: Metrics, companion: Companion, grace: Duration) -> Self {
@@ -68,6 +87,8 @@ impl Supervisor {
             grace,
             closing: std::sync::atomic::AtomicBool::new(false),
             migrate: true,
+            tokens: std::sync::Mutex::default(),
+            token_reads: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -93,16 +114,17 @@ impl Supervisor {
         if let Some(current) = self.running.lock().await.get_mut(&settings.id).filter(|r| r.fingerprint == fingerprint)
         {
             // Tokens are not part of the fingerprint: they are applied to
-            // the running relay as they are.
+            // the running relay as they are, or as read since.
             current.handle.ingest_tokens = settings.ingest_tokens.clone();
             current.handle.admin_tokens = settings.admin_tokens.clone();
+            self.latest_tokens(&mut current.handle);
             self.relays.insert(current.handle.clone());
             return Ok((Change::Unchanged, current.handle.clone()));
         }
         // Built and migrated without holding the lock: a slow database must
         // not hold up other relays. The controller never reconciles one
         // resource twice at once, so nobody else starts this relay meanwhile.
-        let handle = settings.build(&self.metrics).await?;
+        let mut handle = settings.build(&self.metrics).await?;
         let migrate = self.migrate && settings.spec.database.migrate;
         let store = handle.relay.store();
         let ready = async { if migrate { store.migrate().await } else { store.ping().await } };
@@ -130,7 +152,7 @@ impl Supervisor {
             tokio::spawn(listen_for_due_rows(relay.clone(), stopped.clone())),
             (self.companion)(relay.clone(), stopped),
         ];
-        let new = Running { fingerprint, handle: handle.clone(), stop, tasks };
+        let mut new = Running { fingerprint, handle: handle.clone(), stop, tasks };
         let previous = {
             let mut running = self.running.lock().await;
             // Checked under the lock `stop_all` takes: a relay built while
@@ -140,6 +162,10 @@ impl Supervisor {
                 self.shut_down_all(vec![new], false).await;
                 return Err(StartError::Stopping);
             }
+            // A token revoked while this relay was being built (a migration
+            // can take minutes) stays revoked.
+            self.latest_tokens(&mut handle);
+            self.latest_tokens(&mut new.handle);
             self.relays.insert(handle.clone());
             let previous = running.insert(settings.id.clone(), new);
             self.metrics.relays.set(running.len() as i64);
@@ -167,23 +193,52 @@ impl Supervisor {
         self.running.lock().await.keys().cloned().collect()
     }
 
-    /// Applies tokens read from the Secrets to a running relay at once. An
-    /// empty set is a revocation (fail closed: no token accepted); `None`
-    /// leaves that set as it is (its Secret could not be read just now).
-    pub async fn set_tokens(&self, id: &RelayId, ingest: Option<TokenSet>, admin: Option<TokenSet>) {
+    /// Numbers a read of a relay's token Secrets: call it before reading.
+    pub fn token_read(&self) -> TokenRead {
+        TokenRead(self.token_reads.fetch_add(1, std::sync::atomic::Ordering::AcqRel))
+    }
+
+    /// Applies tokens read from the Secrets to a running relay at once, and
+    /// keeps them for a relay still starting. An empty set is a revocation
+    /// (fail closed: no token accepted); `None` leaves that set as it is
+    /// (its Secret could not be read just now). A read older than one
+    /// already applied is ignored.
+    pub async fn set_tokens(&self, id: &RelayId, read: TokenRead, ingest: Option<TokenSet>, admin: Option<TokenSet>) {
+        {
+            let mut latest = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+            let latest = latest.entry(id.clone()).or_default();
+            for (slot, tokens) in [(&mut latest.ingest, ingest), (&mut latest.admin, admin)] {
+                if let Some(tokens) = tokens {
+                    if slot.as_ref().is_none_or(|(seen, _)| *seen <= read.0) {
+                        *slot = Some((read.0, tokens));
+                    }
+                }
+            }
+        }
         let mut running = self.running.lock().await;
         let Some(current) = running.get_mut(id) else { return };
-        let ingest = ingest.unwrap_or_else(|| current.handle.ingest_tokens.clone());
-        let admin = admin.unwrap_or_else(|| current.handle.admin_tokens.clone());
-        if current.handle.ingest_tokens == ingest && current.handle.admin_tokens == admin {
+        let before = (current.handle.ingest_tokens.clone(), current.handle.admin_tokens.clone());
+        self.latest_tokens(&mut current.handle);
+        if (&current.handle.ingest_tokens, &current.handle.admin_tokens) == (&before.0, &before.1) {
             return;
         }
-        if ingest.is_empty() {
+        if current.handle.ingest_tokens.is_empty() {
             warn!(relay = %id, "ingest tokens revoked: /new refuses every token");
         }
-        current.handle.ingest_tokens = ingest;
-        current.handle.admin_tokens = admin;
         self.relays.insert(current.handle.clone());
+    }
+
+    /// Puts the newest tokens read for the relay into `handle`.
+    fn latest_tokens(&self, handle: &mut RelayHandle) {
+        let latest = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(latest) = latest.get(handle.relay.id()) {
+            if let Some((_, ingest)) = &latest.ingest {
+                handle.ingest_tokens = ingest.clone();
+            }
+            if let Some((_, admin)) = &latest.admin {
+                handle.admin_tokens = admin.clone();
+            }
+        }
     }
 
     /// Stops every relay for which `keep` is false (its resource is gone).
@@ -191,6 +246,7 @@ impl Supervisor {
         let gone: Vec<Running> = {
             let mut running = self.running.lock().await;
             let ids: Vec<RelayId> = running.keys().filter(|id| !keep(id)).cloned().collect();
+            self.tokens.lock().unwrap_or_else(|e| e.into_inner()).retain(|id, _| keep(id));
             let gone = ids.iter().filter_map(|id| running.remove(id)).collect();
             self.metrics.relays.set(running.len() as i64);
             gone
@@ -204,6 +260,7 @@ impl Supervisor {
     /// Stops every relay at once, all within one grace period (shutdown);
     /// nothing starts afterwards.
     pub async fn stop_all(&self) {
+        self.relays.close();
         {
             let _running = self.running.lock().await;
             self.closing.store(true, std::sync::atomic::Ordering::Release);
@@ -218,6 +275,7 @@ impl Supervisor {
         let deadline = tokio::time::Instant::now() + self.grace;
         for relay in &relays {
             let _ = relay.stop.send(true);
+            relay.handle.relay.begin_stopping();
         }
         futures::future::join_all(relays.into_iter().map(|relay| self.shut_down_by(relay, forget, deadline))).await;
     }

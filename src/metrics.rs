@@ -21,10 +21,12 @@ pub struct Metrics {
     unsent_drift_repaired: IntCounterVec,
     held_wallets: IntGaugeVec,
     queue_reachable: IntGaugeVec,
+    relay_ready: IntGaugeVec,
     sweep_duration: HistogramVec,
     send_batch_size: HistogramVec,
     ingest_group_size: HistogramVec,
     http_duration: HistogramVec,
+    http_requests: IntCounterVec,
     pub reconcile_total: IntCounter,
     pub reconcile_errors: IntCounterVec,
     pub relays: IntGauge,
@@ -146,6 +148,14 @@ impl Metrics {
                 relay,
             )
             .expect("valid metric"),
+            relay_ready: IntGaugeVec::new(
+                Opts::new(
+                    "txrelay_relay_ready",
+                    "1 while the relay's Ready condition, as this replica computes it, is True; 0 while False",
+                ),
+                relay,
+            )
+            .expect("valid metric"),
             sweep_duration: HistogramVec::new(
                 HistogramOpts::new("txrelay_sweep_duration_seconds", "Duration of one sweep: claim, send, record")
                     .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
@@ -168,6 +178,11 @@ impl Metrics {
                 HistogramOpts::new("txrelay_http_request_duration_seconds", "HTTP request duration")
                     .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
                 &["route", "status_class"],
+            )
+            .expect("valid metric"),
+            http_requests: IntCounterVec::new(
+                Opts::new("txrelay_http_requests_total", "HTTP requests answered, by route and exact status code"),
+                &["route", "code"],
             )
             .expect("valid metric"),
             reconcile_total: IntCounter::new("txrelay_reconcile_total", "Reconciliations of TransactionRelays")
@@ -197,10 +212,12 @@ impl Metrics {
             Box::new(self.unsent_drift_repaired.clone()),
             Box::new(self.held_wallets.clone()),
             Box::new(self.queue_reachable.clone()),
+            Box::new(self.relay_ready.clone()),
             Box::new(self.sweep_duration.clone()),
             Box::new(self.send_batch_size.clone()),
             Box::new(self.ingest_group_size.clone()),
             Box::new(self.http_duration.clone()),
+            Box::new(self.http_requests.clone()),
             Box::new(self.reconcile_total.clone()),
             Box::new(self.reconcile_errors.clone()),
             Box::new(self.relays.clone()),
@@ -226,6 +243,9 @@ impl Metrics {
             _ => "5xx",
         };
         self.http_duration.with_label_values(&[route, class]).observe(seconds);
+        // The exact code: the alerts tell 401s (a rotated or revoked token)
+        // from other 4xx.
+        self.http_requests.with_label_values(&[route, &status.to_string()]).inc();
     }
 
     /// The text exposition format.
@@ -298,6 +318,10 @@ impl RelayMetrics {
         self.metrics.held_wallets.with_label_values(&[&self.relay]).set(wallets);
     }
 
+    pub fn set_ready(&self, ready: bool) {
+        self.metrics.relay_ready.with_label_values(&[&self.relay]).set(i64::from(ready));
+    }
+
     pub fn set_queue_reachable(&self, reachable: bool) {
         self.metrics.queue_reachable.with_label_values(&[&self.relay]).set(i64::from(reachable));
     }
@@ -322,6 +346,7 @@ impl RelayMetrics {
         let _ = m.dead_lettered.remove_label_values(&relay);
         let _ = m.oldest_unsent_age.remove_label_values(&relay);
         let _ = m.queue_reachable.remove_label_values(&relay);
+        let _ = m.relay_ready.remove_label_values(&relay);
         let _ = m.send_outcome_unknown.remove_label_values(&relay);
         let _ = m.commit_outcome_unknown.remove_label_values(&relay);
         let _ = m.unsent_drift_repaired.remove_label_values(&relay);

@@ -260,6 +260,7 @@ pub async fn retry_all(global: &Global, args: RetryAllArgs) -> Result<(), CliErr
         limit: args.limit,
         rate: args.rate,
         dry_run: args.dry_run,
+        budget: None,
     };
     let bar = (!args.dry_run && std::io::stderr().is_terminal()).then(|| {
         let bar = indicatif::ProgressBar::new(0);
@@ -268,15 +269,30 @@ pub async fn retry_all(global: &Global, args: RetryAllArgs) -> Result<(), CliErr
         }
         bar
     });
+    if let Some(bar) = &bar {
+        let limit = i64::try_from(request.limit.unwrap_or(u64::MAX)).unwrap_or(i64::MAX);
+        bar.set_length(relay.store().count_resend_candidates(&request.filter, limit).await?.unsigned_abs());
+    }
+    // SIGINT or SIGTERM: the round in flight finishes and is recorded, the
+    // rest of its rows are given back, and the audit record says the run
+    // was interrupted. A second signal does not cut that short: it takes
+    // at most one call's timeout.
+    let (interrupt, interrupted) = tokio::sync::watch::channel(false);
+    let signals = tokio::spawn(async move {
+        super::serve::shutdown_signal().await;
+        eprintln!("interrupted: finishing the calls in flight and recording them");
+        let _ = interrupt.send(true);
+    });
     let report = relay
-        .retry_all(&request, &cli_audit("retry-all"), |progress: &RetryAllReport| {
+        .retry_all(&request, &cli_audit("retry-all"), &interrupted, |progress: &RetryAllReport| {
             if let Some(bar) = &bar {
-                bar.set_length(progress.selected as u64);
                 bar.set_position(progress.total as u64);
                 bar.set_message(format!("{} failed", progress.failed));
             }
         })
-        .await?;
+        .await;
+    signals.abort();
+    let report = report.map_err(CliError::failed)?;
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
@@ -312,6 +328,9 @@ pub async fn retry_all(global: &Global, args: RetryAllArgs) -> Result<(), CliErr
         );
     }
     if let Some(reason) = &report.stopped {
+        if *interrupted.borrow() {
+            return Err(CliError::Interrupted(format!("stopped early: {reason}")));
+        }
         return Err(CliError::Failed(format!("stopped early: {reason}")));
     }
     if report.failed > 0 {

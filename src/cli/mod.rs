@@ -146,6 +146,9 @@ pub enum CliError {
     Config(#[from] ConfigError),
     #[error("{0}")]
     Failed(String),
+    /// Stopped by SIGINT or SIGTERM after recording what it did.
+    #[error("{0}")]
+    Interrupted(String),
 }
 
 impl CliError {
@@ -153,6 +156,8 @@ impl CliError {
         match self {
             Self::Config(_) => 2,
             Self::Failed(_) => 1,
+            // 128 + SIGINT, as a shell reports an interrupted command.
+            Self::Interrupted(_) => 130,
         }
     }
 

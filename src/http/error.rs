@@ -40,6 +40,9 @@ pub enum ApiError {
     RelayNotReady(String),
     #[error("too many requests in flight; retry later")]
     Overloaded,
+    /// The process is stopping; another replica answers a retry.
+    #[error("this process is shutting down; nothing was stored, retry (another replica will answer)")]
+    ShuttingDown,
     #[error("the request took too long; retry later with the same idempotency key")]
     Timeout,
     /// A retry refused for the row's state (already sent, held by a
@@ -71,10 +74,12 @@ impl ApiError {
         "outcome_unknown",
         "relay_not_ready",
         "overloaded",
+        "shutting_down",
         "timeout",
         "already_sent",
         "held",
         "waits_for_older",
+        "suspended",
         "send_failed",
         "not_recorded",
         "internal",
@@ -93,6 +98,7 @@ impl ApiError {
             | Self::OutcomeUnknown
             | Self::RelayNotReady(_)
             | Self::Overloaded
+            | Self::ShuttingDown
             | Self::Timeout
             | Self::NotRecorded(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::RetryRefused { .. } => StatusCode::CONFLICT,
@@ -115,6 +121,7 @@ impl ApiError {
             Self::OutcomeUnknown => "outcome_unknown",
             Self::RelayNotReady(_) => "relay_not_ready",
             Self::Overloaded => "overloaded",
+            Self::ShuttingDown => "shutting_down",
             Self::Timeout => "timeout",
             Self::RetryRefused { code, .. } => code,
             Self::SendFailed(_) => "send_failed",
@@ -208,10 +215,12 @@ mod tests {
             ApiError::OutcomeUnknown,
             ApiError::RelayNotReady("x".into()),
             ApiError::Overloaded,
+            ApiError::ShuttingDown,
             ApiError::Timeout,
             ApiError::RetryRefused { code: "already_sent", message: "m".into() },
             ApiError::RetryRefused { code: "held", message: "m".into() },
             ApiError::RetryRefused { code: "waits_for_older", message: "m".into() },
+            ApiError::RetryRefused { code: "suspended", message: "m".into() },
             ApiError::SendFailed("x".into()),
             ApiError::NotRecorded("x".into()),
             ApiError::Internal,

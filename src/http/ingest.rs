@@ -86,6 +86,11 @@ pub fn authorize(
     access: Access,
     headers: &HeaderMap,
 ) -> Result<RelayHandle, ApiError> {
+    // Checked first: once the relays are removed, no token would be
+    // recognised, and a client told 401 would not retry elsewhere.
+    if state.relays.is_closing() {
+        return Err(ApiError::ShuttingDown);
+    }
     let presented = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let admits = |handle: &RelayHandle| match access {
         Access::Ingest => {

@@ -16,6 +16,7 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::utils::Backoff as _;
 use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, CustomResourceExt, ResourceExt};
 use tokio::sync::watch;
@@ -130,6 +131,9 @@ pub async fn run(
         .reflect(writer)
         .applied_objects()
         .predicate_filter(predicates::generation, Default::default());
+    // A second watch of the same Secrets, for tokens alone (see
+    // `apply_token_changes`).
+    let token_api = secret_api.clone();
     // Secret metadata only: the operator never caches Secret values.
     let secret_changes = relist_when_expired(watcher(secret_api, watcher::Config::default())).touched_objects();
     let mapper_store = reader.clone();
@@ -151,6 +155,7 @@ pub async fn run(
             }
         });
     let controller = tokio::spawn(controller);
+    let tokens = tokio::spawn(apply_token_changes(context.clone(), token_api, reader.clone()));
     let janitor = tokio::spawn(stop_deleted_relays(context.clone(), reader, stopped.clone()));
     info!(identity = %options.identity, namespace = options.namespace.as_deref().unwrap_or("(all)"), "operator running");
 
@@ -160,9 +165,57 @@ pub async fn run(
     // grace period, so several busy relays stop in the time of one.
     let _ = stop.send(true);
     janitor.abort();
+    tokens.abort();
     let deadline = tokio::time::Instant::now() + options.grace;
     tokio::join!(within(deadline, controller), within(deadline, election), context.supervisor.stop_all());
     info!("operator stopped");
+}
+
+/// Applies a change to a token Secret to the relays that use it at once,
+/// outside the controller: the controller runs one reconcile of a resource
+/// at a time, and one rebuilding the relay (a migration, a database that
+/// does not answer) can take minutes, which a revoked token must not wait
+/// for. Only tokens are applied here; everything else waits its turn.
+async fn apply_token_changes(
+    context: Arc<Context>,
+    secrets: Api<PartialObjectMeta<KubeSecret>>,
+    relays: reflector::Store<TransactionRelay>,
+) {
+    let changes = relist_when_expired(watcher(secrets, watcher::Config::default())).touched_objects();
+    let mut changes = std::pin::pin!(changes);
+    let mut backoff = WatchBackoff::default();
+    while let Some(change) = changes.next().await {
+        let secret = match change {
+            Ok(secret) => {
+                backoff.reset();
+                secret
+            }
+            Err(error) => {
+                tracing::debug!(%error, "token watch failed; retrying");
+                if let Some(wait) = backoff.next() {
+                    tokio::time::sleep(wait).await;
+                }
+                continue;
+            }
+        };
+        let (namespace, name) = (secret.namespace().unwrap_or_default(), secret.name_any());
+        for relay in relays.state() {
+            let uses = |reference: Option<&crate::spec::SecretKeyRef>| reference.is_some_and(|r| r.name == name);
+            let spec = &relay.spec;
+            if relay.namespace().as_deref() != Some(namespace.as_str())
+                || !(uses(spec.ingest.as_ref().map(|i| &i.token_secret_ref))
+                    || uses(spec.admin.as_ref().map(|a| &a.token_secret_ref)))
+            {
+                continue;
+            }
+            let id = reconcile::relay_id(&relay);
+            if context.supervisor.get(&id).await.is_none() {
+                continue;
+            }
+            let reader = secrets::SecretReader::new(context.client.clone(), &namespace);
+            let _ = context.refresh_tokens(&reader, &id, &relay).await;
+        }
+    }
 }
 
 /// Drops 410 Gone from a watch ("too old resource version", as a restarted
@@ -232,8 +285,19 @@ async fn within<T>(deadline: tokio::time::Instant, task: tokio::task::JoinHandle
 /// and everything kept about them is forgotten. (Deletion needs no
 /// finalizer, so the operator needs no write access to the resources.)
 pub async fn stop_deleted_relays(ctx: Arc<Context>, store: Store<TransactionRelay>, mut stop: watch::Receiver<bool>) {
-    if store.wait_until_ready().await.is_err() {
-        return;
+    // Asked again every period rather than awaited once: kube's ready
+    // signal wakes only the last of several tasks waiting on it (the
+    // controller waits on the same store), and a janitor left asleep never
+    // stopped a deleted relay (found against a real API server).
+    loop {
+        tokio::select! {
+            ready = tokio::time::timeout(JANITOR_EVERY, store.wait_until_ready()) => match ready {
+                Ok(Ok(())) => break,
+                Ok(Err(_)) => return,
+                Err(_) => {}
+            },
+            _ = stop.changed() => return,
+        }
     }
     loop {
         let present: std::collections::HashSet<RelayId> =

@@ -135,14 +135,7 @@ impl Context {
         // relay whatever else this edit gets wrong: a token removed from
         // its Secret (leaked, revoked) stops working at once, and a rotated
         // one works at once. Only an API error leaves them as they were.
-        let spec = &resource.spec;
-        let ingest = reader.tokens(spec.ingest.as_ref().map(|i| &i.token_secret_ref)).await;
-        let admin = reader.tokens(spec.admin.as_ref().map(|a| &a.token_secret_ref)).await;
-        let read = |tokens: &Result<TokenSet, Error>| match tokens {
-            Err(Error::Kube(_) | Error::Forbidden { .. }) => None,
-            other => Some(other.as_ref().ok().cloned().unwrap_or_default()),
-        };
-        self.supervisor.set_tokens(&id, read(&ingest), read(&admin)).await;
+        let (ingest, admin) = self.refresh_tokens(&reader, &id, resource).await;
         let (ingest_tokens, admin_tokens) = (ingest?, admin?);
         if ingest_tokens.is_empty() && !self.insecure_no_auth {
             return Err(Error::IngestTokensMissing);
@@ -184,6 +177,29 @@ impl Context {
         Ok((change, handle))
     }
 
+    /// Reads the relay's token Secrets and applies what they hold to the
+    /// running relay at once (and to one still starting, when it starts).
+    /// Called by every reconcile, and by the operator's Secret watch
+    /// directly, so a revocation never waits behind a reconcile that is
+    /// rebuilding the relay.
+    pub async fn refresh_tokens(
+        &self,
+        reader: &SecretReader,
+        id: &RelayId,
+        resource: &TransactionRelay,
+    ) -> (Result<TokenSet, Error>, Result<TokenSet, Error>) {
+        let spec = &resource.spec;
+        let read_at = self.supervisor.token_read();
+        let ingest = reader.tokens(spec.ingest.as_ref().map(|i| &i.token_secret_ref)).await;
+        let admin = reader.tokens(spec.admin.as_ref().map(|a| &a.token_secret_ref)).await;
+        let read = |tokens: &Result<TokenSet, Error>| match tokens {
+            Err(Error::Kube(_) | Error::Forbidden { .. }) => None,
+            other => Some(other.as_ref().ok().cloned().unwrap_or_default()),
+        };
+        self.supervisor.set_tokens(id, read_at, read(&ingest), read(&admin)).await;
+        (ingest, admin)
+    }
+
     async fn event(&self, resource: &TransactionRelay, type_: EventType, reason: &str, note: String) {
         if !self.status.is_leading() {
             return;
@@ -216,6 +232,8 @@ impl Context {
         self.supervisor.relays().forget_not_ready(keep);
         for id in self.status.ids().into_iter().filter(|id| !keep(id)) {
             self.status.forget(&id);
+            // A relay that never ran still had its Ready gauge set.
+            self.metrics.relay(&id.to_string()).remove();
         }
         self.failures.lock().unwrap_or_else(|e| e.into_inner()).retain(|id, _| keep(id));
     }
@@ -226,7 +244,7 @@ impl Context {
     }
 }
 
-fn relay_id(resource: &TransactionRelay) -> RelayId {
+pub(super) fn relay_id(resource: &TransactionRelay) -> RelayId {
     RelayId::new(resource.namespace().unwrap_or_default(), resource.name_any())
 }
 
@@ -256,6 +274,7 @@ pub async fn reconcile(resource: Arc<TransactionRelay>, ctx: Arc<Context>) -> Re
     if failure.is_some() {
         status.observed_generation = previous.observed_generation;
     }
+    ctx.metrics.relay(&id.to_string()).set_ready(super::status::is_ready(&status));
     if let Err(error) = ctx.status.write(&mut slot, &id, status).await {
         warn!(relay = %id, %error, "could not write status");
     }

@@ -356,6 +356,7 @@ impl StatusWriter {
                     .or(observed);
                 let mut status = desired(&phase, Some(&snapshot), judged, &previous);
                 status.observed_generation = observed;
+                relay.metrics().set_ready(is_ready(&status));
                 if let Err(error) = self.write(&mut slot, relay.id(), status).await {
                     warn!(relay = %relay.id(), %error, "could not write status");
                 }
@@ -367,6 +368,12 @@ impl StatusWriter {
             }
         }
     }
+}
+
+/// Whether a status says `Ready=True` (the `txrelay_relay_ready` gauge,
+/// set by every replica, leading or not).
+pub fn is_ready(status: &TransactionRelayStatus) -> bool {
+    status.conditions.iter().any(|c| c.type_ == READY && c.status == "True")
 }
 
 fn without_heartbeat(status: &TransactionRelayStatus) -> TransactionRelayStatus {

@@ -37,6 +37,11 @@ type Reply = oneshot::Sender<Result<Submission, StoreError>>;
 pub(super) struct Pending {
     tx: NewTransaction,
     reply: Reply,
+    /// Counts the request in progress until its row is committed and its
+    /// inline send recorded, whatever becomes of the request itself (a
+    /// client gone, a request timeout): the relay's shutdown waits for it
+    /// before it gives claimed rows back and closes the store.
+    guard: super::RequestGuard,
 }
 
 /// A committed row waiting for its inline send.
@@ -46,6 +51,7 @@ struct Outgoing {
     claim: ClaimRef,
     /// The stored ledger payload the message is built from.
     payload: String,
+    guard: super::RequestGuard,
 }
 
 pub(super) type Requests = mpsc::UnboundedSender<Pending>;
@@ -69,7 +75,7 @@ impl Relay {
         });
         let (reply, answer) = oneshot::channel();
         self.waiting.send_modify(|n| *n += 1);
-        if requests.send(Pending { tx: tx.clone(), reply }).is_err() {
+        if requests.send(Pending { tx: tx.clone(), reply, guard: self.enter() }).is_err() {
             self.waiting.send_modify(|n| *n = n.saturating_sub(1));
             return Err(StoreError::Unavailable("the relay is stopping".into()));
         }
@@ -125,6 +131,7 @@ impl Relay {
         let mut wallets = HashSet::new();
         let mut release = Vec::new();
         let mut released = Vec::new();
+        let mut release_guards = Vec::new();
         let mut outgoing = Vec::new();
         let mut queued = false;
         for (pending, outcome) in group.into_iter().zip(outcomes) {
@@ -157,8 +164,15 @@ impl Relay {
                 queued = true;
                 release.push(claim);
                 released.push((pending.reply, transaction));
+                release_guards.push(pending.guard);
             } else {
-                outgoing.push(Outgoing { reply: pending.reply, transaction, claim, payload: pending.tx.payload });
+                outgoing.push(Outgoing {
+                    reply: pending.reply,
+                    transaction,
+                    claim,
+                    payload: pending.tx.payload,
+                    guard: pending.guard,
+                });
             }
         }
         for (reply, transaction) in released {
@@ -170,6 +184,7 @@ impl Relay {
             // only means they wait out their short inline lease.
             let relay = self.clone();
             tokio::spawn(async move {
+                let _in_progress = release_guards;
                 if let Err(error) = relay.store.release(&release).await {
                     warn!(relay = %relay.id, %error, rows = release.len(), "could not release held-back rows; they are swept after their inline lease");
                 }
@@ -261,7 +276,10 @@ impl Relay {
         let mut held = Vec::new();
         let mut failed = Vec::new();
         let mut answers: Vec<(Reply, Transaction, bool)> = Vec::with_capacity(rows.len());
+        // Dropped once every result is recorded and answered.
+        let mut _in_progress = Vec::with_capacity(rows.len());
         for (row, result) in rows.into_iter().zip(results) {
+            _in_progress.push(row.guard);
             let result = result.unwrap_or_else(|| Err(SendFailure::unreachable("not sent")));
             match result {
                 Ok(message_id) => {
@@ -352,10 +370,30 @@ pub const GROUPS_IN_FLIGHT: usize = 4;
 pub const GROUP_PATIENCE: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// The group-commit task of one relay: ends when the relay is dropped.
+///
+/// On a FIFO queue a wallet's rows must commit in the order their requests
+/// were taken, or a later row could be committed, and sent, before an
+/// earlier one whose group stalled. So when a group commits beside a
+/// stalled one (past [`GROUP_PATIENCE`]), rows of a wallet that group holds
+/// wait for it, in order, while other wallets' rows go on.
 async fn commit_groups(relay: Weak<Relay>, mut requests: mpsc::UnboundedReceiver<Pending>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(GROUPS_IN_FLIGHT));
     let mut previous: Option<oneshot::Receiver<()>> = None;
-    while let Some(first) = requests.recv().await {
+    // FIFO only: the wallets of groups still committing, and a counter that
+    // moves whenever one of those groups ends.
+    let busy = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<String, usize>::new()));
+    let (ended, mut group_ended) = watch::channel(0_u64);
+    let ended = Arc::new(ended);
+    // Rows held back behind a stalled group's wallet, in arrival order.
+    let mut carried: std::collections::VecDeque<Pending> = std::collections::VecDeque::new();
+    loop {
+        let first = match carried.pop_front() {
+            Some(first) => first,
+            None => match requests.recv().await {
+                Some(first) => first,
+                None => return,
+            },
+        };
         // Whatever arrives while the previous group commits (or while every
         // slot is busy) joins this group.
         if let Some(previous) = previous.take() {
@@ -364,20 +402,79 @@ async fn commit_groups(relay: Weak<Relay>, mut requests: mpsc::UnboundedReceiver
         let Ok(slot) = slots.clone().acquire_owned().await else { return };
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
-            match requests.try_recv() {
-                Ok(next) => group.push(next),
-                Err(_) => break,
+            match carried.pop_front() {
+                Some(next) => group.push(next),
+                None => match requests.try_recv() {
+                    Ok(next) => group.push(next),
+                    Err(_) => break,
+                },
             }
         }
         let Some(relay) = relay.upgrade() else { return };
+        let fifo = relay.is_fifo();
+        if fifo {
+            group_ended.borrow_and_update();
+            let (go, wait) = split_by_busy_wallets(group, &busy.lock().unwrap_or_else(|e| e.into_inner()));
+            carried = wait.into_iter().chain(carried).collect();
+            if go.is_empty() {
+                // Every row waits for a group still committing: wait for one
+                // to end (each is bounded by the store's call timeout).
+                drop(slot);
+                let _ = group_ended.changed().await;
+                continue;
+            }
+            group = go;
+        }
         relay.waiting.send_modify(|n| *n = n.saturating_sub(group.len()));
         relay.metrics.ingest_group(group.len());
+        let wallets: Vec<String> =
+            if fifo { group.iter().map(|p| p.tx.wallet_address.clone()).collect() } else { Vec::new() };
+        {
+            let mut busy = busy.lock().unwrap_or_else(|e| e.into_inner());
+            for wallet in &wallets {
+                *busy.entry(wallet.clone()).or_default() += 1;
+            }
+        }
         let (committed, done) = oneshot::channel::<()>();
         previous = Some(done);
+        let (busy, ended) = (busy.clone(), ended.clone());
         tokio::spawn(async move {
             relay.commit_group(group).await;
+            {
+                let mut busy = busy.lock().unwrap_or_else(|e| e.into_inner());
+                for wallet in wallets {
+                    if let std::collections::hash_map::Entry::Occupied(mut entry) = busy.entry(wallet) {
+                        *entry.get_mut() -= 1;
+                        if *entry.get() == 0 {
+                            entry.remove();
+                        }
+                    }
+                }
+            }
+            ended.send_modify(|n| *n += 1);
             drop(slot);
             drop(committed);
         });
     }
+}
+
+/// Splits a group, keeping arrival order, into the rows that may commit now
+/// and those whose wallet a group still committing holds (or that follow
+/// such a row of their wallet in this group).
+fn split_by_busy_wallets(
+    group: Vec<Pending>,
+    busy: &std::collections::HashMap<String, usize>,
+) -> (Vec<Pending>, Vec<Pending>) {
+    let mut waiting_wallets = HashSet::new();
+    let (mut go, mut wait) = (Vec::with_capacity(group.len()), Vec::new());
+    for pending in group {
+        let wallet = &pending.tx.wallet_address;
+        if busy.contains_key(wallet) || waiting_wallets.contains(wallet) {
+            waiting_wallets.insert(wallet.clone());
+            wait.push(pending);
+        } else {
+            go.push(pending);
+        }
+    }
+    (go, wait)
 }

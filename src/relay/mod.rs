@@ -21,7 +21,7 @@ use tracing::{info, warn};
 
 pub use engine::{listen_for_due_rows, run_loop};
 pub use ingest::{GROUPS_IN_FLIGHT, MAX_GROUP};
-pub use sweep::{ResendRequest, RetryAllReport, RetryError, SweepReport, pace};
+pub use sweep::{ResendError, ResendRequest, RetryAllReport, RetryError, SweepReport, pace};
 
 use crate::metrics::{FailureLabel, RelayMetrics};
 use crate::queue::{FailureKind, Queue, SendFailure};
@@ -141,6 +141,9 @@ pub struct Relay {
     waiting: watch::Sender<usize>,
     /// Told of each resend by hand when it ends (see [`Relay::on_resend`]).
     resend_hook: std::sync::OnceLock<ResendHook>,
+    /// Turns true when the relay is told to stop: work started by a request
+    /// (an HTTP `retry-all`) ends early on it, as the loop does.
+    stopping: watch::Sender<bool>,
 }
 
 type ResendHook = Box<dyn Fn(&ResendNotice) + Send + Sync>;
@@ -217,7 +220,18 @@ impl Relay {
             ingest: std::sync::OnceLock::new(),
             waiting: watch::Sender::new(0),
             resend_hook: std::sync::OnceLock::new(),
+            stopping: watch::Sender::new(false),
         }
+    }
+
+    /// Tells work started by requests that the relay is stopping.
+    pub fn begin_stopping(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Turns true once the relay is stopping.
+    pub fn stopping(&self) -> watch::Receiver<bool> {
+        self.stopping.subscribe()
     }
 
     /// Calls `hook` whenever a resend by hand (`retry`, `retry-all`) ends:

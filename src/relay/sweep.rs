@@ -54,6 +54,73 @@ pub struct ResendRequest {
     pub rate: Option<f64>,
     /// Only say which rows would be resent.
     pub dry_run: bool,
+    /// No round starts after this long (an HTTP request's share of its
+    /// timeout); the report says the run stopped there.
+    pub budget: Option<Duration>,
+}
+
+/// Why a resend by hand was refused before it began.
+#[derive(Debug, thiserror::Error)]
+pub enum ResendError {
+    /// `spec.suspend`: nothing is sent, by the loop or by hand.
+    #[error("relay {0} is suspended (spec.suspend): nothing is sent, not even by hand; resume it first")]
+    Suspended(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The state of one `retry-all` run across its pages.
+struct ResendRun<'a> {
+    request: &'a ResendRequest,
+    stop: watch::Receiver<bool>,
+    budget_ends: Option<Instant>,
+    started: Instant,
+    /// Rows claimed so far, for the rate.
+    attempted: usize,
+    audit_id: Option<i64>,
+    /// Ids written to the audit record.
+    ids: usize,
+}
+
+impl ResendRun<'_> {
+    fn why_stop(&self) -> Option<String> {
+        if *self.stop.borrow() {
+            return Some(
+                "interrupted (a signal, or the relay is stopping); the rows not yet taken were left as they were"
+                    .to_owned(),
+            );
+        }
+        let budget = self.request.budget.unwrap_or_default();
+        self.budget_ends.filter(|end| Instant::now() >= *end).map(|_| {
+            format!(
+                "the time budget of {} s was used up at the rate asked; the rows not yet taken were left as they \
+                 were (the relay sends unsent ones itself; call again or use the CLI for the rest)",
+                budget.as_secs()
+            )
+        })
+    }
+
+    /// Waits for the rate, or less when a stop or the end of the budget
+    /// comes first.
+    async fn pace(&mut self, rate: f64) {
+        let wait = pace(rate, self.attempted, self.started.elapsed());
+        // An absurdly low rate waits "forever": only a stop or the budget ends it.
+        let until = match (Instant::now().checked_add(wait), self.budget_ends) {
+            (Some(paced), Some(budget)) => Some(paced.min(budget)),
+            (paced, budget) => paced.or(budget),
+        };
+        let mut stop = self.stop.clone();
+        let waited = async {
+            match until {
+                Some(until) => tokio::time::sleep_until(until.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = waited => {}
+            _ = stop.wait_for(|stop| *stop) => {}
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
@@ -87,6 +154,9 @@ pub fn pace(rate: f64, sent: usize, elapsed: Duration) -> Duration {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RetryError {
+    /// `spec.suspend`: nothing is sent, by the loop or by hand.
+    #[error("relay {0} is suspended (spec.suspend): nothing is sent, not even by hand; resume it first")]
+    Suspended(String),
     #[error(transparent)]
     Claim(#[from] RetryOneError),
     #[error("send failed{}: {failure}", if *.dead_lettered { " (dead-lettered)" } else { "" })]
@@ -349,34 +419,38 @@ impl Relay {
     }
 
     /// Sends every unsent row now, ignoring backoff but never a row a running
-    /// relay holds (`txrelay retry-all`). On FIFO queues wallets keep their order.
+    /// relay holds (`txrelay retry-all`). On FIFO queues wallets keep their
+    /// order. Candidates are read a page at a time, and each page's ids join
+    /// the audit record before any of them is revived or sent. When `stop`
+    /// turns true (a signal, the relay stopping) or the request's time
+    /// budget runs out, the round in flight finishes and records its
+    /// results, no further row is claimed, and the audit record says why it
+    /// stopped.
     pub async fn retry_all(
         &self,
         request: &ResendRequest,
         audit: &ResendAudit,
+        stop: &watch::Receiver<bool>,
         mut progress: impl FnMut(&RetryAllReport),
-    ) -> Result<RetryAllReport, StoreError> {
-        let limit = i64::try_from(request.limit.unwrap_or(u64::MAX)).unwrap_or(i64::MAX);
-        let rows = self.store.resend_candidates(&request.filter, limit).await?;
-        let mut report = RetryAllReport { selected: rows.len(), ..RetryAllReport::default() };
-        if request.dry_run {
-            report.rows = rows;
-            return Ok(report);
+    ) -> Result<RetryAllReport, ResendError> {
+        if self.config.suspend && !request.dry_run {
+            return Err(ResendError::Suspended(self.id.to_string()));
         }
-        if rows.is_empty() {
-            return Ok(report);
-        }
-        let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();
-        let mut filter = serde_json::to_value(&request.filter).unwrap_or_default();
-        filter["limit"] = serde_json::json!(request.limit);
-        filter["rate"] = serde_json::json!(request.rate);
-        // The record exists before any row is revived or sent.
-        let audit_id = self.store.begin_resend(audit, &filter, &ids).await?;
-        report.audit_id = Some(audit_id);
-        info!(target: "txrelay::audit", relay = %self.id, audit_id, actor = %audit.actor, via = audit.via,
-              command = audit.command, %filter, rows = ids.len(), first_ids = ?&ids[..ids.len().min(20)],
-              "resend started");
-        let result = self.resend_rows(&rows, request.rate, &mut report, &mut progress).await;
+        let mut report = RetryAllReport::default();
+        let mut run = ResendRun {
+            request,
+            stop: stop.clone(),
+            budget_ends: request.budget.map(|budget| Instant::now() + budget),
+            started: Instant::now(),
+            attempted: 0,
+            audit_id: None,
+            ids: 0,
+        };
+        let result = self.resend_pages(&mut run, audit, &mut report, &mut progress).await;
+        report.audit_id = run.audit_id;
+        let Some(audit_id) = run.audit_id else {
+            return result.map(|()| report).map_err(ResendError::from);
+        };
         report.not_taken = report.selected.saturating_sub(report.total);
         let outcome = match (&result, &report.stopped) {
             (Err(error), _) => format!("stopped: {error}"),
@@ -389,62 +463,113 @@ impl Relay {
             (Ok(()), None) => "completed".to_owned(),
         };
         let (succeeded, failed) = (report.succeeded as u64, report.failed as u64);
-        self.resend_finished(audit_id, audit, ids.len(), succeeded, failed, outcome).await;
+        self.resend_finished(audit_id, audit, run.ids, succeeded, failed, outcome).await;
         if succeeded > 0 {
             self.wallet_may_move().await;
         }
-        result.map(|()| report)
+        result.map(|()| report).map_err(ResendError::from)
     }
 
-    /// Sends the chosen rows, dead-lettered ones revived as they are
-    /// claimed, at most `rate` per second, a slice of ids at a time.
-    async fn resend_rows(
+    /// Reads the candidates a page at a time and resends each page.
+    async fn resend_pages(
         &self,
-        rows: &[ResendRow],
-        rate: Option<f64>,
+        run: &mut ResendRun<'_>,
+        audit: &ResendAudit,
         report: &mut RetryAllReport,
         progress: &mut impl FnMut(&RetryAllReport),
     ) -> Result<(), StoreError> {
-        const SLICE: usize = 1000;
-        let (_keep_open, never) = watch::channel(false);
-        let started = Instant::now();
-        let mut attempted = 0usize;
-        for slice in rows.chunks(SLICE) {
-            let dead: Vec<i64> = slice.iter().filter(|row| row.dead_lettered).map(|row| row.id).collect();
-            let unsent: Vec<i64> = slice.iter().filter(|row| !row.dead_lettered).map(|row| row.id).collect();
-            let mut skip: Vec<i64> = Vec::new();
-            for (ids, revive) in [(&dead, true), (&unsent, false)] {
-                if ids.is_empty() {
-                    continue;
+        const PAGE: u64 = 1000;
+        let limit = run.request.limit.unwrap_or(u64::MAX);
+        let mut after = 0_i64;
+        loop {
+            if let Some(reason) = run.why_stop() {
+                report.stopped = Some(reason);
+                return Ok(());
+            }
+            let want = PAGE.min(limit.saturating_sub(report.selected as u64));
+            if want == 0 {
+                return Ok(());
+            }
+            let page = self.store.resend_candidates(&run.request.filter, after, want as i64).await?;
+            let Some(last) = page.last() else { return Ok(()) };
+            after = last.id;
+            report.selected += page.len();
+            if run.request.dry_run {
+                report.rows.extend(page);
+                continue;
+            }
+            let ids: Vec<i64> = page.iter().map(|row| row.id).collect();
+            match run.audit_id {
+                // The record exists before any row is revived or sent.
+                None => {
+                    let mut filter = serde_json::to_value(&run.request.filter).unwrap_or_default();
+                    filter["limit"] = serde_json::json!(run.request.limit);
+                    filter["rate"] = serde_json::json!(run.request.rate);
+                    let audit_id = self.store.begin_resend(audit, &filter, &ids).await?;
+                    run.audit_id = Some(audit_id);
+                    info!(target: "txrelay::audit", relay = %self.id, audit_id, actor = %audit.actor, via = audit.via,
+                          command = audit.command, %filter, first_ids = ?&ids[..ids.len().min(20)],
+                          "resend started");
                 }
-                loop {
-                    let mut round = self.config.batch_size.max(10) as usize;
-                    if let Some(rate) = rate {
-                        // About ten rounds a second, each started on time.
-                        round = round.min(((rate / 10.0).ceil() as usize).max(1));
-                        tokio::time::sleep(pace(rate, attempted, started.elapsed())).await;
-                    }
-                    let mode = if revive {
-                        ClaimMode::Revive { skip: &skip, only: ids }
-                    } else {
-                        ClaimMode::Force { skip: &skip, only: ids }
-                    };
-                    let sweep = self.sweep(mode, round as u32, &never).await?;
-                    if sweep.claimed == 0 {
-                        break;
-                    }
-                    attempted += sweep.claimed;
-                    report.revived += if revive { sweep.claimed as u64 } else { 0 };
-                    report.total += sweep.sent + sweep.failed;
-                    report.succeeded += sweep.sent;
-                    report.failed += sweep.failed;
-                    skip.extend(&sweep.failed_ids);
-                    skip.extend(&sweep.released_ids);
-                    progress(report);
-                    if let Some(error) = sweep.queue_error {
-                        report.stopped = Some(format!("queue unreachable: {error}"));
-                        return Ok(());
-                    }
+                Some(audit_id) => self.store.extend_resend(audit_id, &ids).await?,
+            }
+            run.ids += ids.len();
+            self.resend_rows(&page, run, report, progress).await?;
+            if report.stopped.is_some() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Sends one page of chosen rows, dead-lettered ones revived as they are
+    /// claimed, at most `rate` per second.
+    async fn resend_rows(
+        &self,
+        rows: &[ResendRow],
+        run: &mut ResendRun<'_>,
+        report: &mut RetryAllReport,
+        progress: &mut impl FnMut(&RetryAllReport),
+    ) -> Result<(), StoreError> {
+        let dead: Vec<i64> = rows.iter().filter(|row| row.dead_lettered).map(|row| row.id).collect();
+        let unsent: Vec<i64> = rows.iter().filter(|row| !row.dead_lettered).map(|row| row.id).collect();
+        let mut skip: Vec<i64> = Vec::new();
+        for (ids, revive) in [(&dead, true), (&unsent, false)] {
+            if ids.is_empty() {
+                continue;
+            }
+            loop {
+                let mut round = self.config.batch_size.max(10) as usize;
+                if let Some(rate) = run.request.rate {
+                    // About ten rounds a second, each started on time.
+                    round = round.min(((rate / 10.0).ceil() as usize).max(1));
+                    run.pace(rate).await;
+                }
+                if let Some(reason) = run.why_stop() {
+                    report.stopped = Some(reason);
+                    return Ok(());
+                }
+                let mode = if revive {
+                    ClaimMode::Revive { skip: &skip, only: ids }
+                } else {
+                    ClaimMode::Force { skip: &skip, only: ids }
+                };
+                // A stop during the round: its calls in flight finish and
+                // are recorded, the rest of its rows are given back.
+                let sweep = self.sweep(mode, round as u32, &run.stop).await?;
+                if sweep.claimed == 0 {
+                    break;
+                }
+                run.attempted += sweep.claimed;
+                report.revived += if revive { sweep.claimed as u64 } else { 0 };
+                report.total += sweep.sent + sweep.failed;
+                report.succeeded += sweep.sent;
+                report.failed += sweep.failed;
+                skip.extend(&sweep.failed_ids);
+                skip.extend(&sweep.released_ids);
+                progress(report);
+                if let Some(error) = sweep.queue_error {
+                    report.stopped = Some(format!("queue unreachable: {error}"));
+                    return Ok(());
                 }
             }
         }
@@ -491,6 +616,9 @@ impl Relay {
     /// The audit record is written first, before the row is revived or
     /// claimed, and gets its outcome whatever happens after.
     pub async fn retry_one(&self, id: i64, audit: &ResendAudit) -> Result<String, RetryError> {
+        if self.config.suspend {
+            return Err(RetryError::Suspended(self.id.to_string()));
+        }
         let audit_id = self.store.begin_resend(audit, &serde_json::json!({ "id": id }), &[id]).await?;
         info!(target: "txrelay::audit", relay = %self.id, audit_id, actor = %audit.actor, via = audit.via,
               command = audit.command, id, "resend started");

@@ -69,12 +69,13 @@ const SELECT: &str = concat!(
      AND ($2::timestamptz IS NULL OR t.created_at >= $2) \
      AND ($3::timestamptz IS NULL OR t.created_at < $3) \
      AND ($4::text IS NULL OR strpos(coalesce(t.last_error, ''), $4) > 0) \
-     ORDER BY t.id LIMIT $7"
+     AND t.id > $8 ORDER BY t.id LIMIT $7"
 );
 
 impl Store {
-    /// The rows `filter` names, oldest first, at most `limit`.
-    pub async fn resend_candidates(&self, filter: &ResendFilter, limit: i64) -> Result<Vec<ResendRow>> {
+    /// The rows `filter` names after id `after`, oldest first, at most
+    /// `limit`: a resend reads its candidates a page at a time.
+    pub async fn resend_candidates(&self, filter: &ResendFilter, after: i64, limit: i64) -> Result<Vec<ResendRow>> {
         self.on(self.pool())
             .await?
             .run(|c| {
@@ -86,9 +87,44 @@ impl Store {
                     .bind(filter.dead_only)
                     .bind(filter.include_dead)
                     .bind(limit)
+                    .bind(after)
                     .fetch_all(c)
             })
             .await
+    }
+
+    /// How many rows `filter` names, at most `limit` (a progress bar's length).
+    pub async fn count_resend_candidates(&self, filter: &ResendFilter, limit: i64) -> Result<i64> {
+        self.on(self.pool())
+            .await?
+            .run(|c| {
+                sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM ({SELECT}) AS chosen")))
+                    .bind(&filter.wallet)
+                    .bind(filter.since)
+                    .bind(filter.until)
+                    .bind(&filter.error)
+                    .bind(filter.dead_only)
+                    .bind(filter.include_dead)
+                    .bind(limit)
+                    .bind(0_i64)
+                    .fetch_one(c)
+            })
+            .await
+    }
+
+    /// Adds the ids of the next page of a resend to its audit record, before
+    /// any of them is revived or sent.
+    pub async fn extend_resend(&self, audit_id: i64, ids: &[i64]) -> Result<()> {
+        self.on(self.pool())
+            .await?
+            .run(|c| {
+                sqlx::query("UPDATE resend_audit SET transaction_ids = transaction_ids || $2 WHERE id = $1")
+                    .bind(audit_id)
+                    .bind(ids)
+                    .execute(c)
+            })
+            .await?;
+        Ok(())
     }
 
     /// Writes the audit record of a resend about to start; returns its id.

@@ -26,7 +26,9 @@ async fn block_every_slot(app: &Arc<TestApp>, db: &TestDb) -> Vec<tokio::task::J
     let mut openers = Vec::new();
     for blocked in 1..=txrelay::relay::GROUPS_IN_FLIGHT as i64 {
         let app = app.clone();
-        openers.push(tokio::spawn(async move { app.post_new(&body(unique(), "opener")).await }));
+        // A wallet each: on a FIFO queue a wallet's next row waits for the
+        // group holding its previous one instead of taking a slot.
+        openers.push(tokio::spawn(async move { app.post_new(&body(unique(), &format!("opener-{blocked}"))).await }));
         wait_until(Duration::from_secs(10), "the group waits on the lock", || async {
             // INSERTs only: a running relay loop's claims wait on the lock too.
             db.scalar_i64(
@@ -260,5 +262,76 @@ async fn a_group_stalled_on_the_database_does_not_hold_back_the_next() {
     let (status, answer) = first.await.unwrap();
     assert_eq!(status, StatusCode::CREATED, "{answer}");
     assert_eq!(queue.receive(2, Duration::from_secs(10)).await.len(), 2, "both sent");
+    db.assert_unsent_rows_followed().await;
+}
+
+/// On a FIFO queue a wallet's rows commit, and go out, in the order their
+/// requests were taken, even when the group holding the first one stalls:
+/// the wallet's next row waits for that group while other wallets' rows go
+/// on beside it.
+#[tokio::test]
+async fn on_a_fifo_queue_a_wallets_rows_keep_their_order_when_a_group_stalls() {
+    let (db, queue) = (TestDb::new().await, TestQueue::fifo().await);
+    let app = Arc::new(TestApp::new(&RelayBuilder::new(&db, &queue)).await);
+    let running = RunningLoop::start(&app.relay);
+    let (a1, a2) = (unique(), unique());
+    let key = i64::try_from(a1).unwrap();
+    db.execute(&format!(
+        "CREATE FUNCTION test_stall() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+         IF NEW.reference = 'MYK-{a1:06}' THEN PERFORM pg_advisory_xact_lock({key}); END IF; RETURN NEW; END $$"
+    ))
+    .await;
+    db.execute("CREATE TRIGGER test_stall BEFORE INSERT ON transactions FOR EACH ROW EXECUTE FUNCTION test_stall()")
+        .await;
+    let mut holder = db.psql.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock($1)").bind(key).execute(&mut *holder).await.unwrap();
+    let post = |n: u64, wallet: &'static str| {
+        let app = app.clone();
+        tokio::spawn(async move { app.post_new(&body(n, wallet)).await })
+    };
+
+    let first = post(a1, "wallet-a");
+    wait_until(Duration::from_secs(10), "the first group waits on the lock", || async {
+        db.scalar_i64(&format!(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND objid = {key}"
+        ))
+        .await
+            == 1
+    })
+    .await;
+    let second = post(a2, "wallet-a");
+    let (status, answer) = tokio::time::timeout(Duration::from_secs(8), post(unique(), "wallet-b"))
+        .await
+        .expect("another wallet is answered while the first group is stalled")
+        .unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    assert!(!second.is_finished(), "wallet A's second row waits for the stalled group holding its first");
+
+    sqlx::query("SELECT pg_advisory_unlock($1)").bind(key).execute(&mut *holder).await.unwrap();
+    let (status, answer) = first.await.unwrap();
+    assert!(status.is_success(), "{answer}");
+    let (status, answer) = second.await.unwrap();
+    assert!(status.is_success(), "{answer}");
+    let messages = queue.receive(3, Duration::from_secs(20)).await;
+    running.stop().await;
+    let wallet_a: Vec<String> = messages
+        .iter()
+        .filter(|m| {
+            m.attributes
+                .as_ref()
+                .and_then(|a| a.get(&aws_sdk_sqs::types::MessageSystemAttributeName::MessageGroupId))
+                .is_some_and(|group| group == "wallet-a")
+        })
+        .filter_map(|m| crate::common::sqs::attribute(m, "idempotency_key"))
+        .collect();
+    assert_eq!(wallet_a, [format!("idem-{a1}"), format!("idem-{a2}")], "wallet A in the order it was posted");
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "SELECT id FROM transactions WHERE wallet_address = 'wallet-a' ORDER BY reference = $1 DESC",
+    )
+    .bind(format!("MYK-{a1:06}"))
+    .fetch_all(&db.psql)
+    .await
+    .unwrap();
+    assert!(ids[0] < ids[1], "committed in order: {ids:?}");
     db.assert_unsent_rows_followed().await;
 }

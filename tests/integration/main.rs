@@ -17,4 +17,5 @@ mod processes;
 mod real_cluster;
 mod resend;
 mod security;
+mod shutdown;
 mod store;

@@ -194,7 +194,7 @@ async fn the_http_retry_endpoints_need_the_admin_token_and_answer_each_case_as_d
         (json!({"limit": 0}), "limit"),
         (json!({"limit": -1}), "limit"),
         (json!({"limit": 5000}), "limit"),
-        (json!({"rate": 0.01, "limit": 100}), "rate"),
+        (json!({"rate": -1}), "rate"),
         (json!({"dead_only": true, "include_dead": true}), "dead_only"),
         (json!({"wallet": "a\u{0}b"}), "wallet"),
     ] {
@@ -260,4 +260,66 @@ async fn a_dead_row_that_fails_again_is_tried_once_per_resend() {
     assert!(started.elapsed() < Duration::from_secs(30));
     assert_eq!(db.scalar_i64("SELECT count(*) FROM transactions WHERE failed_at IS NOT NULL").await, 1);
     assert_eq!(db.scalar_i64("SELECT attempts::int8 FROM transactions").await, 1, "one attempt, not a loop");
+}
+
+#[tokio::test]
+async fn resends_by_hand_send_nothing_while_the_relay_is_suspended() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let app = TestApp::new(&RelayBuilder::new(&db, &queue).spec(|s| s.suspend = true)).await;
+    let r = rows(&db).await;
+    for (path, body) in [
+        (format!("/transactions/{}/retry", r.dead_w2), json!({})),
+        (format!("/transactions/{}/retry", r.old_w1), json!({})),
+        ("/retry-all".to_owned(), json!({})),
+        ("/retry-all".to_owned(), json!({"include_dead": true})),
+    ] {
+        let (status, answer) = post(&app, &path, Some(ADMIN_TOKEN), body).await;
+        assert_eq!(
+            (status, answer["error"]["code"].as_str()),
+            (StatusCode::CONFLICT, Some("suspended")),
+            "{path}: {answer}"
+        );
+    }
+    // A dry run changes nothing: it still answers.
+    let (status, answer) = post(&app, "/retry-all", Some(ADMIN_TOKEN), json!({"dry_run": true})).await;
+    assert_eq!((status, answer["selected"].as_i64()), (StatusCode::OK, Some(4)), "{answer}");
+
+    let mut spec = spec(&db.schema);
+    spec.suspend = true;
+    let config = manifest_file(&spec);
+    let config = config.to_str().unwrap();
+    for args in [
+        vec!["--config", config, "retry-all"],
+        vec!["--config", config, "retry-all", "--include-dead"],
+        vec!["--config", config, "retry", &r.dead_w2.to_string()],
+    ] {
+        let (code, _, stderr) = cli(&db, &queue, &args).await;
+        assert_eq!(code, 1, "{args:?}: {stderr}");
+        assert!(stderr.contains("suspended"), "{args:?}: {stderr}");
+    }
+    assert!(queue.receive(1, Duration::from_secs(2)).await.is_empty(), "nothing was sent");
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM transactions WHERE message_id IS NOT NULL").await,
+        1,
+        "only the row sent before"
+    );
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM resend_audit").await, 0, "refused before anything began");
+}
+
+/// The schema allows any positive `rate`: the server takes every one, and a
+/// run too slow for the request stops at its share of the timeout, saying so.
+#[tokio::test]
+async fn any_rate_the_schema_allows_is_taken_and_a_slow_run_stops_within_its_time_budget() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let options = txrelay::http::HttpOptions { request_timeout: Duration::from_secs(2), ..Default::default() };
+    let app = TestApp::with_options(&RelayBuilder::new(&db, &queue), options).await;
+    rows(&db).await;
+    let started = std::time::Instant::now();
+    let (status, report) = post(&app, "/retry-all", Some(ADMIN_TOKEN), json!({"rate": 5e-324})).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert!(report["stopped"].as_str().is_some_and(|s| s.contains("time budget")), "{report}");
+    assert_eq!(report["succeeded"].as_i64(), Some(1), "the first message goes at once: {report}");
+    assert!(started.elapsed() < Duration::from_secs(2), "within the request timeout: {:?}", started.elapsed());
+    let outcome: String = sqlx::query_scalar("SELECT outcome FROM resend_audit").fetch_one(&db.psql).await.unwrap();
+    assert!(outcome.starts_with("stopped: the time budget"), "{outcome}");
 }

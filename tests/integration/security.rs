@@ -249,3 +249,44 @@ async fn characters_postgresql_cannot_store_in_a_read_parameter_are_a_422_naming
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{error}");
     assert_eq!(error["error"]["field"], "reference");
 }
+
+/// openapi.json says exactly which `ip_address` values `/new` takes: an
+/// IPv4 or IPv6 address (the formats), in the characters the pattern
+/// allows (no zone index). Every value the schema allows is accepted, and
+/// every other one refused with the field named.
+#[tokio::test]
+async fn every_ip_address_the_schema_allows_is_accepted_and_no_other() {
+    let document = openapi();
+    let schema = &document["components"]["schemas"]["MetaData"]["properties"]["ip_address"];
+    assert_eq!(schema["anyOf"], json!([{"format": "ipv4"}, {"format": "ipv6"}]), "{schema}");
+    assert_eq!(schema["pattern"], "^[0-9A-Fa-f:.]+$", "{schema}");
+    assert_eq!(schema["maxLength"], 45, "{schema}");
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let app = TestApp::new(&RelayBuilder::new(&db, &queue)).await;
+    // (value, allowed by the schema: the pattern, and ipv4 or ipv6 as RFC
+    // 2673 / RFC 4291 define them)
+    let cases = [
+        ("203.0.113.7", true),
+        ("::", true),
+        ("::ffff:1.2.3.4", true),
+        ("2001:db8::1", true),
+        ("0000:0000:0000:0000:0000:ffff:255.255.255.255", true),
+        ("1.2", false),
+        ("1.2.3", false),
+        ("::::", false),
+        ("01.2.3.4", false),
+        ("fe80::1%eth0", false),
+        ("ab", false),
+    ];
+    for (value, allowed) in cases {
+        let mut request = body(unique(), "w");
+        request["ledger_payload"]["meta_data"]["ip_address"] = json!(value);
+        let (status, answer) = app.post_new(&request).await;
+        if allowed {
+            assert!(status.is_success(), "{value}: {status} {answer}");
+        } else {
+            assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{value}: {answer}");
+            assert_eq!(answer["error"]["field"], "ledger_payload.meta_data.ip_address", "{value}");
+        }
+    }
+}

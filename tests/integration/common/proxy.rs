@@ -303,10 +303,13 @@ pub struct TcpProxy {
     /// whose whole answer is then swallowed and the client's connection
     /// closed: a statement carried out (a commit made) whose reply was lost.
     lose_reply: Arc<Mutex<Option<Vec<u8>>>>,
+    /// The lost reply never ends: the connection stays open and silent.
+    hang: Arc<AtomicBool>,
     up: Arc<AtomicBool>,
     stalled: Arc<AtomicBool>,
     frozen: watch::Sender<bool>,
     cut: watch::Sender<u64>,
+    accepted: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl TcpProxy {
@@ -318,10 +321,14 @@ impl TcpProxy {
         let cut = watch::Sender::new(0u64);
         let frozen = watch::Sender::new(false);
         let lose_reply: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
-        let (accept_up, accept_stalled, accept_cut, accept_frozen, accept_lose) =
-            (up.clone(), stalled.clone(), cut.clone(), frozen.clone(), lose_reply.clone());
+        let hang = Arc::new(AtomicBool::new(false));
+        let accept_hang = hang.clone();
+        let accepted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (accept_up, accept_stalled, accept_cut, accept_frozen, accept_lose, accept_count) =
+            (up.clone(), stalled.clone(), cut.clone(), frozen.clone(), lose_reply.clone(), accepted.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                accept_count.fetch_add(1, Ordering::SeqCst);
                 if !accept_up.load(Ordering::SeqCst) {
                     drop(client);
                     continue;
@@ -337,6 +344,7 @@ impl TcpProxy {
                 }
                 let frozen = accept_frozen.subscribe();
                 let lose = accept_lose.clone();
+                let hang = accept_hang.clone();
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(upstream).await else { return };
                     let (client_read, client_write) = client.into_split();
@@ -345,17 +353,36 @@ impl TcpProxy {
                     let up = Tap::Request { lose, seen: Mutex::new(false), blinded: blinded.clone() };
                     tokio::select! {
                         _ = pump(client_read, server_write, frozen.clone(), up) => {}
-                        _ = pump(server_read, client_write, frozen, Tap::Reply { blinded }) => {}
+                        _ = pump(server_read, client_write, frozen, Tap::Reply { blinded, hang }) => {}
                         _ = cut.changed() => {}
                     }
                 });
             }
         });
-        Self { address, lose_reply, up, stalled, frozen, cut }
+        Self { address, lose_reply, hang, up, stalled, frozen, cut, accepted }
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.accepted.load(Ordering::SeqCst)
     }
 
     /// Arms a one-time lost reply (see the field).
     pub fn lose_reply_after(&self, marker: &[u8]) {
+        self.hang.store(false, Ordering::SeqCst);
+        *self.lose_reply.lock().unwrap() = Some(marker.to_vec());
+    }
+
+    /// Whether the armed marker went through (its reply is being lost).
+    pub fn marker_seen(&self) -> bool {
+        self.lose_reply.lock().unwrap().is_none()
+    }
+
+    /// Like [`Self::lose_reply_after`], but the connection then stays open
+    /// and silent: a statement whose answer never comes, bounded only by
+    /// the client.
+    pub fn hang_reply_after(&self, marker: &[u8]) {
+        self.hang.store(true, Ordering::SeqCst);
         *self.lose_reply.lock().unwrap() = Some(marker.to_vec());
     }
 
@@ -393,7 +420,7 @@ enum Tap {
     /// Server to client: swallowed once blinded, up to the server's
     /// ReadyForQuery (the statement and its commit are done), then the
     /// connection ends unanswered.
-    Reply { blinded: Arc<AtomicBool> },
+    Reply { blinded: Arc<AtomicBool>, hang: Arc<AtomicBool> },
 }
 
 /// Whether a chunk of frontend messages (type byte, then a big-endian
@@ -448,8 +475,8 @@ async fn pump(
                     blinded.store(true, Ordering::SeqCst);
                 }
             }
-            Tap::Reply { blinded } if blinded.load(Ordering::SeqCst) => {
-                if contains(chunk, READY_FOR_QUERY) {
+            Tap::Reply { blinded, hang } if blinded.load(Ordering::SeqCst) => {
+                if contains(chunk, READY_FOR_QUERY) && !hang.load(Ordering::SeqCst) {
                     return;
                 }
                 continue;

@@ -9,11 +9,14 @@
 //! control plane is recreated on every run), with its own schema and queue,
 //! and runs the `txrelay operator` binary as that namespace's ServiceAccount.
 
+mod changes;
 mod end_to_end;
 mod events;
+mod install;
 mod leader;
 mod outage;
 mod ownership;
+mod plugin_rbac;
 mod validation;
 
 use std::collections::HashSet;
@@ -36,6 +39,8 @@ use crate::common::{INGEST_TOKEN, TestDb, TestQueue, binary, free_port, unique, 
 
 pub const CRD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/transactionrelays.relay.mykobo.io.yaml");
 pub const RBAC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/rbac.yaml");
+/// The Role and RoleBinding of the leader-election Lease, in txrelay-system.
+pub const LEADER_ELECTION: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/leader-election.yaml");
 pub const CONTROL_PLANE_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/control-plane.sh");
 /// The operator's field manager, Event reporting controller and Lease name.
 pub const MANAGER: &str = "txrelay-operator";
@@ -168,7 +173,8 @@ pub async fn client_for(kubeconfig: &Path) -> Client {
 }
 
 /// One test's namespace on a control plane, with the operator's
-/// ServiceAccount bound to deploy/'s ClusterRole and a kubeconfig with its
+/// ServiceAccount bound to deploy/'s ClusterRole and to its Lease Role in
+/// this namespace (the operator's POD_NAMESPACE), and a kubeconfig with its
 /// token.
 pub struct Cluster {
     pub plane: ControlPlane,
@@ -197,6 +203,10 @@ impl Cluster {
             "deploy/rbac.yaml's ClusterRoleBinding changed shape; adapt real_cluster::Cluster::on:\n{template}"
         );
         plane.ok(&["apply", "-f", "-"], Some(&binding)).await;
+        let lease_role = std::fs::read_to_string(LEADER_ELECTION)
+            .unwrap()
+            .replace("namespace: txrelay-system", &format!("namespace: {namespace}"));
+        plane.ok(&["apply", "-f", "-"], Some(&lease_role)).await;
         let token = plane.ok(&["create", "token", "txrelay", "-n", &namespace, "--duration=2h"], None).await;
         let admin_config = std::fs::read_to_string(&plane.kubeconfig).unwrap();
         let mut replaced = false;

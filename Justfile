@@ -64,3 +64,11 @@ fuzz:
 # Measure ingest, drain and recovery beside the machine's limits (BENCHMARKS.md).
 bench:
     scripts/bench.sh
+
+# (TXRELAY_BENCH_BINARY=path: that binary, nothing built; the release build otherwise.)
+# One operator with 100 TransactionRelays on a real kube-apiserver, moto and PostgreSQL (BENCHMARKS.md).
+bench-operator *ARGS:
+    scripts/setup.sh
+    scripts/system-packages.sh psql=postgresql-client
+    [ -n "${TXRELAY_BENCH_BINARY:-}" ] || cargo build --release --locked
+    python3 bench/operator_scale.py {{ARGS}}

@@ -208,10 +208,10 @@ impl Supervisor {
             let mut latest = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
             let latest = latest.entry(id.clone()).or_default();
             for (slot, tokens) in [(&mut latest.ingest, ingest), (&mut latest.admin, admin)] {
-                if let Some(tokens) = tokens {
-                    if slot.as_ref().is_none_or(|(seen, _)| *seen <= read.0) {
-                        *slot = Some((read.0, tokens));
-                    }
+                if let Some(tokens) = tokens
+                    && slot.as_ref().is_none_or(|(seen, _)| *seen <= read.0)
+                {
+                    *slot = Some((read.0, tokens));
                 }
             }
         }

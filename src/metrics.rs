@@ -28,6 +28,7 @@ pub struct Metrics {
     http_duration: HistogramVec,
     http_requests: IntCounterVec,
     pub reconcile_total: IntCounter,
+    pub reconcile_duration: prometheus::Histogram,
     pub reconcile_errors: IntCounterVec,
     pub relays: IntGauge,
 }
@@ -187,6 +188,14 @@ impl Metrics {
             .expect("valid metric"),
             reconcile_total: IntCounter::new("txrelay_reconcile_total", "Reconciliations of TransactionRelays")
                 .expect("valid metric"),
+            reconcile_duration: prometheus::Histogram::with_opts(
+                HistogramOpts::new(
+                    "txrelay_reconcile_duration_seconds",
+                    "Duration of one reconcile: tokens, settings, start or reconfigure, status",
+                )
+                .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
+            )
+            .expect("valid metric"),
             reconcile_errors: IntCounterVec::new(
                 Opts::new("txrelay_reconcile_errors_total", "Failed reconciliations, by error"),
                 &["error"],
@@ -219,6 +228,7 @@ impl Metrics {
             Box::new(self.http_duration.clone()),
             Box::new(self.http_requests.clone()),
             Box::new(self.reconcile_total.clone()),
+            Box::new(self.reconcile_duration.clone()),
             Box::new(self.reconcile_errors.clone()),
             Box::new(self.relays.clone()),
             #[cfg(target_os = "linux")]

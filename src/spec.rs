@@ -30,18 +30,32 @@ pub const SCHEMA_NAME_PATTERN: &str = "^[a-z_][a-z0-9_]{0,62}$";
     kind = "TransactionRelay",
     namespaced,
     shortname = "txr",
+    category = "txrelay",
     status = "TransactionRelayStatus",
     doc = "Relays ledger transactions from a PostgreSQL outbox table to an SQS queue",
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        description = "Why the relay is or is not ready"
+    ),
     printcolumn(name = "Unsent", type_ = "integer", json_path = ".status.unsent"),
     printcolumn(name = "Failed", type_ = "integer", json_path = ".status.failed"),
     printcolumn(
         name = "Oldest",
-        type_ = "integer",
-        json_path = ".status.oldestUnsentAgeSeconds",
-        description = "Age in seconds of the oldest unsent transaction"
+        type_ = "date",
+        json_path = ".status.oldestUnsentTime",
+        description = "How long the oldest unsent transaction has waited"
     ),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(
+        name = "Last Error",
+        type_ = "string",
+        json_path = ".status.lastError",
+        priority = 1,
+        description = "The last error the relay met (kubectl get -o wide)"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 // The cross-field limits of `validate()`, enforced by the API server too. CEL's
@@ -208,6 +222,10 @@ pub struct TransactionRelayStatus {
     pub failed: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oldest_unsent_age_seconds: Option<i64>,
+    /// When the oldest unsent transaction was created (absent when none
+    /// waits): `kubectl get` shows it as a duration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_unsent_time: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_sweep_time: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

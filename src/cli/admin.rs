@@ -278,8 +278,17 @@ pub async fn retry_all(global: &Global, args: RetryAllArgs) -> Result<(), CliErr
     // was interrupted. A second signal does not cut that short: it takes
     // at most one call's timeout.
     let (interrupt, interrupted) = tokio::sync::watch::channel(false);
+    // Registered here, before anything starts: a signal from now on never
+    // takes the default action (killing the process mid-send).
+    use tokio::signal::unix::{SignalKind, signal};
+    let registered = signal(SignalKind::interrupt()).and_then(|i| Ok((i, signal(SignalKind::terminate())?)));
+    let (mut sigint, mut sigterm) =
+        registered.map_err(|error| CliError::failed(format!("cannot handle SIGINT/SIGTERM: {error}")))?;
     let signals = tokio::spawn(async move {
-        super::serve::shutdown_signal().await;
+        tokio::select! {
+            _ = sigint.recv() => {}
+            _ = sigterm.recv() => {}
+        }
         eprintln!("interrupted: finishing the calls in flight and recording them");
         let _ = interrupt.send(true);
     });
@@ -310,6 +319,12 @@ pub async fn retry_all(global: &Global, args: RetryAllArgs) -> Result<(), CliErr
                 row.attempts,
                 row.last_error.as_deref().unwrap_or("")
             );
+        }
+        if *interrupted.borrow() {
+            return Err(CliError::Interrupted(format!(
+                "interrupted after listing {} rows (dry run: nothing changed)",
+                report.selected
+            )));
         }
         println!("would resend: {} (dry run: nothing changed)", report.selected);
         return Ok(());

@@ -185,7 +185,7 @@ fn relay_table(relays: &[TransactionRelay], with_namespace: bool, now: chrono::D
 }
 
 /// An age as kubectl prints it: 45s, 12m, 5h, 3d.
-fn short_age(age: chrono::Duration) -> String {
+pub(super) fn short_age(age: chrono::Duration) -> String {
     let seconds = age.num_seconds().max(0);
     match seconds {
         s if s < 120 => format!("{s}s"),
@@ -208,7 +208,8 @@ pub fn plugin_args(args: Vec<OsString>) -> Vec<OsString> {
         return args;
     }
     let arg0 = args[0].clone();
-    const TAKE_A_RELAY: [&str; 7] = ["list", "stats", "retry", "retry-all", "skip", "migrate", "doctor"];
+    const TAKE_A_RELAY: [&str; 9] =
+        ["list", "stats", "retry", "retry-all", "skip", "migrate", "doctor", "status", "report"];
     // Global flags that take a value, which may come before the command.
     const WITH_VALUE: [&str; 6] = ["--config", "--schema", "--log-format", "--db-pool-size", "--relay", "--context"];
     let mut out = Vec::with_capacity(args.len() + 1);

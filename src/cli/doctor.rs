@@ -27,20 +27,32 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Default)]
 struct Report {
     failed: usize,
+    /// Print each line as it comes (the command), or only keep it (a
+    /// `report` archive).
+    quiet: bool,
+    text: String,
 }
 
 impl Report {
+    fn line(&mut self, line: String) {
+        if !self.quiet {
+            println!("{line}");
+        }
+        self.text.push_str(&line);
+        self.text.push('\n');
+    }
+
     fn pass(&mut self, what: impl std::fmt::Display) {
-        println!("✓ {what}");
+        self.line(format!("✓ {what}"));
     }
 
     fn fail(&mut self, what: impl std::fmt::Display, fix: impl std::fmt::Display) {
-        println!("✗ {what}\n    fix: {fix}");
+        self.line(format!("✗ {what}\n    fix: {fix}"));
         self.failed += 1;
     }
 
     fn note(&mut self, what: impl std::fmt::Display, hint: impl std::fmt::Display) {
-        println!("! {what}\n    {hint}");
+        self.line(format!("! {what}\n    {hint}"));
     }
 
     fn finish(self) -> Result<(), CliError> {
@@ -54,14 +66,27 @@ impl Report {
 
 pub async fn doctor(global: &Global, args: DoctorArgs) -> Result<(), CliError> {
     let mut report = Report::default();
-    let Some(settings) = settings(global, &mut report).await else {
-        return report.finish();
+    checks(global, args.send_test, &mut report).await;
+    report.finish()
+}
+
+/// The same checks, printing nothing: their text, and whether all passed
+/// (`kubectl txr report`).
+pub async fn run(global: &Global, send_test: bool) -> (String, bool) {
+    let mut report = Report { quiet: true, ..Report::default() };
+    checks(global, send_test, &mut report).await;
+    (report.text, report.failed == 0)
+}
+
+async fn checks(global: &Global, send_test: bool, report: &mut Report) {
+    let Some(settings) = settings(global, report).await else {
+        return;
     };
-    if let Some(store) = database(&settings, &mut report).await {
-        migrations(&store, &mut report).await;
+    if let Some(store) = database(&settings, report).await {
+        migrations(&store, report).await;
         store.close().await;
     }
-    queue(&settings, args.send_test, &mut report).await;
+    queue(&settings, send_test, report).await;
     if settings.ingest_tokens.is_empty() {
         let fix = match &global.relay {
             Some(_) => "set spec.ingest.tokenSecretRef to a Secret key holding the dApp's tokens",
@@ -71,7 +96,6 @@ pub async fn doctor(global: &Global, args: DoctorArgs) -> Result<(), CliError> {
     } else {
         report.pass(format!("ingest tokens set ({})", settings.ingest_tokens.len()));
     }
-    report.finish()
 }
 
 /// The manifest (or resource) and the secrets it names.

@@ -4,6 +4,7 @@
 mod admin;
 mod cluster;
 mod doctor;
+mod inspect;
 mod operator;
 mod serve;
 
@@ -77,6 +78,15 @@ pub enum Command {
     Get(cluster::GetArgs),
     /// Check everything a relay depends on, one line each; exit 1 if any fails.
     Doctor(doctor::DoctorArgs),
+    /// One relay at a glance: conditions, backlog, leader, last error, Events.
+    Status(inspect::StatusArgs),
+    /// Write one archive about a relay for an incident ticket (no secrets).
+    Report(inspect::ReportArgs),
+    /// Print a shell completion script: `source <(txrelay completion bash)`.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -213,7 +223,20 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::RetryAll(args) => admin::retry_all(&cli.global, args).await,
         Command::Skip(args) => admin::skip(&cli.global, args).await,
         Command::Doctor(args) => doctor::doctor(&cli.global, args).await,
+        Command::Status(args) => inspect::status(&cli.global, args).await,
+        Command::Report(args) => inspect::report(&cli.global, args).await,
         Command::Get(args) => cluster::get(cli.global.context.as_deref(), args).await,
+        Command::Completion { shell } => {
+            // Installed as kubectl-txr, the script completes that name.
+            let name = std::env::args_os()
+                .next()
+                .and_then(|arg0| std::path::Path::new(&arg0).file_stem().map(|s| s.to_string_lossy().into_owned()))
+                .filter(|name| name == "kubectl-txr")
+                .unwrap_or_else(|| "txrelay".to_owned());
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, name, &mut std::io::stdout());
+            Ok(())
+        }
         Command::Crd => {
             print!("{}", crate::operator::crd_yaml().map_err(CliError::failed)?);
             Ok(())

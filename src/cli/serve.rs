@@ -45,10 +45,10 @@ pub async fn run(global: &Global, args: RunArgs) -> Result<(), CliError> {
     let supervisor = Supervisor::standalone(relays.clone(), metrics.clone(), grace, !args.no_migrate);
     let (_, handle) = supervisor.ensure(&settings, 0).await?;
     let relay = handle.relay;
-    if !relay.config().suspend {
-        if let crate::relay::QueueCheck::Refused(failure) = relay.check_queue().await {
-            warn!(error = %failure, "the queue refused GetQueueAttributes; transactions are stored and wait for it");
-        }
+    if !relay.config().suspend
+        && let crate::relay::QueueCheck::Refused(failure) = relay.check_queue().await
+    {
+        warn!(error = %failure, "the queue refused GetQueueAttributes; transactions are stored and wait for it");
     }
     let state = AppState::new(relays, metrics, args.http.options());
     let (stop, stopped) = watch::channel(false);

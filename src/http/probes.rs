@@ -18,6 +18,11 @@ pub async fn healthz() -> Json<serde_json::Value> {
 /// Under the operator: ready once serving, with each relay's state in the
 /// body, so one relay's database never takes `/new` away from the others.
 pub async fn readyz(State(state): State<AppState>) -> Response {
+    // Shutting down: take this process out of the Service's endpoints.
+    if state.relays.is_closing() {
+        let body = json!({"status": "shutting down", "relays": {}});
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    }
     let mut relays = serde_json::Map::new();
     let mut ready = true;
     for handle in state.relays.all() {

@@ -126,6 +126,7 @@ pub async fn run(
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
     let (reader, writer) = reflector::store();
+    let _ = context.relays.set(reader.clone());
     // Spec changes only: status writes do not wake the reconciler.
     let relay_changes = relist_when_expired(watcher(relay_api, watcher::Config::default()))
         .reflect(writer)
@@ -208,10 +209,8 @@ async fn apply_token_changes(
             {
                 continue;
             }
+            // A relay still starting too: its tokens are kept for it.
             let id = reconcile::relay_id(&relay);
-            if context.supervisor.get(&id).await.is_none() {
-                continue;
-            }
             let reader = secrets::SecretReader::new(context.client.clone(), &namespace);
             let _ = context.refresh_tokens(&reader, &id, &relay).await;
         }

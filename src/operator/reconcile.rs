@@ -104,6 +104,8 @@ pub struct Context {
     pub insecure_no_auth: bool,
     pub pool_size: u32,
     failures: std::sync::Mutex<HashMap<RelayId, u32>>,
+    /// The controller's cache of the resources, once it exists.
+    pub relays: std::sync::OnceLock<kube::runtime::reflector::Store<TransactionRelay>>,
 }
 
 impl Context {
@@ -124,6 +126,7 @@ impl Context {
             insecure_no_auth,
             pool_size: crate::store::DEFAULT_POOL_SIZE,
             failures: std::sync::Mutex::new(HashMap::new()),
+            relays: std::sync::OnceLock::new(),
         }
     }
 
@@ -188,8 +191,13 @@ impl Context {
         id: &RelayId,
         resource: &TransactionRelay,
     ) -> (Result<TokenSet, Error>, Result<TokenSet, Error>) {
-        let spec = &resource.spec;
+        // Numbered first, then the newest spec this process knows: a read
+        // numbered later then never uses an older spec (say, a token Secret
+        // the user has just stopped naming) than an earlier read did.
         let read_at = self.supervisor.token_read();
+        let latest =
+            self.relays.get().and_then(|store| store.get(&kube::runtime::reflector::ObjectRef::from_obj(resource)));
+        let spec = latest.as_ref().map_or(&resource.spec, |relay| &relay.spec);
         let ingest = reader.tokens(spec.ingest.as_ref().map(|i| &i.token_secret_ref)).await;
         let admin = reader.tokens(spec.admin.as_ref().map(|a| &a.token_secret_ref)).await;
         let read = |tokens: &Result<TokenSet, Error>| match tokens {
@@ -250,6 +258,7 @@ pub(super) fn relay_id(resource: &TransactionRelay) -> RelayId {
 
 pub async fn reconcile(resource: Arc<TransactionRelay>, ctx: Arc<Context>) -> Result<Action, Error> {
     ctx.metrics.reconcile_total.inc();
+    let _timer = ctx.metrics.reconcile_duration.start_timer();
     let id = relay_id(&resource);
     let outcome = ctx.apply(&resource).await;
     let handle = match &outcome {

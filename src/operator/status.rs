@@ -149,6 +149,12 @@ pub fn desired(
         oldest_unsent_age_seconds: gauges
             .map(|g| g.oldest_unsent_age_seconds.round() as i64)
             .or(previous.oldest_unsent_age_seconds),
+        oldest_unsent_time: match gauges {
+            Some(gauges) => {
+                gauges.oldest_unsent_at.and_then(|at| Timestamp::from_second(at.timestamp()).ok()).map(Time)
+            }
+            None => previous.oldest_unsent_time.clone(),
+        },
         last_sweep_time: health
             .last_sweep
             .and_then(|at| Timestamp::from_millisecond(at.timestamp_millis()).ok())
@@ -267,20 +273,20 @@ impl StatusWriter {
             *slot.0 = Some(Published { status, at: None, uid });
             return Ok(false);
         }
-        if let Some(last) = slot.0.as_ref() {
-            if let Some(at) = last.at {
-                let same = without_heartbeat(&last.status) == without_heartbeat(&status);
-                if same && at.elapsed() < HEARTBEAT {
+        if let Some(last) = slot.0.as_ref()
+            && let Some(at) = last.at
+        {
+            let same = without_heartbeat(&last.status) == without_heartbeat(&status);
+            if same && at.elapsed() < HEARTBEAT {
+                return Ok(false);
+            }
+            if let Some(wait) = MIN_INTERVAL.checked_sub(at.elapsed()) {
+                tokio::time::sleep(wait).await;
+                // Leadership may have moved while waiting.
+                if !self.is_leading() {
+                    let uid = slot.0.as_ref().and_then(|p| p.uid.clone());
+                    *slot.0 = Some(Published { status, at: None, uid });
                     return Ok(false);
-                }
-                if let Some(wait) = MIN_INTERVAL.checked_sub(at.elapsed()) {
-                    tokio::time::sleep(wait).await;
-                    // Leadership may have moved while waiting.
-                    if !self.is_leading() {
-                        let uid = slot.0.as_ref().and_then(|p| p.uid.clone());
-                        *slot.0 = Some(Published { status, at: None, uid });
-                        return Ok(false);
-                    }
                 }
             }
         }

@@ -121,10 +121,10 @@ impl Relay {
         if probing {
             // Woken early (a new row, another replica): the probe still goes
             // out at most once per interval.
-            if let Some(wait) = state.probed_at.map(|at| PROBE_INTERVAL.saturating_sub(at.elapsed())) {
-                if !wait.is_zero() {
-                    return wait;
-                }
+            if let Some(wait) = state.probed_at.map(|at| PROBE_INTERVAL.saturating_sub(at.elapsed()))
+                && !wait.is_zero()
+            {
+                return wait;
             }
             state.probed_at = Some(Instant::now());
         }

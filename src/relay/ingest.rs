@@ -375,7 +375,9 @@ pub const GROUP_PATIENCE: std::time::Duration = std::time::Duration::from_millis
 /// were taken, or a later row could be committed, and sent, before an
 /// earlier one whose group stalled. So when a group commits beside a
 /// stalled one (past [`GROUP_PATIENCE`]), rows of a wallet that group holds
-/// wait for it, in order, while other wallets' rows go on.
+/// wait for it, in order, while other wallets' rows go on: new requests are
+/// still taken in meanwhile, and a waiting row never holds back another
+/// wallet's.
 async fn commit_groups(relay: Weak<Relay>, mut requests: mpsc::UnboundedReceiver<Pending>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(GROUPS_IN_FLIGHT));
     let mut previous: Option<oneshot::Receiver<()>> = None;
@@ -384,97 +386,129 @@ async fn commit_groups(relay: Weak<Relay>, mut requests: mpsc::UnboundedReceiver
     let busy = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<String, usize>::new()));
     let (ended, mut group_ended) = watch::channel(0_u64);
     let ended = Arc::new(ended);
-    // Rows held back behind a stalled group's wallet, in arrival order.
-    let mut carried: std::collections::VecDeque<Pending> = std::collections::VecDeque::new();
+    // Requests taken and not yet in a group, in arrival order.
+    let mut taken: std::collections::VecDeque<Pending> = std::collections::VecDeque::new();
+    let mut open = true;
     loop {
-        let first = match carried.pop_front() {
-            Some(first) => first,
-            None => match requests.recv().await {
-                Some(first) => first,
+        if taken.is_empty() {
+            match requests.recv().await {
+                Some(first) => taken.push_back(first),
                 None => return,
-            },
-        };
+            }
+        }
         // Whatever arrives while the previous group commits (or while every
         // slot is busy) joins this group.
         if let Some(previous) = previous.take() {
             let _ = tokio::time::timeout(GROUP_PATIENCE, previous).await;
         }
         let Ok(slot) = slots.clone().acquire_owned().await else { return };
-        let mut group = vec![first];
-        while group.len() < MAX_GROUP {
-            match carried.pop_front() {
-                Some(next) => group.push(next),
-                None => match requests.try_recv() {
-                    Ok(next) => group.push(next),
-                    Err(_) => break,
-                },
-            }
+        while let Ok(next) = requests.try_recv() {
+            taken.push_back(next);
         }
         let Some(relay) = relay.upgrade() else { return };
         let fifo = relay.is_fifo();
-        if fifo {
+        let group = if fifo {
             group_ended.borrow_and_update();
-            let (go, wait) = split_by_busy_wallets(group, &busy.lock().unwrap_or_else(|e| e.into_inner()));
-            carried = wait.into_iter().chain(carried).collect();
-            if go.is_empty() {
-                // Every row waits for a group still committing: wait for one
-                // to end (each is bounded by the store's call timeout).
-                drop(slot);
-                let _ = group_ended.changed().await;
-                continue;
+            take_free_wallets(&mut taken, &busy.lock().unwrap_or_else(|e| e.into_inner()), MAX_GROUP)
+        } else {
+            taken.drain(..taken.len().min(MAX_GROUP)).collect()
+        };
+        if group.is_empty() {
+            // Every row taken waits for a group still committing (each is
+            // bounded by the store's call timeout): wait for one to end,
+            // taking new requests meanwhile, which may be free to go.
+            drop(slot);
+            drop(relay);
+            tokio::select! {
+                _ = group_ended.changed() => {}
+                next = requests.recv(), if open => match next {
+                    Some(next) => taken.push_back(next),
+                    None => open = false,
+                },
             }
-            group = go;
+            continue;
         }
         relay.waiting.send_modify(|n| *n = n.saturating_sub(group.len()));
         relay.metrics.ingest_group(group.len());
         let wallets: Vec<String> =
             if fifo { group.iter().map(|p| p.tx.wallet_address.clone()).collect() } else { Vec::new() };
-        {
-            let mut busy = busy.lock().unwrap_or_else(|e| e.into_inner());
-            for wallet in &wallets {
-                *busy.entry(wallet.clone()).or_default() += 1;
-            }
-        }
+        let held = WalletsHeld::hold(busy.clone(), ended.clone(), wallets);
         let (committed, done) = oneshot::channel::<()>();
         previous = Some(done);
-        let (busy, ended) = (busy.clone(), ended.clone());
         tokio::spawn(async move {
+            // Released on every exit, a panic included: a wallet left
+            // marked busy would hold its rows forever.
+            let _held = held;
             relay.commit_group(group).await;
-            {
-                let mut busy = busy.lock().unwrap_or_else(|e| e.into_inner());
-                for wallet in wallets {
-                    if let std::collections::hash_map::Entry::Occupied(mut entry) = busy.entry(wallet) {
-                        *entry.get_mut() -= 1;
-                        if *entry.get() == 0 {
-                            entry.remove();
-                        }
-                    }
-                }
-            }
-            ended.send_modify(|n| *n += 1);
             drop(slot);
             drop(committed);
         });
     }
 }
 
-/// Splits a group, keeping arrival order, into the rows that may commit now
-/// and those whose wallet a group still committing holds (or that follow
-/// such a row of their wallet in this group).
-fn split_by_busy_wallets(
-    group: Vec<Pending>,
+/// The wallets of one group in flight, marked busy until it is dropped.
+struct WalletsHeld {
+    busy: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    ended: Arc<watch::Sender<u64>>,
+    wallets: Vec<String>,
+}
+
+impl WalletsHeld {
+    fn hold(
+        busy: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+        ended: Arc<watch::Sender<u64>>,
+        wallets: Vec<String>,
+    ) -> Self {
+        {
+            let mut busy = busy.lock().unwrap_or_else(|e| e.into_inner());
+            for wallet in &wallets {
+                *busy.entry(wallet.clone()).or_default() += 1;
+            }
+        }
+        Self { busy, ended, wallets }
+    }
+}
+
+impl Drop for WalletsHeld {
+    fn drop(&mut self) {
+        if self.wallets.is_empty() {
+            return;
+        }
+        {
+            let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+            for wallet in self.wallets.drain(..) {
+                if let std::collections::hash_map::Entry::Occupied(mut entry) = busy.entry(wallet) {
+                    *entry.get_mut() -= 1;
+                    if *entry.get() == 0 {
+                        entry.remove();
+                    }
+                }
+            }
+        }
+        self.ended.send_modify(|n| *n += 1);
+    }
+}
+
+/// Takes from `taken`, in arrival order, up to `max` rows whose wallet no
+/// group in flight holds; a row whose wallet waits keeps every later row of
+/// that wallet waiting behind it. What is not taken stays, in order.
+fn take_free_wallets(
+    taken: &mut std::collections::VecDeque<Pending>,
     busy: &std::collections::HashMap<String, usize>,
-) -> (Vec<Pending>, Vec<Pending>) {
+    max: usize,
+) -> Vec<Pending> {
     let mut waiting_wallets = HashSet::new();
-    let (mut go, mut wait) = (Vec::with_capacity(group.len()), Vec::new());
-    for pending in group {
+    let mut group = Vec::with_capacity(max.min(taken.len()));
+    let mut rest = std::collections::VecDeque::with_capacity(taken.len());
+    for pending in taken.drain(..) {
         let wallet = &pending.tx.wallet_address;
-        if busy.contains_key(wallet) || waiting_wallets.contains(wallet) {
-            waiting_wallets.insert(wallet.clone());
-            wait.push(pending);
+        if group.len() < max && !busy.contains_key(wallet) && !waiting_wallets.contains(wallet) {
+            group.push(pending);
         } else {
-            go.push(pending);
+            waiting_wallets.insert(wallet.clone());
+            rest.push_back(pending);
         }
     }
-    (go, wait)
+    *taken = rest;
+    group
 }

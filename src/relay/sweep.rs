@@ -86,7 +86,8 @@ impl ResendRun<'_> {
     fn why_stop(&self) -> Option<String> {
         if *self.stop.borrow() {
             return Some(
-                "interrupted (a signal, or the relay is stopping); the rows not yet taken were left as they were"
+                "interrupted (a signal, or the relay is stopping); the rows not yet taken were left as they were \
+                 (a dead-lettered row revived in the last round stays revived, and the relay sends it)"
                     .to_owned(),
             );
         }
@@ -480,6 +481,7 @@ impl Relay {
     ) -> Result<(), StoreError> {
         const PAGE: u64 = 1000;
         let limit = run.request.limit.unwrap_or(u64::MAX);
+        let upto = self.store.last_transaction_id().await?;
         let mut after = 0_i64;
         loop {
             if let Some(reason) = run.why_stop() {
@@ -490,7 +492,7 @@ impl Relay {
             if want == 0 {
                 return Ok(());
             }
-            let page = self.store.resend_candidates(&run.request.filter, after, want as i64).await?;
+            let page = self.store.resend_candidates(&run.request.filter, after, upto, want as i64).await?;
             let Some(last) = page.last() else { return Ok(()) };
             after = last.id;
             report.selected += page.len();

@@ -95,6 +95,8 @@ pub struct Gauges {
     /// later rows wait for it.
     pub dead_wallets: i64,
     pub oldest_unsent_age_seconds: f64,
+    /// When the oldest unsent row was created (none when nothing waits).
+    pub oldest_unsent_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -263,7 +265,7 @@ const RELEASE: &str = and_follow!(
 
 const GAUGES: &str = concat!(
     "SELECT count(*) AS unsent, \
-     coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_age, \
+     coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_age, min(created_at) AS oldest_at, \
      (SELECT count(*) FROM transactions WHERE ",
     dead_lettered!("transactions"),
     " AND transactions.skipped_at IS NULL) AS failed, \
@@ -515,6 +517,7 @@ impl Store {
             failed: row.try_get("failed")?,
             dead_wallets: row.try_get("dead_wallets")?,
             oldest_unsent_age_seconds: row.try_get("oldest_age")?,
+            oldest_unsent_at: row.try_get("oldest_at")?,
         })
     }
 
@@ -707,7 +710,7 @@ mod sql_tests {
         );
         assert_eq!(
             super::GAUGES,
-            "SELECT count(*) AS unsent, coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_age, \
+            "SELECT count(*) AS unsent, coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_age, min(created_at) AS oldest_at, \
              (SELECT count(*) FROM transactions WHERE transactions.failed_at IS NOT NULL \
              AND transactions.skipped_at IS NULL) AS failed, \
              (SELECT count(DISTINCT d.wallet_address) FROM transactions d WHERE d.failed_at IS NOT NULL \

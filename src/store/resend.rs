@@ -69,13 +69,20 @@ const SELECT: &str = concat!(
      AND ($2::timestamptz IS NULL OR t.created_at >= $2) \
      AND ($3::timestamptz IS NULL OR t.created_at < $3) \
      AND ($4::text IS NULL OR strpos(coalesce(t.last_error, ''), $4) > 0) \
-     AND t.id > $8 ORDER BY t.id LIMIT $7"
+     AND t.id > $8 AND t.id <= $9 ORDER BY t.id LIMIT $7"
 );
 
 impl Store {
-    /// The rows `filter` names after id `after`, oldest first, at most
-    /// `limit`: a resend reads its candidates a page at a time.
-    pub async fn resend_candidates(&self, filter: &ResendFilter, after: i64, limit: i64) -> Result<Vec<ResendRow>> {
+    /// The rows `filter` names with an id after `after` and up to `upto`,
+    /// oldest first, at most `limit`: a resend reads its candidates a page
+    /// at a time, among the rows that existed when it began.
+    pub async fn resend_candidates(
+        &self,
+        filter: &ResendFilter,
+        after: i64,
+        upto: i64,
+        limit: i64,
+    ) -> Result<Vec<ResendRow>> {
         self.on(self.pool())
             .await?
             .run(|c| {
@@ -88,6 +95,7 @@ impl Store {
                     .bind(filter.include_dead)
                     .bind(limit)
                     .bind(after)
+                    .bind(upto)
                     .fetch_all(c)
             })
             .await
@@ -107,8 +115,18 @@ impl Store {
                     .bind(filter.include_dead)
                     .bind(limit)
                     .bind(0_i64)
+                    .bind(i64::MAX)
                     .fetch_one(c)
             })
+            .await
+    }
+
+    /// The highest transaction id so far: where a resend's choice ends, so
+    /// that rows posted while it runs (sent inline) are not chased.
+    pub async fn last_transaction_id(&self) -> Result<i64> {
+        self.on(self.pool())
+            .await?
+            .run(|c| sqlx::query_scalar("SELECT coalesce(max(id), 0)::bigint FROM transactions").fetch_one(c))
             .await
     }
 
@@ -142,6 +160,24 @@ impl Store {
                 .bind(filter)
                 .bind(ids)
                 .fetch_one(c)
+            })
+            .await
+    }
+
+    /// The last `limit` audit records, newest first, with their row counts
+    /// (not the ids): for an incident report.
+    pub async fn recent_resend_audits(&self, limit: i64) -> Result<Vec<serde_json::Value>> {
+        self.on(self.pool())
+            .await?
+            .run(|c| {
+                sqlx::query_scalar(
+                    "SELECT json_build_object('id', id, 'at', at, 'actor', actor, 'via', via, 'command', command, \
+                     'filter', filter, 'rows', cardinality(transaction_ids), 'finished_at', finished_at, \
+                     'succeeded', succeeded, 'failed', failed, 'outcome', outcome) \
+                     FROM resend_audit ORDER BY id DESC LIMIT $1",
+                )
+                .bind(limit)
+                .fetch_all(c)
             })
             .await
     }

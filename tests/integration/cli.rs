@@ -159,3 +159,16 @@ async fn retry_all_draws_a_progress_bar_on_a_terminal() {
     assert!(terminal.contains("sent, 0 failed"), "a progress bar was drawn: {terminal:?}");
     assert!(terminal.contains("succeeded: 3"), "{terminal}");
 }
+
+#[tokio::test]
+async fn completion_prints_a_script_for_each_shell() {
+    for (shell, marker) in [("bash", "_txrelay()"), ("zsh", "#compdef txrelay"), ("fish", "complete -c txrelay")] {
+        let (code, stdout, stderr) =
+            run_to_end(tokio::process::Command::new(binary()).args(["completion", shell])).await;
+        assert_eq!(code, 0, "{shell}: {stderr}");
+        assert!(stdout.contains(marker), "{shell}: no {marker:?}");
+        assert!(stdout.contains("retry-all") && stdout.contains("report"), "{shell}: the commands are completed");
+    }
+    let (code, _, stderr) = run_to_end(tokio::process::Command::new(binary()).args(["completion", "tcsh"])).await;
+    assert_eq!(code, 2, "an unknown shell is a usage error: {stderr}");
+}

@@ -305,6 +305,13 @@ async fn on_a_fifo_queue_a_wallets_rows_keep_their_order_when_a_group_stalls() {
         .expect("another wallet is answered while the first group is stalled")
         .unwrap();
     assert_eq!(status, StatusCode::CREATED, "{answer}");
+    // Asked only after that answer, so surely after wallet A's second row
+    // was taken and set aside: it is answered too, while that row waits.
+    let (status, answer) = tokio::time::timeout(Duration::from_secs(8), post(unique(), "wallet-c"))
+        .await
+        .expect("a later request of another wallet is answered while wallet A's second row waits")
+        .unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
     assert!(!second.is_finished(), "wallet A's second row waits for the stalled group holding its first");
 
     sqlx::query("SELECT pg_advisory_unlock($1)").bind(key).execute(&mut *holder).await.unwrap();
@@ -312,7 +319,7 @@ async fn on_a_fifo_queue_a_wallets_rows_keep_their_order_when_a_group_stalls() {
     assert!(status.is_success(), "{answer}");
     let (status, answer) = second.await.unwrap();
     assert!(status.is_success(), "{answer}");
-    let messages = queue.receive(3, Duration::from_secs(20)).await;
+    let messages = queue.receive(4, Duration::from_secs(20)).await;
     running.stop().await;
     let wallet_a: Vec<String> = messages
         .iter()

@@ -54,21 +54,21 @@ fn violations(value: &Value, schema: &Value, path: &str, out: &mut Vec<String>) 
         out.push(format!("{path}: expected {}", schema["type"]));
         return;
     }
-    if let (Some(number), Some(min)) = (value.as_f64(), schema["minimum"].as_f64()) {
-        if number < min {
-            out.push(format!("{path}: below {min}"));
-        }
+    if let (Some(number), Some(min)) = (value.as_f64(), schema["minimum"].as_f64())
+        && number < min
+    {
+        out.push(format!("{path}: below {min}"));
     }
-    if let (Some(number), Some(max)) = (value.as_f64(), schema["maximum"].as_f64()) {
-        if number > max {
-            out.push(format!("{path}: above {max}"));
-        }
+    if let (Some(number), Some(max)) = (value.as_f64(), schema["maximum"].as_f64())
+        && number > max
+    {
+        out.push(format!("{path}: above {max}"));
     }
-    if let Some(text) = value.as_str() {
-        if schema["pattern"] == txrelay::duration::PATTERN && text.parse::<txrelay::duration::HumanDuration>().is_err()
-        {
-            out.push(format!("{path}: not a duration"));
-        }
+    if let Some(text) = value.as_str()
+        && schema["pattern"] == txrelay::duration::PATTERN
+        && text.parse::<txrelay::duration::HumanDuration>().is_err()
+    {
+        out.push(format!("{path}: not a duration"));
     }
     if let Some(object) = value.as_object() {
         let properties = schema["properties"].as_object();
@@ -607,4 +607,55 @@ fn the_dashboard_and_alerts_use_only_exported_metrics() {
             }
         }
     }
+}
+
+/// `rust-version` is what the dependencies really need: the highest
+/// `rust-version` among the crates built on Linux (the platform txrelay
+/// ships for), so neither a stale floor nor one nobody needs.
+#[test]
+fn rust_version_is_the_highest_the_dependencies_declare() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let output = std::process::Command::new(cargo)
+        .args(["metadata", "--format-version", "1", "--locked", "--offline"])
+        .args(["--filter-platform", "x86_64-unknown-linux-gnu"])
+        .current_dir(root())
+        .output()
+        .expect("cargo metadata runs");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let metadata: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let version = |text: &str| -> Vec<u64> { text.split('.').map(|part| part.parse().unwrap()).collect() };
+    let resolved: std::collections::HashSet<&str> =
+        metadata["resolve"]["nodes"].as_array().unwrap().iter().filter_map(|n| n["id"].as_str()).collect();
+    let packages = metadata["packages"].as_array().unwrap();
+    let (needed, by) = packages
+        .iter()
+        .filter(|p| resolved.contains(p["id"].as_str().unwrap_or_default()) && p["name"] != "txrelay")
+        .filter_map(|p| Some((version(p["rust_version"].as_str()?), p["name"].as_str()?.to_owned())))
+        .max()
+        .expect("dependencies declare a rust-version");
+    let ours = packages.iter().find(|p| p["name"] == "txrelay").unwrap()["rust_version"].as_str().unwrap();
+    let mut ours = version(ours);
+    ours.resize(3, 0);
+    let mut needed_full = needed.clone();
+    needed_full.resize(3, 0);
+    assert_eq!(ours, needed_full, "Cargo.toml's rust-version; {by} needs {needed:?}");
+}
+
+/// The vendored sqlx-core (`[patch.crates-io]`) is in the build: once an
+/// upgrade stops using it, Cargo only warns, and the copy would linger.
+#[test]
+fn the_vendored_sqlx_core_patch_is_used() {
+    let lock = std::fs::read_to_string(root().join("Cargo.lock")).unwrap();
+    assert!(
+        !lock.contains("[[patch.unused]]"),
+        "Cargo.lock lists an unused patch: remove it from Cargo.toml and vendor/"
+    );
+    let entry = lock.split("[[package]]").find(|p| p.contains("name = \"sqlx-core\"")).expect("sqlx-core is locked");
+    assert!(!entry.contains("source ="), "sqlx-core comes from a registry, not vendor/sqlx-core:{entry}");
+    let vendored = std::fs::read_to_string(root().join("vendor/sqlx-core/Cargo.toml")).unwrap();
+    let version = entry.lines().find_map(|l| l.strip_prefix("version = ")).unwrap();
+    assert!(
+        vendored.contains(&format!("version = {version}")),
+        "the lock's sqlx-core {version} is not the vendored one"
+    );
 }

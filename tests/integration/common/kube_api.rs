@@ -225,10 +225,10 @@ fn serve(state: &Mutex<State>, parts: &http::request::Parts, bytes: &[u8]) -> Re
     if let Some(refusal) = forbidden(state, &request) {
         return refusal;
     }
-    if request.method == Method::GET {
-        if let Some(response) = list_or_watch(state, &request, metadata_only) {
-            return response;
-        }
+    if request.method == Method::GET
+        && let Some(response) = list_or_watch(state, &request, metadata_only)
+    {
+        return response;
     }
     let (status, answer) = answer(state, request);
     json_response(status, &answer)

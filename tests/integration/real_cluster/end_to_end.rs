@@ -38,7 +38,9 @@ async fn a_relay_becomes_ready_and_what_is_posted_to_the_operator_is_committed_d
         .await;
     let table = cluster.ok(&["get", "txr", "dapp", "--no-headers"], None).await;
     let columns: Vec<&str> = table.split_whitespace().collect();
-    assert_eq!(&columns[..4], ["dapp", "True", "3", "0"], "{table}");
+    assert_eq!(&columns[..5], ["dapp", "True", "Suspended", "3", "0"], "{table}");
+    // The oldest unsent transaction's wait, as a duration ("5s", "2m").
+    assert!(columns.len() == 7 && columns[5].ends_with(['s', 'm', 'h', 'd']), "{table}");
 
     // Resumed by an edit: everything is delivered and the counts drop to 0.
     let out = cluster.apply_relay("dapp", &db.schema, json!({"suspend": false})).await;
@@ -72,5 +74,7 @@ async fn a_relay_becomes_ready_and_what_is_posted_to_the_operator_is_committed_d
     assert_eq!(db.scalar_i64("SELECT count(*) FROM transactions WHERE message_id IS NULL").await, 0);
     let table = cluster.ok(&["get", "txr", "dapp", "--no-headers"], None).await;
     let columns: Vec<&str> = table.split_whitespace().collect();
-    assert_eq!(&columns[..4], ["dapp", "True", "0", "0"], "{table}");
+    assert_eq!(&columns[..5], ["dapp", "True", "RelayRunning", "0", "0"], "{table}");
+    // Nothing waits: the Oldest cell is empty, and only Age follows.
+    assert_eq!(columns.len(), 6, "{table}");
 }

@@ -12,6 +12,7 @@
 mod changes;
 mod end_to_end;
 mod events;
+mod inspect;
 mod install;
 mod leader;
 mod outage;

@@ -52,6 +52,8 @@ async fn each_kubectl_txr_command_works_with_exactly_its_documented_role() {
     let mut roles = documented.clone();
     for (from, to) in [
         ("namespace: payments", format!("namespace: {}", cluster.namespace)),
+        // The operator's namespace: here, the test's own.
+        ("namespace: txrelay-system", format!("namespace: {}", cluster.namespace)),
         ("\"dapp-db\"", "\"db\"".to_owned()),
         ("\"dapp-sqs\"", "\"sqs\"".to_owned()),
         ("\"dapp-tokens\"", "\"tokens\"".to_owned()),

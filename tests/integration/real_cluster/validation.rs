@@ -22,8 +22,13 @@ async fn the_crd_applies_and_kubectl_get_shows_the_printer_columns() {
     assert!(out.ok, "{}", out.stderr);
     let table = cluster.ok(&["get", "transactionrelays"], None).await;
     let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
-    assert_eq!(header, ["NAME", "READY", "UNSENT", "FAILED", "OLDEST", "AGE"], "{table}");
+    assert_eq!(header, ["NAME", "READY", "REASON", "UNSENT", "FAILED", "OLDEST", "AGE"], "{table}");
     assert!(table.lines().nth(1).unwrap().starts_with("columns "), "{table}");
+    // The last error in the wide view; the category lists relays too.
+    let wide = cluster.ok(&["get", "transactionrelays", "-o", "wide"], None).await;
+    assert!(wide.lines().next().unwrap().trim_end().ends_with("AGE   LAST ERROR"), "{wide}");
+    let by_category = cluster.ok(&["get", "txrelay", "-o", "name"], None).await;
+    assert_eq!(by_category.trim(), "transactionrelay.relay.mykobo.io/columns");
     // The short name works too.
     let short = cluster.ok(&["get", "txr", "columns", "-o", "name"], None).await;
     assert_eq!(short.trim(), "transactionrelay.relay.mykobo.io/columns");

@@ -132,3 +132,13 @@ async fn the_api_server_refuses_numbers_and_durations_the_operator_could_not_rea
     let stored = cluster.relays().get("unreadable").await.expect("the operator's type reads what the server stores");
     assert_eq!(stored.spec.max_attempts, u32::MAX);
 }
+
+/// The tier runs the API server the issue pins (scripts/control-plane.sh).
+#[tokio::test]
+async fn the_api_server_is_kubernetes_v1_37_2() {
+    let plane = super::ControlPlane::shared();
+    let out = plane.ok(&["version", "-o", "json"], None).await;
+    let version: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(version["serverVersion"]["gitVersion"], "v1.37.2", "{out}");
+    assert_eq!(version["clientVersion"]["gitVersion"], "v1.37.2", "kubectl from the same build: {out}");
+}

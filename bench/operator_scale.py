@@ -24,10 +24,12 @@ Prints a Markdown report and writes it, with the raw figures and the
 operator's log, to .run/bench-operator/.
 
 TXRELAY_BENCH_BINARY picks the txrelay binary (default: the release build).
---max-connections N runs the bench on a throwaway PostgreSQL cluster of its
-own (.run/bench-operator/pg: initdb'd like scripts/postgres.sh's, server
-defaults but for max_connections), removed at the end; without it the bench
-uses TXRELAY_BENCH_ADMIN_URL or what scripts/postgres.sh finds or starts.
+PostgreSQL: TXRELAY_BENCH_ADMIN_URL when set; otherwise a throwaway cluster
+of the bench's own (.run/bench-operator/pg, initdb'd as scripts/postgres.sh
+does, the server's defaults but for max_connections, 1000 by default: a relay
+holds about six connections, so the default 100 serves some 15 relays),
+removed at the end; with --max-connections 0, what scripts/postgres.sh finds
+or starts (the clone's cluster, the server's defaults).
 """
 
 import argparse
@@ -269,11 +271,21 @@ def proc_rss_mib(pid, key="VmRSS"):
     return None
 
 
+def psql_or_none(url, sql):
+    """A measurement query; None when the server refuses (a full server
+    refuses the superuser too once the relays hold every slot)."""
+    try:
+        return psql(url, sql)
+    except RuntimeError as error:
+        log(f"measurement query failed: {str(error).strip().splitlines()[-1]}")
+        return None
+
+
 def postmaster_pid(admin_url):
-    data = psql(admin_url, "SHOW data_directory")
+    data = psql_or_none(admin_url, "SHOW data_directory")
     try:
         return int(pathlib.Path(data, "postmaster.pid").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError, IndexError, TypeError):
         return None  # not readable from here (another user's, or remote)
 
 
@@ -297,8 +309,9 @@ def server_cpu_seconds(postmaster):
 
 
 def transactions(admin_url):
-    return int(psql(admin_url, "SELECT xact_commit + xact_rollback FROM pg_stat_database "
-                               f"WHERE datname = '{DATABASE}'"))
+    count = psql_or_none(admin_url, "SELECT xact_commit + xact_rollback FROM pg_stat_database "
+                                    f"WHERE datname = '{DATABASE}'")
+    return None if count is None else int(count)
 
 
 def kind_of(method, url):
@@ -496,8 +509,8 @@ def main():
     parser.add_argument("--observe", type=float, default=300,
                         help="further seconds of counting requests after the idle window, to pass the operator's "
                              "300 s requeue (0: skip)")
-    parser.add_argument("--max-connections", type=int,
-                        help="run on a throwaway PostgreSQL cluster with this max_connections (else the clone's)")
+    parser.add_argument("--max-connections", type=int, default=1000,
+                        help="max_connections of the throwaway PostgreSQL cluster (0: the clone's, scripts/postgres.sh)")
     parser.add_argument("--binary", default=os.environ.get("TXRELAY_BENCH_BINARY", str(TARGET / "release" / "txrelay")))
     args = parser.parse_args()
 
@@ -532,9 +545,9 @@ def main():
 
 def measure(args, binary, has_histogram, stack):
     r = {}
-    # PostgreSQL: TXRELAY_BENCH_ADMIN_URL, else what scripts/postgres.sh finds or starts.
+    # PostgreSQL: TXRELAY_BENCH_ADMIN_URL, else a throwaway cluster, else (--max-connections 0) the clone's.
     admin_url = os.environ.get("TXRELAY_BENCH_ADMIN_URL")
-    if args.max_connections:
+    if args.max_connections and not admin_url:
         server = ThrowawayPostgres(args.max_connections)
         stack.on_exit("the throwaway PostgreSQL", server.stop)
         admin_url = server.start()
@@ -630,8 +643,9 @@ def measure(args, binary, has_histogram, stack):
     r["ready_seconds"] = {"first": times[0] if times else None, "half": at_fraction(0.5),
                           "ninety": at_fraction(0.9), "all": at_fraction(1.0)}
     if not r["all_ready"]:
-        not_ready = sorted(set(names) - set(first_seen))
+        not_ready = sorted(set(names) - ready)
         r["not_ready"] = not_ready
+        r["ever_ready"] = len(first_seen)
         by_name = {i["metadata"]["name"]: i for i in items}
         reasons = collections.Counter()
         for name in not_ready:
@@ -639,7 +653,8 @@ def measure(args, binary, has_histogram, stack):
             ready_condition = next((c for c in conditions if c.get("type") == "Ready"), {})
             reasons[f"{ready_condition.get('reason', 'no status')}: {ready_condition.get('message', '')[:200]}"] += 1
         r["not_ready_reasons"] = dict(reasons)
-        log(f"only {ready_count} of {args.relays} Ready after {args.ready_timeout:.0f} s: {dict(reasons)}")
+        log(f"only {ready_count} of {args.relays} Ready after {args.ready_timeout:.0f} s ({len(first_seen)} were "
+            f"Ready at some point): {dict(reasons)}")
     else:
         log(f"all {args.relays} Ready {r['ready_seconds']['all']:.2f} s after the apply began")
 
@@ -659,7 +674,7 @@ def measure(args, binary, has_histogram, stack):
                                   - before.get("txrelay_reconcile_duration_seconds_sum", 0)) if has_histogram else None
     r["reconcile_p50"] = quantile(0.5, buckets)
     r["reconcile_p99"] = quantile(0.99, buckets)
-    r["db_connections_at_ready"] = psql(admin_url, f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{DATABASE}'")
+    r["db_connections_at_ready"] = psql_or_none(admin_url, f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{DATABASE}'")
 
     # Idle: settle, then the idle window, then the longer observation minute by minute.
     log(f"settling {args.settle:.0f} s, then measuring idle for {args.idle:.0f} s"
@@ -677,9 +692,10 @@ def measure(args, binary, has_histogram, stack):
     idle["rss_mib_mean"] = sum(rss[0]) / len(rss[0])
     idle["rss_mib_max"] = max(rss[0])
     idle["cpu_percent"] = 100 * (edges[1]["cpu"] - edges[0]["cpu"]) / idle["seconds"]
-    if postmaster is not None:
+    if edges[0]["pg_cpu"] is not None:
         idle["postgres_cpu_percent"] = 100 * (edges[1]["pg_cpu"] - edges[0]["pg_cpu"]) / idle["seconds"]
-    idle["transactions_per_second"] = (edges[1]["xacts"] - edges[0]["xacts"]) / idle["seconds"]
+    if edges[0]["xacts"] is not None and edges[1]["xacts"] is not None:
+        idle["transactions_per_second"] = (edges[1]["xacts"] - edges[0]["xacts"]) / idle["seconds"]
     counts, samples = operator.log.requests(edges[0]["offset"], edges[1]["offset"])
     idle["requests"] = dict(counts)
     idle["requests_per_minute"] = sum(counts.values()) * 60 / idle["seconds"]
@@ -701,7 +717,7 @@ def measure(args, binary, has_histogram, stack):
     r["observed_total"] = {"seconds": edges[-1]["t"] - edges[0]["t"], "requests": dict(whole),
                            "per_minute": sum(whole.values()) * 60 / (edges[-1]["t"] - edges[0]["t"]),
                            "samples": whole_samples}
-    r["db_connections_idle"] = psql(admin_url, f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{DATABASE}'")
+    r["db_connections_idle"] = psql_or_none(admin_url, f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{DATABASE}'")
     final = metrics(operator.metrics)
     later = bucket_delta(histogram(final, "txrelay_reconcile_duration_seconds"),
                          histogram(at_ready, "txrelay_reconcile_duration_seconds"))
@@ -757,7 +773,8 @@ def render(r):
     ]
     if r.get("reconcile_errors_at_ready") or r.get("not_ready_reasons"):
         out += ["Reconcile errors until all Ready: " + json.dumps(r.get("reconcile_errors_at_ready")),
-                "Not Ready at the deadline: " + json.dumps(r.get("not_ready_reasons")), ""]
+                f"Not Ready at the deadline ({r.get('ever_ready')} were Ready at some point; Ready count over time "
+                f"(seconds, Ready), last changes: {(r.get('ready_timeline') or [])[-12:]}): " + json.dumps(r.get("not_ready_reasons")), ""]
     if r.get("ramp_requests"):
         ramp_seconds = s.get("all") or r.get("ready_seconds_waited") or 1
         out += [f"Operator API requests from the apply until all Ready ({ramp_seconds:.1f} s):", "",
@@ -769,7 +786,7 @@ def render(r):
             f"(max {idle['rss_mib_max']:.1f}), CPU {idle['cpu_percent']:.2f} % of one core, "
             f"{idle['requests_per_minute']:.1f} API requests per minute, {idle['reconciles']:.0f} reconciles; "
             f"PostgreSQL {fmt(idle.get('postgres_cpu_percent'), '{:.2f}')} % of one core, "
-            f"{idle['transactions_per_second']:.1f} transactions/s in the bench database.",
+            f"{fmt(idle.get('transactions_per_second'), '{:.1f}')} transactions/s in the bench database.",
             "",
             requests_table(idle["requests"], idle["seconds"]),
             "",

@@ -37,7 +37,11 @@ impl Manifest {
     pub fn default_relay() -> Self {
         let spec = TransactionRelaySpec::with_defaults(
             spec::DatabaseSpec::new(spec::SecretKeyRef { name: "environment".into(), key: None }, "dapp"),
-            spec::QueueSpec { secret_ref: spec::SecretRef { name: "environment".into() } },
+            spec::QueueSpec {
+                secret_ref: spec::SecretRef { name: "environment".into() },
+                role_arn: None,
+                external_id: None,
+            },
         );
         Self { id: RelayId::new("default", "txrelay"), spec }
     }

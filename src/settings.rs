@@ -34,6 +34,17 @@ pub struct QueueSecrets {
     pub ledger_token: Option<Secret>,
 }
 
+/// An STS session name for the relay: `txrelay-NAMESPACE-NAME`, in the
+/// characters and length STS allows (2-64 of `[\w+=,.@-]`).
+fn session_name(id: &RelayId) -> String {
+    let name: String = format!("txrelay-{}-{}", id.namespace, id.name)
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || "_+=,.@-".contains(c) { c } else { '-' })
+        .take(64)
+        .collect();
+    name
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("{0}")]
@@ -73,6 +84,9 @@ impl RelaySettings {
             endpoint_url: self.queue.endpoint_url.clone(),
             access_key_id: self.queue.access_key_id.clone(),
             secret_access_key: self.queue.secret_access_key.clone(),
+            role_arn: self.spec.queue.role_arn.clone(),
+            external_id: self.spec.queue.external_id.clone(),
+            session_name: session_name(&self.id),
             delay_seconds: self.spec.delay_seconds,
             // Well inside the claim lease, and no longer than the default shutdown grace period.
             call_timeout: config.call_timeout(),

@@ -178,6 +178,28 @@ pub struct QueueSpec {
     /// Secret with the keys queueUrl, region and optionally endpointUrl,
     /// accessKeyId, secretAccessKey and ledgerToken.
     pub secret_ref: SecretRef,
+    /// An IAM role this relay assumes (STS AssumeRole) from the operator's
+    /// own identity (IRSA / web identity, EKS Pod Identity, or the Secret's
+    /// keys) to send to its queue; refreshed before it expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[\w+=,.@/-]{1,512}$"))]
+    pub role_arn: Option<String>,
+    /// The external id the role's trust policy requires, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 2, max = 1224), regex(pattern = r"^[\w+=,.@:/-]+$"))]
+    pub external_id: Option<String>,
+}
+
+/// `spec.queue.roleArn`: an IAM role ARN (what STS AssumeRole takes).
+pub fn is_role_arn(text: &str) -> bool {
+    let Some(rest) = text.strip_prefix("arn:aws") else { return false };
+    let Some((partition, rest)) = rest.split_once(":iam::") else { return false };
+    let Some((account, path)) = rest.split_once(":role/") else { return false };
+    partition.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
+        && account.len() == 12
+        && account.bytes().all(|b| b.is_ascii_digit())
+        && (1..=512).contains(&path.len())
+        && path.bytes().all(|b| b.is_ascii_alphanumeric() || b"_+=,.@/-".contains(&b))
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -356,6 +378,21 @@ impl TransactionRelaySpec {
         if self.queue.secret_ref.name.is_empty() {
             return fail("spec.queue.secretRef.name", "must not be empty".into());
         }
+        if self.queue.role_arn.as_deref().is_some_and(|arn| !is_role_arn(arn)) {
+            return fail("spec.queue.roleArn", "must be an IAM role ARN, arn:aws:iam::ACCOUNT:role/NAME".into());
+        }
+        if let Some(id) = &self.queue.external_id {
+            if self.queue.role_arn.is_none() {
+                return fail("spec.queue.externalId", "needs spec.queue.roleArn".into());
+            }
+            let allowed = |b: u8| b.is_ascii_alphanumeric() || b"_+=,.@:/-".contains(&b);
+            if !(2..=1224).contains(&id.len()) || !id.bytes().all(allowed) {
+                return fail(
+                    "spec.queue.externalId",
+                    "must be 2-1224 characters of letters, digits and _+=,.@:/-".into(),
+                );
+            }
+        }
         Ok(())
     }
 }
@@ -405,7 +442,7 @@ mod tests {
             spec,
             TransactionRelaySpec::with_defaults(
                 DatabaseSpec::new(SecretKeyRef { name: "db".into(), key: None }, "dapp"),
-                QueueSpec { secret_ref: SecretRef { name: "sqs".into() } },
+                QueueSpec { secret_ref: SecretRef { name: "sqs".into() }, role_arn: None, external_id: None },
             )
         );
         assert_eq!(spec.retry_interval, HumanDuration::from_secs(300));

@@ -4,7 +4,9 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::time::Duration;
 
+use aws_config::sts::AssumeRoleProvider;
 use aws_sdk_sqs::Client;
+use aws_sdk_sqs::config::SharedCredentialsProvider;
 use aws_sdk_sqs::config::retry::RetryConfig;
 use aws_sdk_sqs::config::timeout::TimeoutConfig;
 use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
@@ -26,6 +28,11 @@ pub struct SqsSettings {
     /// web identity, instance profile) is used.
     pub access_key_id: Option<String>,
     pub secret_access_key: Option<Secret>,
+    /// Assume this role (with this external id) from the credentials above.
+    pub role_arn: Option<String>,
+    pub external_id: Option<String>,
+    /// Names the relay in the role's session (CloudTrail shows it).
+    pub session_name: String,
     pub delay_seconds: u32,
     /// Ceiling on one call, so a hung connection cannot outlive a claim lease.
     pub call_timeout: Duration,
@@ -83,7 +90,18 @@ impl SqsQueue {
                 ));
             }
         }
-        let config = loader.load().await;
+        let mut config = loader.load().await;
+        if let Some(role) = &settings.role_arn {
+            // From the base identity just loaded. The SDK's identity cache
+            // refreshes the role's credentials before they expire (they
+            // last an hour), so a relay never sends with expired ones.
+            let mut assume = AssumeRoleProvider::builder(role.clone()).session_name(settings.session_name.clone());
+            if let Some(id) = &settings.external_id {
+                assume = assume.external_id(id.clone());
+            }
+            let provider = assume.configure(&config).build().await;
+            config = config.into_builder().credentials_provider(SharedCredentialsProvider::new(provider)).build();
+        }
         Ok(Self {
             client: Client::new(&config),
             queue_url: settings.queue_url.clone(),
@@ -341,9 +359,19 @@ fn never_sent<E>(error: &SdkError<E, aws_sdk_sqs::config::http::HttpResponse>, t
             let text = text.to_ascii_lowercase();
             // hyper-util's connector reports a failed connection as
             // "client error (Connect)"; smithy's as "connect timeout".
-            ["(connect)", "tcp connect error", "connect timeout", "dns error", "connection refused", "handshake"]
-                .iter()
-                .any(|marker| text.contains(marker))
+            // Credentials are resolved before the request is signed: an
+            // AssumeRole refused (spec.queue.roleArn) sent nothing to SQS.
+            [
+                "(connect)",
+                "tcp connect error",
+                "connect timeout",
+                "dns error",
+                "connection refused",
+                "handshake",
+                "while loading credentials",
+            ]
+            .iter()
+            .any(|marker| text.contains(marker))
         }
         _ => false,
     }

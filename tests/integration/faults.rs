@@ -293,3 +293,78 @@ async fn a_black_holed_database_fails_readiness_fast_answers_503_and_everything_
     .await;
     running.stop().await;
 }
+
+/// `spec.queue.roleArn`: the relay assumes the role through STS (moto's)
+/// from its base credentials, with the external id and a session named
+/// after it, and signs every send with the role's credentials, never the
+/// base keys.
+#[tokio::test]
+async fn a_relay_with_a_role_arn_sends_with_the_assumed_roles_credentials() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let proxy = SqsProxy::start(&queue.endpoint).await;
+    let role = "arn:aws:iam::123456789012:role/txrelay-sender";
+    let app = TestApp::new(&RelayBuilder::new(&db, &queue).endpoint(&proxy.endpoint).spec(|s| {
+        s.queue.role_arn = Some(role.into());
+        s.queue.external_id = Some("ledger-42".into());
+    }))
+    .await;
+    let running = RunningLoop::start(&app.relay);
+    let (status, answer) = app.post_new(&body(unique(), "w")).await;
+    assert_eq!(status, axum::http::StatusCode::CREATED, "{answer}");
+    insert_unsent(&db, "w2").await;
+    app.relay.wake();
+    assert_eq!(queue.receive(2, Duration::from_secs(10)).await.len(), 2, "inline and sweep sends both went");
+    running.stop().await;
+
+    let sts = proxy.sts_calls();
+    assert_eq!(sts.len(), 1, "one AssumeRole, its credentials cached: {sts:?}");
+    let call = &sts[0];
+    assert!(call.contains("RoleArn=arn%3Aaws%3Aiam%3A%3A123456789012%3Arole%2Ftxrelay-sender"), "{call}");
+    assert!(call.contains("ExternalId=ledger-42"), "{call}");
+    assert!(call.contains("RoleSessionName=txrelay-"), "{call}");
+    let signed = proxy.signed_by();
+    let base = crate::common::sqs::ACCESS_KEY;
+    assert!(
+        signed.iter().any(|(action, key)| action == "AssumeRole" && key == base),
+        "STS is called with the base keys: {signed:?}"
+    );
+    let sends: Vec<&String> =
+        signed.iter().filter(|(action, _)| action.contains("SendMessage")).map(|(_, key)| key).collect();
+    assert!(!sends.is_empty(), "{signed:?}");
+    assert!(sends.iter().all(|key| *key != base && !key.is_empty()), "every send is signed by the role: {signed:?}");
+}
+
+#[test]
+fn a_role_arn_and_external_id_are_checked_naming_the_field() {
+    let mut spec = spec("s_role");
+    spec.queue.role_arn = Some("arn:aws:iam::123:role/x".into());
+    assert_eq!(spec.validate().unwrap_err().field, "spec.queue.roleArn");
+    spec.queue.role_arn = Some("arn:aws-us-gov:iam::123456789012:role/path/to/x".into());
+    assert!(spec.validate().is_ok());
+    spec.queue.external_id = Some("a b".into());
+    assert_eq!(spec.validate().unwrap_err().field, "spec.queue.externalId");
+    spec.queue.role_arn = None;
+    spec.queue.external_id = Some("ledger-42".into());
+    assert_eq!(spec.validate().unwrap_err().field, "spec.queue.externalId", "an external id needs a role");
+}
+
+/// A role that cannot be assumed is the queue refusing calls, not a message
+/// problem: rows stay unsent without an attempt, and the error says so.
+#[tokio::test]
+async fn a_role_that_cannot_be_assumed_holds_rows_without_an_attempt() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let proxy = SqsProxy::start(&queue.endpoint).await;
+    // Everything but sqs:SendMessage is denied: STS AssumeRole too.
+    proxy.faults(|f| f.send_only_policy = true);
+    let app = TestApp::new(&RelayBuilder::new(&db, &queue).endpoint(&proxy.endpoint).spec(|s| {
+        s.queue.role_arn = Some("arn:aws:iam::123456789012:role/txrelay-sender".into());
+    }))
+    .await;
+    let (status, answer) = app.post_new(&body(unique(), "w")).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    assert_eq!(answer["attempts"], 0, "{answer}");
+    assert!(proxy.denied() >= 1, "AssumeRole was asked and denied");
+    let error = app.relay.health().borrow().queue_error.clone().unwrap_or_default();
+    assert!(!error.is_empty(), "the queue is marked unreachable");
+    assert!(queue.receive(1, Duration::from_secs(1)).await.is_empty());
+}

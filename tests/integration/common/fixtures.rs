@@ -75,7 +75,7 @@ pub fn unique() -> u64 {
 pub fn spec(schema: &str) -> TransactionRelaySpec {
     TransactionRelaySpec::with_defaults(
         DatabaseSpec::new(SecretKeyRef { name: "db".into(), key: None }, schema),
-        QueueSpec { secret_ref: SecretRef { name: "sqs".into() } },
+        QueueSpec { secret_ref: SecretRef { name: "sqs".into() }, role_arn: None, external_id: None },
     )
 }
 

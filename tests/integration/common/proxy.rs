@@ -69,6 +69,11 @@ struct SqsState {
     client: Client<HttpConnector, Full<Bytes>>,
     send_calls: std::sync::atomic::AtomicU64,
     denied: std::sync::atomic::AtomicU64,
+    /// The access key id that signed each call, by X-Amz-Target (or the
+    /// form's Action for query-protocol calls such as STS).
+    signed_by: Mutex<Vec<(String, String)>>,
+    /// The bodies of STS calls (form-encoded).
+    sts_calls: Mutex<Vec<String>>,
 }
 
 /// An HTTP proxy in front of moto.
@@ -90,6 +95,8 @@ impl SqsProxy {
             client: Client::builder(TokioExecutor::new()).build_http(),
             send_calls: 0.into(),
             denied: 0.into(),
+            signed_by: Mutex::default(),
+            sts_calls: Mutex::default(),
         });
         tokio::spawn(accept_http(listener, address, state.clone()));
         Self { endpoint: format!("http://{address}"), state }
@@ -113,6 +120,16 @@ impl SqsProxy {
     }
 
     /// Calls refused by the send-only policy.
+    /// (action, access key id) of every call, in order.
+    pub fn signed_by(&self) -> Vec<(String, String)> {
+        self.state.signed_by.lock().unwrap().clone()
+    }
+
+    /// The form bodies of the STS AssumeRole calls.
+    pub fn sts_calls(&self) -> Vec<String> {
+        self.state.sts_calls.lock().unwrap().clone()
+    }
+
     pub fn denied(&self) -> u64 {
         self.state.denied.load(Ordering::Relaxed)
     }
@@ -201,6 +218,24 @@ async fn handle(state: Arc<SqsState>, request: Request<Incoming>) -> Handled {
     }
     let (parts, body) = request.into_parts();
     let mut body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let key_id = parts
+        .headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split("Credential=").nth(1))
+        .and_then(|v| v.split('/').next())
+        .unwrap_or_default()
+        .to_owned();
+    let form = String::from_utf8_lossy(&body).into_owned();
+    let action = if target.is_empty() {
+        form.split('&').find_map(|pair| pair.strip_prefix("Action=")).unwrap_or_default().to_owned()
+    } else {
+        target.clone()
+    };
+    if action == "AssumeRole" {
+        state.sts_calls.lock().unwrap().push(form);
+    }
+    state.signed_by.lock().unwrap().push((action, key_id));
     let lost = faults
         .lose_replies
         .as_ref()

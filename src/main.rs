@@ -15,7 +15,8 @@ async fn main() -> ExitCode {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     // Installed as `kubectl-txr`, the same binary is a kubectl plugin.
     let cli = Cli::parse_from(cli::plugin_args(std::env::args_os().collect()));
-    txrelay::telemetry::init(cli.global.log_format);
+    // Flushes the exported trace spans, if any, when main returns.
+    let _telemetry = txrelay::telemetry::init(cli.global.log_format);
     match cli::run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -20,6 +20,7 @@ pub struct Metrics {
     commit_outcome_unknown: IntCounterVec,
     unsent_drift_repaired: IntCounterVec,
     held_wallets: IntGaugeVec,
+    trace_context_invalid: IntCounterVec,
     queue_reachable: IntGaugeVec,
     relay_ready: IntGaugeVec,
     sweep_duration: HistogramVec,
@@ -141,6 +142,14 @@ impl Metrics {
                 relay,
             )
             .expect("valid metric"),
+            trace_context_invalid: IntCounterVec::new(
+                Opts::new(
+                    "txrelay_trace_context_invalid_total",
+                    "Malformed traceparent or tracestate headers on /new, ignored (the request was taken without them)",
+                ),
+                &["relay", "header"],
+            )
+            .expect("valid metric"),
             queue_reachable: IntGaugeVec::new(
                 Opts::new(
                     "txrelay_queue_reachable",
@@ -220,6 +229,7 @@ impl Metrics {
             Box::new(self.commit_outcome_unknown.clone()),
             Box::new(self.unsent_drift_repaired.clone()),
             Box::new(self.held_wallets.clone()),
+            Box::new(self.trace_context_invalid.clone()),
             Box::new(self.queue_reachable.clone()),
             Box::new(self.relay_ready.clone()),
             Box::new(self.sweep_duration.clone()),
@@ -328,6 +338,14 @@ impl RelayMetrics {
         self.metrics.held_wallets.with_label_values(&[&self.relay]).set(wallets);
     }
 
+    pub fn trace_context_invalid(&self, header: crate::transaction::trace::Malformed) {
+        let header = match header {
+            crate::transaction::trace::Malformed::Traceparent => "traceparent",
+            crate::transaction::trace::Malformed::Tracestate => "tracestate",
+        };
+        self.metrics.trace_context_invalid.with_label_values(&[&self.relay, header]).inc();
+    }
+
     pub fn set_ready(&self, ready: bool) {
         self.metrics.relay_ready.with_label_values(&[&self.relay]).set(i64::from(ready));
     }
@@ -361,6 +379,9 @@ impl RelayMetrics {
         let _ = m.commit_outcome_unknown.remove_label_values(&relay);
         let _ = m.unsent_drift_repaired.remove_label_values(&relay);
         let _ = m.held_wallets.remove_label_values(&relay);
+        for header in ["traceparent", "tracestate"] {
+            let _ = m.trace_context_invalid.remove_label_values(&[self.relay.as_str(), header]);
+        }
         let _ = m.sweep_duration.remove_label_values(&relay);
         let _ = m.send_batch_size.remove_label_values(&relay);
         let _ = m.ingest_group_size.remove_label_values(&relay);

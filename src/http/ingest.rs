@@ -12,7 +12,7 @@ use super::{ApiError, AppState, Target};
 use crate::metrics::Accepted;
 use crate::relay::Submission;
 use crate::settings::RelayHandle;
-use crate::transaction::parse_request_body;
+use crate::transaction::{TraceContext, parse_request_body};
 
 pub async fn new_transaction(
     State(state): State<AppState>,
@@ -39,12 +39,28 @@ pub async fn new_transaction(
         return Err(rejected(ApiError::PayloadTooLarge(limit)));
     }
     let peer_ip = client_ip(&request, &state.options.trusted_proxies);
+    let (trace, malformed) = {
+        let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok());
+        TraceContext::from_headers(header("traceparent"), header("tracestate"))
+    };
+    if let Some(malformed) = malformed {
+        // Never refused: the transaction goes on without the bad header.
+        handle.relay.metrics().trace_context_invalid(malformed);
+        debug!(?malformed, "malformed trace context header ignored");
+    }
     let body = to_bytes(request.into_body(), limit).await.map_err(|_| rejected(ApiError::PayloadTooLarge(limit)))?;
     let mut transaction = parse_request_body(&body).map_err(|e| rejected(e.into()))?;
     if transaction.ip_address.is_none() {
         transaction.ip_address = peer_ip.map(|ip| ip.to_string());
     }
-    let (status, transaction) = match handle.relay.submit(&transaction).await? {
+    // The ingest span continues the dApp's trace when it sent one.
+    let span = tracing::info_span!("txrelay.ingest", relay = %handle.relay.id());
+    if let Some(trace) = &trace {
+        crate::telemetry::set_remote_parent(&span, &trace.traceparent, trace.tracestate.as_deref());
+    }
+    transaction.trace = trace;
+    let submitted = tracing::Instrument::instrument(handle.relay.submit(&transaction), span).await?;
+    let (status, transaction) = match submitted {
         Submission::Sent(tx) => (StatusCode::CREATED, tx),
         Submission::Queued(tx) => (StatusCode::ACCEPTED, tx),
         Submission::Replayed(tx) => (StatusCode::OK, tx),

@@ -26,6 +26,10 @@ pub struct OutboundMessage {
     pub source: String,
     /// The wallet address: the MessageGroupId on FIFO queues.
     pub group_id: String,
+    /// The W3C trace context of the request that created the row, sent as
+    /// the `traceparent` and `tracestate` message attributes.
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
 }
 
 impl OutboundMessage {
@@ -39,6 +43,8 @@ impl OutboundMessage {
             + "source".len()
             + self.source.len()
             + 3 * "String".len()
+            + self.traceparent.as_ref().map_or(0, |t| "traceparent".len() + t.len() + "String".len())
+            + self.tracestate.as_ref().map_or(0, |t| "tracestate".len() + t.len() + "String".len())
     }
 }
 
@@ -208,6 +214,8 @@ mod tests {
             reference: format!("r{id}"),
             source: "S".into(),
             group_id: "w".into(),
+            traceparent: None,
+            tracestate: None,
         }
     }
 

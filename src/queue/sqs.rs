@@ -111,12 +111,17 @@ impl SqsQueue {
     }
 
     fn attributes(message: &OutboundMessage) -> Result<HashMap<String, MessageAttributeValue>, SendFailure> {
-        let mut attributes = HashMap::with_capacity(3);
+        let mut attributes = HashMap::with_capacity(5);
+        let trace = [("traceparent", &message.traceparent), ("tracestate", &message.tracestate)];
+        let trace = trace.into_iter().filter_map(|(name, value)| Some((name, value.as_ref()?)));
         for (name, value) in [
             ("idempotency_key", &message.idempotency_key),
             ("reference", &message.reference),
             ("source", &message.source),
-        ] {
+        ]
+        .into_iter()
+        .chain(trace)
+        {
             let value = MessageAttributeValue::builder()
                 .data_type("String")
                 .string_value(value)

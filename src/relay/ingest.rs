@@ -42,6 +42,8 @@ pub(super) struct Pending {
     /// client gone, a request timeout): the relay's shutdown waits for it
     /// before it gives claimed rows back and closes the store.
     guard: super::RequestGuard,
+    /// The request's span: the commit and the inline send are its children.
+    span: tracing::Span,
 }
 
 /// A committed row waiting for its inline send.
@@ -51,7 +53,9 @@ struct Outgoing {
     claim: ClaimRef,
     /// The stored ledger payload the message is built from.
     payload: String,
+    trace: Option<crate::transaction::TraceContext>,
     guard: super::RequestGuard,
+    span: tracing::Span,
 }
 
 pub(super) type Requests = mpsc::UnboundedSender<Pending>;
@@ -75,7 +79,8 @@ impl Relay {
         });
         let (reply, answer) = oneshot::channel();
         self.waiting.send_modify(|n| *n += 1);
-        if requests.send(Pending { tx: tx.clone(), reply, guard: self.enter() }).is_err() {
+        let pending = Pending { tx: tx.clone(), reply, guard: self.enter(), span: tracing::Span::current() };
+        if requests.send(pending).is_err() {
             self.waiting.send_modify(|n| *n = n.saturating_sub(1));
             return Err(StoreError::Unavailable("the relay is stopping".into()));
         }
@@ -124,7 +129,11 @@ impl Relay {
         let lease_ms = if inline { super::millis(self.config.inline_lease()) } else { 0 };
         let fifo = self.is_fifo();
         let txs: Vec<&NewTransaction> = group.iter().map(|p| &p.tx).collect();
+        // One commit span per request, each its own request's child.
+        let commit_spans: Vec<tracing::Span> =
+            group.iter().map(|p| tracing::info_span!(parent: &p.span, "txrelay.commit", rows = group.len())).collect();
         let outcomes = self.store.insert_many(&txs, lease_ms, fifo).await;
+        drop(commit_spans);
         let unavailable = outcomes.iter().find_map(|o| o.as_ref().err().filter(|e| e.is_unavailable()));
         self.mark_database(unavailable);
 
@@ -171,7 +180,9 @@ impl Relay {
                     transaction,
                     claim,
                     payload: pending.tx.payload,
+                    trace: pending.tx.trace,
                     guard: pending.guard,
+                    span: pending.span,
                 });
             }
         }
@@ -202,6 +213,9 @@ impl Relay {
     /// Sends a group's committed rows in as few SendMessageBatch calls as
     /// the limits allow, then records every result in one write per kind.
     async fn send_group(self: Arc<Self>, rows: Vec<Outgoing>, lease_end: tokio::time::Instant) {
+        // Until every result is recorded: one send span per request.
+        let _send_spans: Vec<tracing::Span> =
+            rows.iter().map(|row| tracing::info_span!(parent: &row.span, "txrelay.send", path = "inline")).collect();
         let mut messages = Vec::with_capacity(rows.len());
         let mut results: Vec<Option<SendResult>> = Vec::with_capacity(rows.len());
         for row in &rows {
@@ -214,6 +228,8 @@ impl Relay {
                         reference: row.transaction.reference.clone(),
                         source: row.transaction.source.clone(),
                         group_id: row.transaction.wallet_address.clone(),
+                        traceparent: row.trace.as_ref().map(|t| t.traceparent.clone()),
+                        tracestate: row.trace.as_ref().and_then(|t| t.tracestate.clone()),
                     });
                     results.push(None);
                 }

@@ -15,6 +15,8 @@ pub fn outbound(row: &ClaimedRow, ledger_token: Option<&Secret>) -> Result<Outbo
         reference: row.reference.clone(),
         source: row.source.clone(),
         group_id: row.wallet_address.clone(),
+        traceparent: row.traceparent.clone(),
+        tracestate: row.tracestate.clone(),
     })
 }
 

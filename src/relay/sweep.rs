@@ -211,6 +211,19 @@ impl Relay {
         let claimed: HashMap<i64, Claimed> =
             claim.rows.iter().map(|r| (r.id, Claimed { row: claim.row_ref(r.id), attempts: r.attempts })).collect();
         self.in_flight.track(claimed.values().map(|c| c.row));
+        // A send span for each row that came with a trace context, joined to
+        // the trace of the request that created it; held until the sweep
+        // has recorded its results.
+        let _send_spans: Vec<tracing::Span> = claim
+            .rows
+            .iter()
+            .filter_map(|row| {
+                let traceparent = row.traceparent.as_deref()?;
+                let span = tracing::info_span!("txrelay.send", path = "sweep", id = row.id);
+                crate::telemetry::set_remote_parent(&span, traceparent, row.tracestate.as_deref());
+                Some(span)
+            })
+            .collect();
 
         let mut messages = Vec::with_capacity(claim.rows.len());
         let mut unbuildable = Outcome::default();

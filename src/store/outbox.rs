@@ -22,6 +22,9 @@ pub struct ClaimedRow {
     pub source: String,
     pub attempts: i32,
     pub payload: String,
+    /// The W3C trace context of the request that created the row.
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -138,7 +141,7 @@ macro_rules! claim_sql {
             " AND ",
             $filter,
             " FOR UPDATE SKIP LOCKED)) \
-             RETURNING id, reference, idempotency_key, wallet_address, source, attempts, payload::text AS payload, ",
+             RETURNING id, reference, idempotency_key, wallet_address, source, attempts, payload::text AS payload, traceparent, tracestate, ",
             follow_columns!(),
             "), ",
             // A listed row whose transaction is gone or no longer unsent (a
@@ -304,7 +307,7 @@ const CLAIM_REVIVE: &str = and_follow!(
         first_of_its_wallet!("t"),
         ") ORDER BY t.id LIMIT $1 FOR UPDATE SKIP LOCKED))"
     ),
-    "id, reference, idempotency_key, wallet_address, source, attempts, payload::text AS payload",
+    "id, reference, idempotency_key, wallet_address, source, attempts, payload::text AS payload, traceparent, tracestate",
     "SELECT * FROM changed"
 );
 
@@ -319,7 +322,7 @@ const CLAIM_ONE: &str = and_follow!(
         first_of_its_wallet!("transactions"),
         ")"
     ),
-    "id, reference, idempotency_key, wallet_address, source, attempts, payload::text AS payload",
+    "id, reference, idempotency_key, wallet_address, source, attempts, payload::text AS payload, traceparent, tracestate",
     "SELECT * FROM changed"
 );
 
@@ -675,7 +678,7 @@ mod sql_tests {
                  claim_token = $3, updated_at = clock_timestamp() \
                  WHERE id = ANY (ARRAY(SELECT t.id FROM transactions t WHERE t.id = ANY (ARRAY(SELECT id FROM candidates)) \
                  AND t.message_id IS NULL AND t.failed_at IS NULL AND {filter} FOR UPDATE SKIP LOCKED)) \
-                 RETURNING id, reference, idempotency_key, wallet_address, source, attempts, payload::text AS payload, \
+                 RETURNING id, reference, idempotency_key, wallet_address, source, attempts, payload::text AS payload, traceparent, tracestate, \
                  {follow_columns}), strays AS (DELETE FROM unsent_transactions stray USING candidates \
                  WHERE stray.id = candidates.id AND NOT EXISTS (SELECT 1 FROM transactions t WHERE t.id = stray.id \
                  AND t.message_id IS NULL AND t.failed_at IS NULL)), {follow} SELECT * FROM changed"

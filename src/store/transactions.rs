@@ -133,13 +133,14 @@ pub struct Stats {
 const INSERT_MANY: &str = concat!(
     "WITH changed AS (INSERT INTO transactions (reference, external_reference, idempotency_key, transaction_type, \
      status, source, instruction_type, incoming_currency, outgoing_currency, value, fee, payer_id, payee_id, \
-     first_name, last_name, wallet_address, ip_address, payload, next_attempt_at, claimed_until, claim_token) \
+     first_name, last_name, wallet_address, ip_address, payload, next_attempt_at, claimed_until, claim_token, \
+     traceparent, tracestate) \
      SELECT r, er, ik, tt, st, so, it, ic, oc, va, fe, pa, pe, fi, la, wa, ip, pl::json, now(), \
-     CASE WHEN tok IS NOT NULL THEN now() + $19 * interval '1 millisecond' END, tok \
+     CASE WHEN tok IS NOT NULL THEN now() + $19 * interval '1 millisecond' END, tok, tp, ts \
      FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], \
      $9::text[], $10::numeric[], $11::numeric[], $12::text[], $13::text[], $14::text[], $15::text[], $16::text[], \
-     $17::text[], $18::text[], $20::bigint[]) WITH ORDINALITY \
-     AS i(r, er, ik, tt, st, so, it, ic, oc, va, fe, pa, pe, fi, la, wa, ip, pl, tok, ord) \
+     $17::text[], $18::text[], $20::bigint[], $22::text[], $23::text[]) WITH ORDINALITY \
+     AS i(r, er, ik, tt, st, so, it, ic, oc, va, fe, pa, pe, fi, la, wa, ip, pl, tok, tp, ts, ord) \
      WHERE NOT EXISTS (SELECT 1 FROM retired_transactions k WHERE k.idempotency_key = i.ik) ORDER BY ord \
      ON CONFLICT DO NOTHING RETURNING ",
     columns!(),
@@ -305,7 +306,9 @@ impl Store {
             .bind(text(|t| &t.payload))
             .bind(inline_lease_ms)
             .bind(tokens)
-            .bind(fifo);
+            .bind(fifo)
+            .bind(txs.iter().map(|t| t.trace.as_ref().map(|c| c.traceparent.clone())).collect::<Vec<_>>())
+            .bind(txs.iter().map(|t| t.trace.as_ref().and_then(|c| c.tracestate.clone())).collect::<Vec<_>>());
         // The INSERT is its own transaction: once it went out, a lost
         // answer leaves its commit unknown.
         self.on(self.pool()).await?.run_write(|c| query.fetch_all(c)).await

@@ -126,6 +126,8 @@ pub fn from_ledger_payload(ledger_payload: &RawValue, wallet_address: String) ->
         wallet_address,
         ip_address,
         payload: stored_payload(&root.object, &meta.object),
+        // From the request's headers, not its body (the HTTP edge sets it).
+        trace: None,
     };
     Ok(transaction)
 }

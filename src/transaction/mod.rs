@@ -11,6 +11,9 @@ use rust_decimal::Decimal;
 use serde::{Serialize, Serializer};
 
 pub use ingest::{FieldError, IngestError, parse_request_body};
+pub use trace::TraceContext;
+
+pub mod trace;
 
 /// Column sizes of `transactions`, declared once: validation uses them, and a
 /// test checks the migrations agree.
@@ -101,6 +104,8 @@ pub struct NewTransaction {
     /// The ledger payload as received, without `meta_data.token`: every send
     /// is built from these bytes.
     pub payload: String,
+    /// The request's W3C trace context, carried with every send.
+    pub trace: Option<TraceContext>,
 }
 
 /// A stored transaction, serialised with the old service's `to_dict` keys.

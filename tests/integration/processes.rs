@@ -399,3 +399,89 @@ async fn connections_beyond_the_cap_wait_until_a_slot_is_free() {
     );
     drop(slow);
 }
+
+/// W3C trace context from the dApp to the ledger: `/new`'s `traceparent`
+/// and `tracestate` are kept with the row and sent as message attributes,
+/// inline and by a later sweep alike; a malformed one is ignored and
+/// counted, never refused; and the ingest, commit and send spans reach an
+/// OTLP receiver in the dApp's trace.
+#[tokio::test]
+async fn trace_context_travels_from_new_to_the_queue_and_the_spans_are_exported_over_otlp() {
+    use crate::common::otlp::OtlpReceiver;
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let receiver = OtlpReceiver::start().await;
+    let proxy = SqsProxy::start(&queue.endpoint).await;
+    let mut command = command(&db.url, &db.schema, &queue.url, &proxy.endpoint);
+    command
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.endpoint)
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .env("OTEL_SERVICE_NAME", "txrelay-under-test");
+    let process = RelayProcess::start(command, None).await;
+    let post = |n: u64, headers: Vec<(&'static str, String)>| {
+        let headers: Vec<(&str, String)> = headers;
+        let process = &process;
+        async move {
+            let refs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            process.http_with(process.api, "POST", "/new", Some(INGEST_TOKEN), &refs, &body(n, "w-trace")).await
+        }
+    };
+    let (inline_trace, sweep_trace) = ("4bf92f3577b34da6a3ce929d0e0e4736", "0af7651916cd43dd8448eb211c80319c");
+    let inline_parent = format!("00-{inline_trace}-00f067aa0ba902b7-01");
+    let sweep_parent = format!("00-{sweep_trace}-b7ad6b7169203331-01");
+    let (n1, n2, n3) = (unique(), unique(), unique());
+
+    let (status, text) =
+        post(n1, vec![("traceparent", inline_parent.clone()), ("tracestate", "congo=t61rcWkgMzE".into())]).await;
+    assert_eq!(status.as_u16(), 201, "{text}");
+    // Sent later by the loop: the queue refuses until it is back.
+    proxy.set(SqsMode::Down);
+    let (status, text) = post(n2, vec![("traceparent", sweep_parent.clone())]).await;
+    assert_eq!(status.as_u16(), 202, "{text}");
+    proxy.set(SqsMode::Forward);
+    let (status, text) = post(n3, vec![("traceparent", "garbage".into())]).await;
+    assert!(status.is_success(), "a malformed traceparent is never refused: {text}");
+
+    let messages = queue.receive(3, Duration::from_secs(30)).await;
+    let carried = |n: u64| {
+        let message = messages
+            .iter()
+            .find(|m| attribute(m, "idempotency_key").as_deref() == Some(&format!("idem-{n}")))
+            .unwrap_or_else(|| panic!("message of {n} among {messages:?}"));
+        (attribute(message, "traceparent"), attribute(message, "tracestate"))
+    };
+    assert_eq!(carried(n1), (Some(inline_parent.clone()), Some("congo=t61rcWkgMzE".into())), "inline send");
+    assert_eq!(carried(n2), (Some(sweep_parent.clone()), None), "the sweep's send carries the original context");
+    assert_eq!(carried(n3), (None, None), "nothing for a malformed header");
+
+    let (_, metrics) = process.http(process.metrics, "GET", "/metrics", None, &serde_json::Value::Null).await;
+    assert!(
+        metrics.lines().any(|l| l.starts_with("txrelay_trace_context_invalid_total{")
+            && l.contains("header=\"traceparent\"")
+            && l.ends_with(" 1")),
+        "{metrics}"
+    );
+
+    let wanted = |spans: &[crate::common::otlp::ReceivedSpan]| {
+        let has = |name: &str, trace: &str| spans.iter().any(|s| s.name == name && s.trace_id == trace);
+        has("txrelay.ingest", inline_trace)
+            && has("txrelay.commit", inline_trace)
+            && has("txrelay.send", inline_trace)
+            && has("txrelay.send", sweep_trace)
+    };
+    wait_until(Duration::from_secs(20), "the spans reach the OTLP receiver", || {
+        let spans = receiver.spans();
+        async move { wanted(&spans) }
+    })
+    .await;
+    let spans = receiver.spans();
+    let ingest = spans.iter().find(|s| s.name == "txrelay.ingest" && s.trace_id == inline_trace).unwrap();
+    assert_eq!(ingest.parent_span_id, "00f067aa0ba902b7", "the ingest span is the dApp span's child");
+    assert!(ingest.service.contains("txrelay-under-test"), "{ingest:?}");
+    // (Its refused inline attempt is a send span too, the request span's child.)
+    assert!(
+        spans
+            .iter()
+            .any(|s| s.name == "txrelay.send" && s.trace_id == sweep_trace && s.parent_span_id == "b7ad6b7169203331"),
+        "the later send joins the request's trace as the dApp span's child: {spans:?}"
+    );
+}

@@ -6,6 +6,7 @@
 pub mod db;
 pub mod fixtures;
 pub mod kube_api;
+pub mod otlp;
 pub mod proxy;
 pub mod sqs;
 

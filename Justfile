@@ -69,6 +69,6 @@ bench:
 # One operator with 100 TransactionRelays on a real kube-apiserver, moto and PostgreSQL (BENCHMARKS.md).
 bench-operator *ARGS:
     scripts/setup.sh
-    scripts/system-packages.sh psql=postgresql-client
+    scripts/system-packages.sh psql=postgresql-client openssl=openssl
     [ -n "${TXRELAY_BENCH_BINARY:-}" ] || cargo build --release --locked
     python3 bench/operator_scale.py {{ARGS}}

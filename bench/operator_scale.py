@@ -3,8 +3,7 @@
 
 Starts what it needs and stops it again: a control plane of its own
 (scripts/control-plane.sh, in .run/cp-bench), moto (scripts/moto.sh, on a free
-port) and, when nothing else answers, this clone's private PostgreSQL
-(scripts/postgres.sh ensure, server defaults). Then, as the tests of the
+port) and PostgreSQL (see below). Then, as the tests of the
 real-cluster tier do, it installs the CRD from crds/ and the RBAC of deploy/,
 runs the operator as its ServiceAccount (TokenRequest token) and applies 100
 TransactionRelays in one `kubectl apply` of a List: each in its own schema of
@@ -106,7 +105,8 @@ class ThrowawayPostgres:
         self.port = free_port()
         bindirs = sorted(pathlib.Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name))
         if not bindirs:
-            raise RuntimeError("no PostgreSQL server under /usr/lib/postgresql (run scripts/postgres.sh start once)")
+            raise RuntimeError("no PostgreSQL server under /usr/lib/postgresql: install the Debian package postgresql, "
+                               "or set TXRELAY_BENCH_ADMIN_URL")
         self.bin = bindirs[-1]
         self.root = os.getuid() == 0
 

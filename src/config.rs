@@ -168,6 +168,7 @@ pub fn queue_secrets(env: &dyn Env) -> Result<QueueSecrets, ConfigError> {
         queue_url,
         region,
         endpoint_url: env.var("AWS_ENDPOINT_URL"),
+        sts_endpoint_url: env.var("AWS_ENDPOINT_URL_STS"),
         access_key_id,
         secret_access_key,
         ledger_token: env.var("LEDGER_TOKEN").map(Secret::new),

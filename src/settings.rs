@@ -29,6 +29,9 @@ pub struct QueueSecrets {
     pub queue_url: String,
     pub region: String,
     pub endpoint_url: Option<String>,
+    /// Where STS is asked for `spec.queue.roleArn` (default: AWS's own STS
+    /// endpoint for the region, never the SQS endpoint above).
+    pub sts_endpoint_url: Option<String>,
     pub access_key_id: Option<String>,
     pub secret_access_key: Option<Secret>,
     pub ledger_token: Option<Secret>,
@@ -82,6 +85,7 @@ impl RelaySettings {
             queue_url: self.queue.queue_url.clone(),
             region: self.queue.region.clone(),
             endpoint_url: self.queue.endpoint_url.clone(),
+            sts_endpoint_url: self.queue.sts_endpoint_url.clone(),
             access_key_id: self.queue.access_key_id.clone(),
             secret_access_key: self.queue.secret_access_key.clone(),
             role_arn: self.spec.queue.role_arn.clone(),

@@ -29,6 +29,8 @@ const CAPPED: &[&str] = &[
     "aws_runtime=info",
     "aws_config=info",
     "aws_sdk_sqs=info",
+    "aws_sdk_sts=info",
+    "aws_smithy_http_client=info",
 ];
 
 /// Flushes the exported spans when dropped (at the end of `main`).

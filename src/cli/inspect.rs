@@ -214,12 +214,14 @@ pub async fn status(global: &Global, args: StatusArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Drops what only clutters a ticket (managed fields) and anything an
-/// annotation might carry (a last-applied configuration is the user's own
-/// manifest, kept: it holds Secret names, never values).
+/// Drops what only clutters a ticket (managed fields) and the annotations:
+/// they are free text anyone with write access fills (the last-applied
+/// configuration is the raw manifest as applied), so nothing vouches that
+/// they hold no secret.
 fn tidy(mut value: serde_json::Value) -> serde_json::Value {
     if let Some(metadata) = value.get_mut("metadata").and_then(|m| m.as_object_mut()) {
         metadata.remove("managedFields");
+        metadata.remove("annotations");
     }
     value
 }
@@ -276,8 +278,10 @@ pub async fn report(global: &Global, args: ReportArgs) -> Result<(), CliError> {
     let path = args.output.unwrap_or_else(|| {
         format!("txrelay-report-{}-{}-{}.tar", relay.namespace, relay.name, now.format("%Y%m%dT%H%M%SZ")).into()
     });
-    let directory = format!("txrelay-report-{}-{}", relay.namespace, relay.name);
-    let archive = tar(&directory, &files, now.timestamp());
+    // A fixed, short directory: the archive's name says which relay, and
+    // ustar names stop at 100 bytes.
+    let directory = "txrelay-report";
+    let archive = tar(directory, &files, now.timestamp());
     std::fs::File::create(&path)
         .and_then(|mut file| file.write_all(&archive))
         .map_err(|error| CliError::failed(format!("cannot write {}: {error}", path.display())))?;

@@ -40,8 +40,18 @@ pub async fn new_transaction(
     }
     let peer_ip = client_ip(&request, &state.options.trusted_proxies);
     let (trace, malformed) = {
-        let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok());
-        TraceContext::from_headers(header("traceparent"), header("tracestate"))
+        // Several tracestate headers are one list (W3C); several
+        // traceparent headers are malformed.
+        let all = |name: &str| -> Vec<&str> {
+            request.headers().get_all(name).iter().map(|v| v.to_str().unwrap_or("\u{0}")).collect()
+        };
+        let parents = all("traceparent");
+        let state = all("tracestate").join(",");
+        match parents.as_slice() {
+            [] => (None, None),
+            [parent] => TraceContext::from_headers(Some(parent), (!state.is_empty()).then_some(state.as_str())),
+            _ => (None, Some(crate::transaction::trace::Malformed::Traceparent)),
+        }
     };
     if let Some(malformed) = malformed {
         // Never refused: the transaction goes on without the bad header.
@@ -54,8 +64,8 @@ pub async fn new_transaction(
         transaction.ip_address = peer_ip.map(|ip| ip.to_string());
     }
     // The ingest span continues the dApp's trace when it sent one.
-    let span = tracing::info_span!("txrelay.ingest", relay = %handle.relay.id());
-    if let Some(trace) = &trace {
+    let span = tracing::debug_span!("txrelay.ingest", relay = %handle.relay.id());
+    if let Some(trace) = trace.as_ref().filter(|_| !span.is_disabled()) {
         crate::telemetry::set_remote_parent(&span, &trace.traceparent, trace.tracestate.as_deref());
     }
     transaction.trace = trace;

@@ -302,7 +302,10 @@ pub async fn reconcile(resource: Arc<TransactionRelay>, ctx: Arc<Context>) -> Re
                 }
                 Change::Unchanged => {}
             }
-            Ok(Action::requeue(Duration::from_secs(300)))
+            // No periodic requeue: the resource and Secret watches bring
+            // every change, and a steady state must not poll the API server
+            // (100 relays re-read 300 Secrets every 5 minutes, BENCHMARKS.md).
+            Ok(Action::await_change())
         }
         Err(error) => {
             ctx.supervisor.relays().set_not_ready(&id, error.reason());

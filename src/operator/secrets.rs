@@ -85,6 +85,7 @@ impl SecretReader {
             queue_url,
             region,
             endpoint_url: optional(&mut queue, "endpointUrl"),
+            sts_endpoint_url: optional(&mut queue, "stsEndpointUrl"),
             access_key_id: optional(&mut queue, "accessKeyId"),
             secret_access_key: optional(&mut queue, "secretAccessKey").map(Secret::new),
             ledger_token: optional(&mut queue, "ledgerToken").map(Secret::new),
@@ -111,7 +112,7 @@ pub fn fingerprint(settings: &RelaySettings) -> u64 {
     settings.database_url.expose().hash(&mut hasher);
     settings.database_pool_size.hash(&mut hasher);
     let q = &settings.queue;
-    (&q.queue_url, &q.region, &q.endpoint_url, &q.access_key_id).hash(&mut hasher);
+    (&q.queue_url, &q.region, &q.endpoint_url, &q.sts_endpoint_url, &q.access_key_id).hash(&mut hasher);
     q.secret_access_key.as_ref().map(Secret::expose).hash(&mut hasher);
     q.ledger_token.as_ref().map(Secret::expose).hash(&mut hasher);
     hasher.finish()

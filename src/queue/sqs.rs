@@ -24,6 +24,8 @@ pub struct SqsSettings {
     pub region: String,
     /// A local SQS-compatible server instead of AWS.
     pub endpoint_url: Option<String>,
+    /// STS for `role_arn` (default: the region's AWS endpoint).
+    pub sts_endpoint_url: Option<String>,
     /// Static credentials; without them the default AWS chain (environment,
     /// web identity, instance profile) is used.
     pub access_key_id: Option<String>,
@@ -67,39 +69,45 @@ impl SqsQueue {
         }
         // The relay's own loop retries with backoff and knows which rows are
         // at stake; SDK-level retries would only hide failures and stretch calls.
-        let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .region(Region::new(settings.region.clone()))
-            .retry_config(RetryConfig::standard().with_max_attempts(1))
-            .timeout_config(
-                TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_secs(2).min(settings.call_timeout))
-                    .operation_timeout(settings.call_timeout)
-                    .build(),
-            );
-        if let Some(endpoint) = &settings.endpoint_url {
-            loader = loader.endpoint_url(endpoint);
-        }
-        match (&settings.access_key_id, &settings.secret_access_key) {
-            (Some(id), Some(secret)) => {
+        let loader = || {
+            let mut loader = aws_config::defaults(BehaviorVersion::latest())
+                .region(Region::new(settings.region.clone()))
+                .retry_config(RetryConfig::standard().with_max_attempts(1))
+                .timeout_config(
+                    TimeoutConfig::builder()
+                        .connect_timeout(Duration::from_secs(2).min(settings.call_timeout))
+                        .operation_timeout(settings.call_timeout)
+                        .build(),
+                );
+            if let (Some(id), Some(secret)) = (&settings.access_key_id, &settings.secret_access_key) {
                 loader = loader.credentials_provider(Credentials::new(id, secret.expose(), None, None, "txrelay"));
             }
-            (None, None) => {}
-            _ => {
-                return Err(SqsConfigError::Invalid(
-                    "accessKeyId and secretAccessKey must be given together (or neither, for the default AWS chain)",
-                ));
-            }
+            loader
+        };
+        if settings.access_key_id.is_some() != settings.secret_access_key.is_some() {
+            return Err(SqsConfigError::Invalid(
+                "accessKeyId and secretAccessKey must be given together (or neither, for the default AWS chain)",
+            ));
         }
-        let mut config = loader.load().await;
+        let mut sqs = loader();
+        if let Some(endpoint) = &settings.endpoint_url {
+            sqs = sqs.endpoint_url(endpoint);
+        }
+        let mut config = sqs.load().await;
         if let Some(role) = &settings.role_arn {
-            // From the base identity just loaded. The SDK's identity cache
-            // refreshes the role's credentials before they expire (they
-            // last an hour), so a relay never sends with expired ones.
+            // STS from the base identity, at STS's own endpoint: the SQS
+            // endpoint (a VPC endpoint, say) does not answer AssumeRole.
+            // The SDK's identity cache refreshes the role's credentials
+            // before they expire (they last an hour).
+            let mut sts = loader();
+            if let Some(endpoint) = &settings.sts_endpoint_url {
+                sts = sts.endpoint_url(endpoint);
+            }
             let mut assume = AssumeRoleProvider::builder(role.clone()).session_name(settings.session_name.clone());
             if let Some(id) = &settings.external_id {
                 assume = assume.external_id(id.clone());
             }
-            let provider = assume.configure(&config).build().await;
+            let provider = assume.configure(&sts.load().await).build().await;
             config = config.into_builder().credentials_provider(SharedCredentialsProvider::new(provider)).build();
         }
         Ok(Self {
@@ -360,12 +368,20 @@ where
 fn never_sent<E>(error: &SdkError<E, aws_sdk_sqs::config::http::HttpResponse>, text: &str) -> bool {
     match error {
         SdkError::ConstructionFailure(_) => true,
+        // Credentials are resolved before the request is signed: however
+        // that failed (STS refused, timed out, no identity), nothing went
+        // to SQS.
+        SdkError::DispatchFailure(failure)
+            if failure.as_connector_error().is_some_and(|connector| credentials_failed(connector)) =>
+        {
+            true
+        }
         SdkError::DispatchFailure(_) => {
             let text = text.to_ascii_lowercase();
             // hyper-util's connector reports a failed connection as
             // "client error (Connect)"; smithy's as "connect timeout".
-            // Credentials are resolved before the request is signed: an
-            // AssumeRole refused (spec.queue.roleArn) sent nothing to SQS.
+            // The provider's own words, should its error type be wrapped
+            // where the chain above cannot see it.
             [
                 "(connect)",
                 "tcp connect error",
@@ -380,6 +396,18 @@ fn never_sent<E>(error: &SdkError<E, aws_sdk_sqs::config::http::HttpResponse>, t
         }
         _ => false,
     }
+}
+
+/// Whether a credentials provider's error is in the error's source chain.
+fn credentials_failed(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(error) = next {
+        if error.is::<aws_credential_types::provider::error::CredentialsError>() {
+            return true;
+        }
+        next = error.source();
+    }
+    false
 }
 
 fn truncate(mut text: String, max: usize) -> String {

@@ -131,7 +131,7 @@ impl Relay {
         let txs: Vec<&NewTransaction> = group.iter().map(|p| &p.tx).collect();
         // One commit span per request, each its own request's child.
         let commit_spans: Vec<tracing::Span> =
-            group.iter().map(|p| tracing::info_span!(parent: &p.span, "txrelay.commit", rows = group.len())).collect();
+            group.iter().map(|p| tracing::debug_span!(parent: &p.span, "txrelay.commit", rows = group.len())).collect();
         let outcomes = self.store.insert_many(&txs, lease_ms, fifo).await;
         drop(commit_spans);
         let unavailable = outcomes.iter().find_map(|o| o.as_ref().err().filter(|e| e.is_unavailable()));
@@ -215,7 +215,7 @@ impl Relay {
     async fn send_group(self: Arc<Self>, rows: Vec<Outgoing>, lease_end: tokio::time::Instant) {
         // Until every result is recorded: one send span per request.
         let _send_spans: Vec<tracing::Span> =
-            rows.iter().map(|row| tracing::info_span!(parent: &row.span, "txrelay.send", path = "inline")).collect();
+            rows.iter().map(|row| tracing::debug_span!(parent: &row.span, "txrelay.send", path = "inline")).collect();
         let mut messages = Vec::with_capacity(rows.len());
         let mut results: Vec<Option<SendResult>> = Vec::with_capacity(rows.len());
         for row in &rows {
@@ -454,8 +454,10 @@ async fn commit_groups(relay: Weak<Relay>, mut requests: mpsc::UnboundedReceiver
         tokio::spawn(async move {
             // Released on every exit, a panic included: a wallet left
             // marked busy would hold its rows forever.
-            let _held = held;
+            let held = held;
             relay.commit_group(group).await;
+            // Released before the intake is woken, so it sees the wallets free.
+            drop(held);
             drop(slot);
             drop(committed);
         });

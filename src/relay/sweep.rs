@@ -219,7 +219,11 @@ impl Relay {
             .iter()
             .filter_map(|row| {
                 let traceparent = row.traceparent.as_deref()?;
-                let span = tracing::info_span!("txrelay.send", path = "sweep", id = row.id);
+                // Disabled (no export, no debug logs): nothing to build.
+                let span = tracing::debug_span!("txrelay.send", path = "sweep", id = row.id);
+                if span.is_disabled() {
+                    return None;
+                }
                 crate::telemetry::set_remote_parent(&span, traceparent, row.tracestate.as_deref());
                 Some(span)
             })

@@ -282,7 +282,10 @@ const GAUGES: &str = concat!(
 macro_rules! next_due_sql {
     ($filter:expr) => {
         concat!(
-            "SELECT greatest(0, extract(epoch FROM min(u.due_at) - now()) * 1000)::bigint AS due_in_ms \
+            // NULL when nothing waits (the loop then sleeps its longest);
+            // `greatest(0, NULL)` would be 0, a busy loop on an idle relay.
+            // An overdue row's negative wait reads as 0 in the caller.
+            "SELECT (extract(epoch FROM min(u.due_at) - now()) * 1000)::bigint AS due_in_ms \
              FROM unsent_transactions u",
             $filter
         )

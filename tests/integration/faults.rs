@@ -302,8 +302,12 @@ async fn a_black_holed_database_fails_readiness_fast_answers_503_and_everything_
 async fn a_relay_with_a_role_arn_sends_with_the_assumed_roles_credentials() {
     let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
     let proxy = SqsProxy::start(&queue.endpoint).await;
+    // STS at an address of its own, as in AWS: the SQS endpoint (a VPC
+    // endpoint, say) never answers AssumeRole.
+    let sts = SqsProxy::start(&queue.endpoint).await;
     let role = "arn:aws:iam::123456789012:role/txrelay-sender";
-    let app = TestApp::new(&RelayBuilder::new(&db, &queue).endpoint(&proxy.endpoint).spec(|s| {
+    let builder = RelayBuilder::new(&db, &queue).endpoint(&proxy.endpoint).sts_endpoint(&sts.endpoint);
+    let app = TestApp::new(&builder.spec(|s| {
         s.queue.role_arn = Some(role.into());
         s.queue.external_id = Some("ledger-42".into());
     }))
@@ -316,18 +320,20 @@ async fn a_relay_with_a_role_arn_sends_with_the_assumed_roles_credentials() {
     assert_eq!(queue.receive(2, Duration::from_secs(10)).await.len(), 2, "inline and sweep sends both went");
     running.stop().await;
 
-    let sts = proxy.sts_calls();
+    assert!(proxy.sts_calls().is_empty(), "never asked of the SQS endpoint");
+    let base = crate::common::sqs::ACCESS_KEY;
+    assert!(
+        sts.signed_by().iter().any(|(action, key)| action == "AssumeRole" && key == base),
+        "STS is called with the base keys: {:?}",
+        sts.signed_by()
+    );
+    let sts = sts.sts_calls();
     assert_eq!(sts.len(), 1, "one AssumeRole, its credentials cached: {sts:?}");
     let call = &sts[0];
     assert!(call.contains("RoleArn=arn%3Aaws%3Aiam%3A%3A123456789012%3Arole%2Ftxrelay-sender"), "{call}");
     assert!(call.contains("ExternalId=ledger-42"), "{call}");
     assert!(call.contains("RoleSessionName=txrelay-"), "{call}");
     let signed = proxy.signed_by();
-    let base = crate::common::sqs::ACCESS_KEY;
-    assert!(
-        signed.iter().any(|(action, key)| action == "AssumeRole" && key == base),
-        "STS is called with the base keys: {signed:?}"
-    );
     let sends: Vec<&String> =
         signed.iter().filter(|(action, _)| action.contains("SendMessage")).map(|(_, key)| key).collect();
     assert!(!sends.is_empty(), "{signed:?}");
@@ -354,16 +360,18 @@ fn a_role_arn_and_external_id_are_checked_naming_the_field() {
 async fn a_role_that_cannot_be_assumed_holds_rows_without_an_attempt() {
     let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
     let proxy = SqsProxy::start(&queue.endpoint).await;
-    // Everything but sqs:SendMessage is denied: STS AssumeRole too.
-    proxy.faults(|f| f.send_only_policy = true);
-    let app = TestApp::new(&RelayBuilder::new(&db, &queue).endpoint(&proxy.endpoint).spec(|s| {
-        s.queue.role_arn = Some("arn:aws:iam::123456789012:role/txrelay-sender".into());
-    }))
-    .await;
+    // STS denies everything: AssumeRole is refused.
+    let sts = SqsProxy::start(&queue.endpoint).await;
+    sts.faults(|f| f.send_only_policy = true);
+    let app =
+        TestApp::new(&RelayBuilder::new(&db, &queue).endpoint(&proxy.endpoint).sts_endpoint(&sts.endpoint).spec(|s| {
+            s.queue.role_arn = Some("arn:aws:iam::123456789012:role/txrelay-sender".into());
+        }))
+        .await;
     let (status, answer) = app.post_new(&body(unique(), "w")).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
     assert_eq!(answer["attempts"], 0, "{answer}");
-    assert!(proxy.denied() >= 1, "AssumeRole was asked and denied");
+    assert!(sts.denied() >= 1, "AssumeRole was asked and denied");
     let error = app.relay.health().borrow().queue_error.clone().unwrap_or_default();
     assert!(!error.is_empty(), "the queue is marked unreachable");
     assert!(queue.receive(1, Duration::from_secs(1)).await.is_empty());

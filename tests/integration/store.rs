@@ -650,3 +650,30 @@ async fn a_migration_waiting_for_a_lock_lets_writers_through_and_tries_again() {
         1
     );
 }
+
+/// With nothing unsent, the next due time is "none", so an idle relay's
+/// loop sleeps its longest instead of polling the database every 20 ms
+/// (found at 100 relays: each idle relay ran ~85 transactions a second).
+#[tokio::test]
+async fn with_nothing_unsent_no_row_is_due_and_an_overdue_row_is_due_now() {
+    let db = TestDb::new().await;
+    for fifo in [false, true] {
+        assert_eq!(db.store.next_due_in(fifo).await.unwrap(), None, "fifo {fifo}");
+    }
+    crate::common::insert_unsent(&db, "w").await;
+    db.execute("UPDATE transactions SET next_attempt_at = now() - interval '1 minute'").await;
+    assert_eq!(db.store.next_due_in(false).await.unwrap(), Some(Duration::ZERO), "overdue: due now");
+}
+
+/// A schema with every migration applied starts without the migrators'
+/// database-wide lock: another schema's long migration (another relay's,
+/// on the same database) never holds up its start.
+#[tokio::test]
+async fn a_migrated_schema_starts_without_waiting_for_the_migration_lock() {
+    let db = TestDb::new().await;
+    let mut holder = db.psql.acquire().await.unwrap();
+    sqlx::migrate::Migrate::lock(&mut *holder).await.unwrap();
+    let started = tokio::time::timeout(Duration::from_secs(5), db.store.migrate()).await;
+    sqlx::migrate::Migrate::unlock(&mut *holder).await.unwrap();
+    assert!(started.is_ok_and(|r| r.is_ok()), "a migrated schema does not queue behind another migration");
+}

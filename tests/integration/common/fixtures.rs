@@ -88,6 +88,7 @@ pub struct RelayBuilder {
     pub database_url: String,
     pub queue_url: String,
     pub endpoint: String,
+    pub sts_endpoint: Option<String>,
     pub spec: TransactionRelaySpec,
     pub ledger_token: Option<String>,
     pub seed: Option<u64>,
@@ -100,6 +101,7 @@ impl RelayBuilder {
             database_url: db.url.clone(),
             queue_url: queue.url.clone(),
             endpoint: queue.endpoint.clone(),
+            sts_endpoint: None,
             spec: spec(&db.schema),
             ledger_token: None,
             seed: None,
@@ -109,6 +111,11 @@ impl RelayBuilder {
 
     pub fn endpoint(mut self, endpoint: &str) -> Self {
         self.endpoint = endpoint.to_owned();
+        self
+    }
+
+    pub fn sts_endpoint(mut self, endpoint: &str) -> Self {
+        self.sts_endpoint = Some(endpoint.to_owned());
         self
     }
 
@@ -142,6 +149,8 @@ impl RelayBuilder {
                 queue_url: self.queue_url.clone(),
                 region: REGION.into(),
                 endpoint_url: Some(self.endpoint.clone()),
+                // Its own address, as a real SQS endpoint is not STS's.
+                sts_endpoint_url: self.sts_endpoint.clone(),
                 access_key_id: Some(ACCESS_KEY.into()),
                 secret_access_key: Some(Secret::new(SECRET_KEY)),
                 ledger_token: self.ledger_token.as_deref().map(Secret::new),

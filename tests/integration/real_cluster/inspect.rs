@@ -75,7 +75,7 @@ async fn status_shows_conditions_backlog_leader_and_events_and_report_archives_t
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     let unpacked = std::process::Command::new("tar").arg("xf").arg(&archive).current_dir(&dir).status().unwrap();
     assert!(unpacked.success());
-    let root = dir.join(format!("txrelay-report-{ns}-dapp"));
+    let root = dir.join("txrelay-report");
     let read = |name: &str| std::fs::read_to_string(root.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
     assert!(read("status.txt").contains("Leader:   op-0"));
     assert_eq!(

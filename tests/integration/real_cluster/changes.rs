@@ -34,11 +34,11 @@ async fn a_revoked_token_is_refused_within_seconds_even_while_a_rebuild_waits_fo
     assert!(status.is_success(), "{status} {text}");
 
     // An edit that rebuilds the relay on a new database URL whose migration
-    // never gets an answer to its first statement (the migrator's lock, as
-    // behind another replica's long migration): the reconcile waits out its
-    // migration bound, a minute here.
+    // never gets an answer to its first statement (its look at
+    // `_sqlx_migrations`, as on a database that stopped answering): the
+    // reconcile waits out its migration bound, a minute here.
     let proxy = TcpProxy::start(database_address(&db.url)).await;
-    proxy.hang_reply_after(b"pg_advisory_lock");
+    proxy.hang_reply_after(b"_sqlx_migrations");
     // In clear text, so the proxy can see which statement goes out.
     let separator = if db.url.contains('?') { '&' } else { '?' };
     let stalled_url = format!("{}{separator}sslmode=disable", proxy.url_for(&db.url));

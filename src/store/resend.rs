@@ -72,6 +72,26 @@ const SELECT: &str = concat!(
      AND t.id > $8 AND t.id <= $9 ORDER BY t.id LIMIT $7"
 );
 
+/// [`SELECT`]'s parameters, in its order: the filter, then the page.
+fn choice<'q, O>(
+    query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    filter: &'q ResendFilter,
+    limit: i64,
+    after: i64,
+    upto: i64,
+) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+    query
+        .bind(&filter.wallet)
+        .bind(filter.since)
+        .bind(filter.until)
+        .bind(&filter.error)
+        .bind(filter.dead_only)
+        .bind(filter.include_dead)
+        .bind(limit)
+        .bind(after)
+        .bind(upto)
+}
+
 impl Store {
     /// The rows `filter` names with an id after `after` and up to `upto`,
     /// oldest first, at most `limit`: a resend reads its candidates a page
@@ -85,19 +105,7 @@ impl Store {
     ) -> Result<Vec<ResendRow>> {
         self.on(self.pool())
             .await?
-            .run(|c| {
-                sqlx::query_as(SELECT)
-                    .bind(&filter.wallet)
-                    .bind(filter.since)
-                    .bind(filter.until)
-                    .bind(&filter.error)
-                    .bind(filter.dead_only)
-                    .bind(filter.include_dead)
-                    .bind(limit)
-                    .bind(after)
-                    .bind(upto)
-                    .fetch_all(c)
-            })
+            .run(|c| choice(sqlx::query_as(SELECT), filter, limit, after, upto).fetch_all(c))
             .await
     }
 
@@ -106,19 +114,11 @@ impl Store {
         self.on(self.pool())
             .await?
             .run(|c| {
-                sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM ({SELECT}) AS chosen")))
-                    .bind(&filter.wallet)
-                    .bind(filter.since)
-                    .bind(filter.until)
-                    .bind(&filter.error)
-                    .bind(filter.dead_only)
-                    .bind(filter.include_dead)
-                    .bind(limit)
-                    .bind(0_i64)
-                    .bind(i64::MAX)
-                    .fetch_one(c)
+                let count = sqlx::AssertSqlSafe(format!("SELECT count(*) FROM ({SELECT}) AS chosen"));
+                choice(sqlx::query_as::<_, (i64,)>(count), filter, limit, 0, i64::MAX).fetch_one(c)
             })
             .await
+            .map(|(count,)| count)
     }
 
     /// The highest transaction id so far: where a resend's choice ends, so

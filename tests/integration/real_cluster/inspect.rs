@@ -2,30 +2,13 @@
 //! and a relay the operator runs: what an on-call engineer reads first, and
 //! what goes into the incident ticket, with no Secret value in it.
 
-use std::path::Path;
 use std::time::Duration;
 
 use serde_json::json;
-use tokio::process::Command;
 
-use super::{Cluster, backends};
+use super::{Cluster, backends, kubectl_txr};
 use crate::common::sqs::SECRET_KEY;
-use crate::common::{INGEST_TOKEN, binary, body, run_to_end, unique};
-
-/// `kubectl-txr ARGS` as the cluster admin, with nothing else in its
-/// environment: everything comes from the cluster.
-async fn kubectl_txr(plugin: &Path, kubeconfig: &Path, args: &[&str]) -> (i32, String, String) {
-    let mut command = Command::new(plugin);
-    command
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("KUBECONFIG", kubeconfig)
-        .args(args)
-        .kill_on_drop(true);
-    tokio::time::timeout(Duration::from_secs(60), run_to_end(&mut command))
-        .await
-        .unwrap_or_else(|_| panic!("kubectl-txr {args:?} did not finish within 60 s"))
-}
+use crate::common::{INGEST_TOKEN, binary, body, unique};
 
 #[tokio::test]
 async fn status_shows_conditions_backlog_leader_and_events_and_report_archives_them_without_a_secret() {

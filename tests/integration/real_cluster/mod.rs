@@ -384,6 +384,22 @@ impl Operator {
     }
 }
 
+/// `kubectl-txr ARGS` (the binary under the plugin's name) with nothing
+/// but `kubeconfig`: no database URL, queue settings or AWS credentials in
+/// its environment; everything comes from the cluster.
+pub async fn kubectl_txr(plugin: &Path, kubeconfig: &Path, args: &[&str]) -> (i32, String, String) {
+    let mut command = Command::new(plugin);
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("KUBECONFIG", kubeconfig)
+        .args(args)
+        .kill_on_drop(true);
+    tokio::time::timeout(Duration::from_secs(60), crate::common::run_to_end(&mut command))
+        .await
+        .unwrap_or_else(|_| panic!("kubectl-txr {args:?} did not finish within 60 s"))
+}
+
 /// One HTTP/1.1 request, bounded by 15 s.
 pub async fn http(
     address: SocketAddr,

@@ -2,32 +2,15 @@
 //! against a real API server: each command works with its Role, and one
 //! short of it is refused with the missing permission named.
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::PathBuf;
 
 use serde_json::json;
-use tokio::process::Command;
 
-use super::Cluster;
 use super::install::token_kubeconfig;
-use crate::common::{TestDb, TestQueue, binary, run_to_end, unique};
+use super::{Cluster, kubectl_txr};
+use crate::common::{TestDb, TestQueue, binary, unique};
 
 const ROLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/kubectl-plugin-roles.yaml");
-
-/// `kubectl-txr ARGS` with nothing but `kubeconfig`: no database URL, no
-/// queue settings, no AWS credentials in its environment.
-async fn kubectl_txr(plugin: &Path, kubeconfig: &Path, args: &[&str]) -> (i32, String, String) {
-    let mut command = Command::new(plugin);
-    command
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("KUBECONFIG", kubeconfig)
-        .args(args)
-        .kill_on_drop(true);
-    tokio::time::timeout(Duration::from_secs(60), run_to_end(&mut command))
-        .await
-        .unwrap_or_else(|_| panic!("kubectl-txr {args:?} did not finish within 60 s"))
-}
 
 /// A ServiceAccount bound to `role` alone, and a kubeconfig with its token.
 async fn as_role(cluster: &Cluster, role: &str) -> PathBuf {

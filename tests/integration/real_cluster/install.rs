@@ -5,12 +5,11 @@
 //! auth can-i`); the operator runs under the namespaced install's Role alone;
 //! and the built-in view and edit roles take in TransactionRelays.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::{Cluster, ControlPlane, MANAGER, ready};
+use super::{Cluster, ControlPlane, MANAGER, ready, token_kubeconfig};
 use crate::common::{unique, wait_until};
 use crate::manifests::{CLUSTER_SCOPED, VARIANTS, overlay};
 
@@ -90,30 +89,6 @@ async fn can_i(plane: &ControlPlane, who: &str, namespace: &str, what: &[&str]) 
         "no" => false,
         other => panic!("kubectl {args:?}: {other}\n{}", out.stderr),
     }
-}
-
-/// The admin kubeconfig with `account`'s token instead, and `namespace` as
-/// its default.
-pub async fn token_kubeconfig(plane: &ControlPlane, namespace: &str, account: &str) -> PathBuf {
-    let token = plane.ok(&["create", "token", account, "-n", namespace, "--duration=2h"], None).await;
-    let admin = std::fs::read_to_string(&plane.kubeconfig).unwrap();
-    let mut replaced = false;
-    let config: String = admin
-        .lines()
-        .map(|line| {
-            if line.trim_start().starts_with("token: ") {
-                replaced = true;
-                format!("    token: {}", token.trim())
-            } else {
-                line.replace("namespace: default", &format!("namespace: {namespace}"))
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    assert!(replaced, "the control plane's kubeconfig has no token line");
-    let path = std::env::temp_dir().join(format!("txrelay-kubeconfig-{namespace}-{account}"));
-    std::fs::write(&path, config).unwrap();
-    path
 }
 
 #[tokio::test]

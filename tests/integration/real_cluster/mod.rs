@@ -208,24 +208,7 @@ impl Cluster {
             .unwrap()
             .replace("namespace: txrelay-system", &format!("namespace: {namespace}"));
         plane.ok(&["apply", "-f", "-"], Some(&lease_role)).await;
-        let token = plane.ok(&["create", "token", "txrelay", "-n", &namespace, "--duration=2h"], None).await;
-        let admin_config = std::fs::read_to_string(&plane.kubeconfig).unwrap();
-        let mut replaced = false;
-        let operator_config: String = admin_config
-            .lines()
-            .map(|line| {
-                if line.trim_start().starts_with("token: ") {
-                    replaced = true;
-                    format!("    token: {}", token.trim())
-                } else {
-                    line.replace("namespace: default", &format!("namespace: {namespace}"))
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("\n");
-        assert!(replaced, "the control plane's kubeconfig has no token line");
-        let operator_kubeconfig = std::env::temp_dir().join(format!("txrelay-kubeconfig-{namespace}"));
-        std::fs::write(&operator_kubeconfig, operator_config).unwrap();
+        let operator_kubeconfig = token_kubeconfig(&plane, &namespace, "txrelay").await;
         let admin = plane.client().await;
         Self { plane, namespace, admin, operator_kubeconfig }
     }
@@ -382,6 +365,30 @@ impl Operator {
     pub fn kill(&mut self) {
         self.child.start_kill().expect("the operator is running");
     }
+}
+
+/// The admin kubeconfig with `account`'s token instead, and `namespace` as
+/// its default.
+pub async fn token_kubeconfig(plane: &ControlPlane, namespace: &str, account: &str) -> PathBuf {
+    let token = plane.ok(&["create", "token", account, "-n", namespace, "--duration=2h"], None).await;
+    let admin = std::fs::read_to_string(&plane.kubeconfig).unwrap();
+    let mut replaced = false;
+    let config: String = admin
+        .lines()
+        .map(|line| {
+            if line.trim_start().starts_with("token: ") {
+                replaced = true;
+                format!("    token: {}", token.trim())
+            } else {
+                line.replace("namespace: default", &format!("namespace: {namespace}"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(replaced, "the control plane's kubeconfig has no token line");
+    let path = std::env::temp_dir().join(format!("txrelay-kubeconfig-{namespace}-{account}"));
+    std::fs::write(&path, config).unwrap();
+    path
 }
 
 /// `kubectl-txr ARGS` (the binary under the plugin's name) with nothing

@@ -6,8 +6,7 @@ use std::path::PathBuf;
 
 use serde_json::json;
 
-use super::install::token_kubeconfig;
-use super::{Cluster, kubectl_txr};
+use super::{Cluster, kubectl_txr, token_kubeconfig};
 use crate::common::{TestDb, TestQueue, binary, unique};
 
 const ROLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/kubectl-plugin-roles.yaml");

@@ -148,8 +148,8 @@ impl Supervisor {
         let (stop, stopped) = watch::channel(false);
         let relay = handle.relay.clone();
         let tasks = vec![
-            tokio::spawn(run_loop(relay.clone(), stopped.clone())),
-            tokio::spawn(listen_for_due_rows(relay.clone(), stopped.clone())),
+            tokio::spawn(run_loop(relay.drain().clone(), stopped.clone())),
+            tokio::spawn(listen_for_due_rows(relay.outbox().clone(), stopped.clone())),
             (self.companion)(relay.clone(), stopped),
         ];
         let mut new = Running { fingerprint, handle: handle.clone(), stop, tasks };
@@ -275,7 +275,7 @@ impl Supervisor {
         let deadline = tokio::time::Instant::now() + self.grace;
         for relay in &relays {
             let _ = relay.stop.send(true);
-            relay.handle.relay.begin_stopping();
+            relay.handle.relay.outbox().begin_stopping();
         }
         futures::future::join_all(relays.into_iter().map(|relay| self.shut_down_by(relay, forget, deadline))).await;
     }
@@ -310,10 +310,10 @@ impl Supervisor {
         // relay's claimed rows, and giving them back under it would lose the
         // message id it is about to record (another replica would send the
         // row again).
-        let requests_done = relay.handle.relay.requests_finished_by(sends_by).await;
+        let requests_done = relay.handle.relay.outbox().requests_finished_by(sends_by).await;
         // Whatever could not finish goes back now, so no other replica waits
         // a whole lease for it. Bounded like every call.
-        match tokio::time::timeout_at(deadline, relay.handle.relay.release_in_flight()).await {
+        match tokio::time::timeout_at(deadline, relay.handle.relay.drain().release_in_flight()).await {
             Ok(Ok(0)) => {}
             Ok(Ok(released)) => info!(relay = %id, released, "released claimed rows for other replicas"),
             Ok(Err(error)) => {
@@ -323,7 +323,7 @@ impl Supervisor {
         }
         // A request that resolved to this relay before it was replaced may
         // still be recording its message id: the store stays open for it.
-        if !requests_done && !relay.handle.relay.requests_finished_by(deadline).await {
+        if !requests_done && !relay.handle.relay.outbox().requests_finished_by(deadline).await {
             warn!(relay = %id, "grace period over with requests still in progress; closing the store");
         }
         if tokio::time::timeout(CLOSE_TIMEOUT, relay.handle.relay.store().close()).await.is_err() {

@@ -404,6 +404,26 @@ pub fn is_schema_name(name: &str) -> bool {
         && bytes.all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_'))
 }
 
+/// What kind of SQS queue a relay sends to, read once from its URL: a FIFO
+/// queue keeps each wallet's order, so its claims and intake do too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum QueueKind {
+    #[default]
+    Standard,
+    Fifo,
+}
+
+impl QueueKind {
+    /// SQS names every FIFO queue, and only those, with `.fifo` at the end.
+    pub fn of_url(queue_url: &str) -> Self {
+        if queue_url.ends_with(".fifo") { Self::Fifo } else { Self::Standard }
+    }
+
+    pub fn is_fifo(self) -> bool {
+        self == Self::Fifo
+    }
+}
+
 /// `namespace/name` of a `TransactionRelay`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RelayId {

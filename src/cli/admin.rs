@@ -229,14 +229,14 @@ pub async fn stats(global: &Global, args: StatsArgs) -> Result<(), CliError> {
 
 pub async fn retry(global: &Global, args: RetryArgs) -> Result<(), CliError> {
     let relay = relay(global).await?;
-    let message_id = relay.retry_one(args.id, &cli_audit("retry")).await.map_err(CliError::failed)?;
+    let message_id = relay.resend().retry_one(args.id, &cli_audit("retry")).await.map_err(CliError::failed)?;
     println!("{message_id}");
     Ok(())
 }
 
 pub async fn skip(global: &Global, args: SkipArgs) -> Result<(), CliError> {
     let relay = relay(global).await?;
-    relay.skip_one(args.id, &cli_audit("skip")).await.map_err(CliError::failed)?;
+    relay.resend().skip_one(args.id, &cli_audit("skip")).await.map_err(CliError::failed)?;
     println!("skipped {}: it stays dead-lettered, and its wallet's later transactions go on", args.id);
     Ok(())
 }
@@ -293,6 +293,7 @@ pub async fn retry_all(global: &Global, args: RetryAllArgs) -> Result<(), CliErr
         let _ = interrupt.send(true);
     });
     let report = relay
+        .resend()
         .retry_all(&request, &cli_audit("retry-all"), &interrupted, |progress: &RetryAllReport| {
             if let Some(bar) = &bar {
                 bar.set_position(progress.total as u64);

@@ -312,7 +312,7 @@ async fn database_parts(global: &Global, relay: &RelayName) -> (String, String) 
         }
     };
     let store = handle.relay.store().clone();
-    let gauges = match tokio::time::timeout(BOUND, handle.relay.refresh_gauges()).await {
+    let gauges = match tokio::time::timeout(BOUND, handle.relay.outbox().refresh_gauges()).await {
         Ok(Ok(_)) => metrics.render(),
         Ok(Err(error)) => format!("# could not read the backlog: {error}\n"),
         Err(_) => format!("# the backlog query did not answer within {BOUND:?}\n"),

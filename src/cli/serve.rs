@@ -46,7 +46,7 @@ pub async fn run(global: &Global, args: RunArgs) -> Result<(), CliError> {
     let (_, handle) = supervisor.ensure(&settings, 0).await?;
     let relay = handle.relay;
     if !relay.config().suspend
-        && let crate::relay::QueueCheck::Refused(failure) = relay.check_queue().await
+        && let crate::relay::QueueCheck::Refused(failure) = relay.outbox().check_queue().await
     {
         warn!(error = %failure, "the queue refused GetQueueAttributes; transactions are stored and wait for it");
     }

@@ -69,7 +69,7 @@ pub async fn new_transaction(
         crate::telemetry::set_remote_parent(&span, &trace.traceparent, trace.tracestate.as_deref());
     }
     transaction.trace = trace;
-    let submitted = tracing::Instrument::instrument(handle.relay.submit(&transaction), span).await?;
+    let submitted = tracing::Instrument::instrument(handle.relay.ingest().submit(&transaction), span).await?;
     let (status, transaction) = match submitted {
         Submission::Sent(tx) => (StatusCode::CREATED, tx),
         Submission::Queued(tx) => (StatusCode::ACCEPTED, tx),

@@ -66,7 +66,7 @@ pub async fn retry_one(
     let relay = handle.relay.clone();
     let retried = tokio::spawn(async move {
         let _in_progress = in_progress;
-        relay.retry_one(id, &audit).await
+        relay.resend().retry_one(id, &audit).await
     });
     let Ok(retried) = retried.await else { return Err(ApiError::Internal) };
     match retried {
@@ -175,7 +175,7 @@ pub async fn retry_all(
     let relay = handle.relay.clone();
     let resend = tokio::spawn(async move {
         let _in_progress = in_progress;
-        relay.retry_all(&request, &audit, &relay.stopping(), |_| {}).await
+        relay.resend().retry_all(&request, &audit, &relay.outbox().stopping(), |_| {}).await
     });
     match resend.await {
         Ok(Ok(report)) => Ok(Json(report)),

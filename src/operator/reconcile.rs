@@ -149,7 +149,7 @@ impl Context {
         // pod) also becomes an Event on its resource, on whichever replica
         // served it.
         let (recorder, reference) = (self.recorder.clone(), resource.object_ref(&()));
-        handle.relay.on_resend(move |notice| {
+        handle.relay.resend().on_end(move |notice| {
             let event = Event {
                 type_: EventType::Normal,
                 reason: "Resend".into(),
@@ -164,12 +164,12 @@ impl Context {
                 }
             });
         });
-        handle.relay.refresh_gauges().await.map_err(|e| Error::DatabaseUnreachable(e.to_string()))?;
+        handle.relay.outbox().refresh_gauges().await.map_err(|e| Error::DatabaseUnreachable(e.to_string()))?;
         if !settings.spec.suspend {
             // An early word on the queue where the IAM policy allows one. It
             // never fails the reconcile: a relay needs no permission beyond
             // sqs:SendMessage, and its sends keep QueueReachable true.
-            if let QueueCheck::Refused(failure) = handle.relay.check_queue().await {
+            if let QueueCheck::Refused(failure) = handle.relay.outbox().check_queue().await {
                 let note = format!(
                     "the queue refused GetQueueAttributes ({}); transactions are stored and wait for it",
                     failure.message

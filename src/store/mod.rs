@@ -15,9 +15,10 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 pub use migrations::MigrationStatus;
 pub use outbox::{Claim, ClaimMode, ClaimRef, ClaimedRow, DriftScan, FailedSend, Gauges, RetryOneError, SkipError};
 pub use resend::{ResendAudit, ResendFilter, ResendRow};
-pub use transactions::{Conflict, InsertOutcome, ListFilter, RetiredTransaction, Stats};
+pub use transactions::{Conflict, InsertOutcome, Intake, ListFilter, RetiredTransaction, Stats};
 
 use crate::secret::Secret;
+use crate::spec::QueueKind;
 
 /// `sent`: the queue accepted it (a sent row is never dead-lettered).
 macro_rules! sent {
@@ -403,6 +404,9 @@ pub struct Store {
     /// The client-side ceiling on one call (acquire included).
     call_timeout: Duration,
     migration_timeout: Duration,
+    /// Set once, by the relay that owns this store: a FIFO queue's claims
+    /// and intake keep each wallet's order.
+    queue_kind: QueueKind,
 }
 
 /// How much longer than `statement_timeout` a call may take on this side:
@@ -472,6 +476,7 @@ impl Store {
             schema: options.schema.clone(),
             call_timeout,
             migration_timeout: options.migration_timeout,
+            queue_kind: QueueKind::Standard,
         })
     }
 
@@ -480,6 +485,20 @@ impl Store {
         let store = Self::connect_lazy(options)?;
         store.ping().await?;
         Ok(store)
+    }
+
+    /// This store, for a relay whose queue is of `kind`.
+    pub fn for_queue(mut self, kind: QueueKind) -> Self {
+        self.queue_kind = kind;
+        self
+    }
+
+    pub fn queue_kind(&self) -> QueueKind {
+        self.queue_kind
+    }
+
+    fn fifo(&self) -> bool {
+        self.queue_kind.is_fifo()
     }
 
     pub fn pool(&self) -> &PgPool {

@@ -27,6 +27,25 @@ pub struct ClaimedRow {
     pub tracestate: Option<String>,
 }
 
+impl ClaimedRow {
+    /// A row just created by `/new`, for its inline send: the same fields a
+    /// claim reads back, so both paths build the same message.
+    pub fn created(tx: &Transaction, payload: String, trace: Option<crate::transaction::TraceContext>) -> Self {
+        let (traceparent, tracestate) = trace.map(|t| (Some(t.traceparent), t.tracestate)).unwrap_or_default();
+        Self {
+            id: tx.id,
+            reference: tx.reference.clone(),
+            idempotency_key: tx.idempotency_key.clone(),
+            wallet_address: tx.wallet_address.clone(),
+            source: tx.source.clone(),
+            attempts: tx.attempts,
+            payload,
+            traceparent,
+            tracestate,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub enum ClaimMode<'a> {
     /// Rows whose backoff has passed and that nobody holds: the sweep.
@@ -424,7 +443,8 @@ impl Store {
 
     /// Claims up to `limit` rows in one short transaction, skipping rows other
     /// processes hold, and holds them for `lease` under a new claim token.
-    pub async fn claim(&self, mode: ClaimMode<'_>, limit: u32, lease: Duration, fifo: bool) -> Result<Claim> {
+    pub async fn claim(&self, mode: ClaimMode<'_>, limit: u32, lease: Duration) -> Result<Claim> {
+        let fifo = self.fifo();
         let lease_ms = millis(lease);
         let token = new_token();
         let query = match (mode, fifo) {
@@ -529,8 +549,8 @@ impl Store {
 
     /// How long until the next row a sweep could claim becomes due; `None`
     /// when nothing is waiting.
-    pub async fn next_due_in(&self, fifo: bool) -> Result<Option<Duration>> {
-        let sql = if fifo { NEXT_DUE_FIFO } else { NEXT_DUE };
+    pub async fn next_due_in(&self) -> Result<Option<Duration>> {
+        let sql = if self.fifo() { NEXT_DUE_FIFO } else { NEXT_DUE };
         let millis: Option<i64> =
             self.on(self.bookkeeping()).await?.run(|c| sqlx::query_scalar(sql).fetch_one(c)).await?;
         Ok(millis.map(|ms| Duration::from_millis(u64::try_from(ms).unwrap_or(0))))
@@ -597,8 +617,8 @@ impl Store {
         &self,
         id: i64,
         lease: Duration,
-        fifo: bool,
     ) -> std::result::Result<(ClaimedRow, ClaimRef), RetryOneError> {
+        let fifo = self.fifo();
         let token = new_token();
         let claimed: Option<ClaimedRow> = self
             .on(self.pool())

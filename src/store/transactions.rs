@@ -1,6 +1,7 @@
 //! Storing and reading transactions.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use serde::Serialize;
 use sqlx::{FromRow, Row};
@@ -192,15 +193,33 @@ const STATS: &str = concat!(
     ") AS failed FROM transactions"
 );
 
+/// What becomes of a new row once it is committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intake {
+    /// Left for the relay loop (the queue is down, the relay suspended).
+    Queued,
+    /// Held for its inline send for `lease`, under a claim token of its own,
+    /// so a sweep never races it; if the process dies, the row is swept
+    /// once the lease ends.
+    Inline { lease: Duration },
+}
+
+impl Intake {
+    fn lease_ms(self) -> i64 {
+        match self {
+            Self::Queued => 0,
+            Self::Inline { lease } => i64::try_from(lease.as_millis()).unwrap_or(i64::MAX).max(1),
+        }
+    }
+}
+
 impl Store {
-    /// Commits a new transaction in one round trip. `inline_lease_ms` is how
-    /// long the row is held for the inline send (0 when there is none), so a
-    /// sweep never races it; if the process dies, the row is swept afterwards.
-    pub async fn insert(&self, tx: &NewTransaction, inline_lease_ms: i64, fifo: bool) -> Result<InsertOutcome> {
+    /// Commits a new transaction in one round trip.
+    pub async fn insert(&self, tx: &NewTransaction, intake: Intake) -> Result<InsertOutcome> {
         // A conflicting row can vanish between the insert and the lookup
         // (retention); one more insert settles it.
         for _ in 0..2 {
-            let mut rows = self.insert_rows(&[tx], inline_lease_ms, fifo).await?;
+            let mut rows = self.insert_rows(&[tx], intake).await?;
             if let Some(row) = rows.pop() {
                 return created(&row);
             }
@@ -212,37 +231,26 @@ impl Store {
     }
 
     /// Commits a group of new transactions in one statement and one
-    /// transaction; the answer for each is in the order given. Every row is
-    /// held for its inline send for `inline_lease_ms` (0: not held). A group
+    /// transaction; the answer for each is in the order given. A group
     /// that fails for another reason than the database being unavailable (a
     /// constraint one row breaks) is retried row by row, so one bad row never
     /// fails its neighbours; an unavailable database fails every row of it.
-    pub async fn insert_many(
-        &self,
-        txs: &[&NewTransaction],
-        inline_lease_ms: i64,
-        fifo: bool,
-    ) -> Vec<Result<InsertOutcome>> {
-        match self.insert_group(txs, inline_lease_ms, fifo).await {
+    pub async fn insert_many(&self, txs: &[&NewTransaction], intake: Intake) -> Vec<Result<InsertOutcome>> {
+        match self.insert_group(txs, intake).await {
             Ok(outcomes) => outcomes,
             Err(error) if error.is_unavailable() => txs.iter().map(|_| Err(error.again())).collect(),
             Err(_) => {
                 let mut outcomes = Vec::with_capacity(txs.len());
                 for tx in txs {
-                    outcomes.push(self.insert(tx, inline_lease_ms, fifo).await);
+                    outcomes.push(self.insert(tx, intake).await);
                 }
                 outcomes
             }
         }
     }
 
-    async fn insert_group(
-        &self,
-        txs: &[&NewTransaction],
-        inline_lease_ms: i64,
-        fifo: bool,
-    ) -> Result<Vec<Result<InsertOutcome>>> {
-        let rows = self.insert_rows(txs, inline_lease_ms, fifo).await?;
+    async fn insert_group(&self, txs: &[&NewTransaction], intake: Intake) -> Result<Vec<Result<InsertOutcome>>> {
+        let rows = self.insert_rows(txs, intake).await?;
         // A returned row is a request's only if everything that makes the
         // request itself matches: two requests of one group may share a key
         // (a replay, or a conflict) while only one of them was inserted.
@@ -265,7 +273,7 @@ impl Store {
                 // earlier row of this very group). Judged as one insert is.
                 None => outcomes.push(match self.classify_conflict(tx).await {
                     Ok(Some(outcome)) => Ok(outcome),
-                    Ok(None) => self.insert(tx, inline_lease_ms, fifo).await,
+                    Ok(None) => self.insert(tx, intake).await,
                     Err(error) => Err(error),
                 }),
             }
@@ -274,13 +282,9 @@ impl Store {
     }
 
     /// Runs [`INSERT_MANY`]: the rows inserted, each held for its inline
-    /// send under a token of its own when `inline_lease_ms` > 0.
-    async fn insert_rows(
-        &self,
-        txs: &[&NewTransaction],
-        inline_lease_ms: i64,
-        fifo: bool,
-    ) -> Result<Vec<sqlx::postgres::PgRow>> {
+    /// send under a token of its own when the intake is inline.
+    async fn insert_rows(&self, txs: &[&NewTransaction], intake: Intake) -> Result<Vec<sqlx::postgres::PgRow>> {
+        let inline_lease_ms = intake.lease_ms();
         let text = |f: fn(&NewTransaction) -> &str| txs.iter().map(|t| f(t).to_owned()).collect::<Vec<String>>();
         let optional = |f: fn(&NewTransaction) -> &Option<String>| txs.iter().map(|t| f(t).clone()).collect::<Vec<_>>();
         let tokens: Vec<Option<i64>> =
@@ -306,7 +310,7 @@ impl Store {
             .bind(text(|t| &t.payload))
             .bind(inline_lease_ms)
             .bind(tokens)
-            .bind(fifo)
+            .bind(self.fifo())
             .bind(txs.iter().map(|t| t.trace.as_ref().map(|c| c.traceparent.clone())).collect::<Vec<_>>())
             .bind(txs.iter().map(|t| t.trace.as_ref().and_then(|c| c.tracestate.clone())).collect::<Vec<_>>());
         // The INSERT is its own transaction: once it went out, a lost

@@ -190,11 +190,11 @@ async fn on_a_fifo_queue_a_dead_letter_holds_its_wallet_until_retried_or_skipped
     })
     .await;
     assert_eq!(row_of(&db, withdrawal).await.message_id, None, "the withdrawal waits for its deposit");
-    let refused = app.relay.retry_one(row_of(&db, withdrawal).await.id, &audit("retry")).await;
+    let refused = app.relay.resend().retry_one(row_of(&db, withdrawal).await.id, &audit("retry")).await;
     assert!(refused.is_err_and(|e| e.to_string().contains("txrelay skip")), "retry of the later row is refused");
 
     proxy.faults(|f| f.refuse_entries = None);
-    app.relay.retry_one(row_of(&db, deposit).await.id, &audit("retry")).await.expect("the deposit is retried");
+    app.relay.resend().retry_one(row_of(&db, deposit).await.id, &audit("retry")).await.expect("the deposit is retried");
     wait_until(Duration::from_secs(10), "the withdrawal follows", || async {
         row_of(&db, withdrawal).await.message_id.is_some()
     })
@@ -216,7 +216,7 @@ async fn on_a_fifo_queue_a_dead_letter_holds_its_wallet_until_retried_or_skipped
         .await;
     app.post_new(&body(next, "wallet-v")).await;
     let stuck_id = row_of(&db, stuck).await.id;
-    app.relay.skip_one(stuck_id, &audit("skip")).await.expect("a dead letter can be skipped");
+    app.relay.resend().skip_one(stuck_id, &audit("skip")).await.expect("a dead letter can be skipped");
     wait_until(Duration::from_secs(10), "the wallet goes on", || async {
         row_of(&db, next).await.message_id.is_some()
     })
@@ -231,7 +231,7 @@ async fn on_a_fifo_queue_a_dead_letter_holds_its_wallet_until_retried_or_skipped
         1,
         "the skip is audited"
     );
-    assert!(app.relay.skip_one(stuck_id, &audit("skip")).await.is_err(), "skipped once only");
+    assert!(app.relay.resend().skip_one(stuck_id, &audit("skip")).await.is_err(), "skipped once only");
     running.stop().await;
 }
 
@@ -339,7 +339,7 @@ async fn a_server_error_answer_is_an_unknown_outcome_and_counts_an_attempt() {
         proxy.faults(|f| f.send_error = Some((status, code)));
         let n = unique();
         insert_created(&db, &new_tx(n, "w")).await;
-        let report = app.relay.sweep(txrelay::store::ClaimMode::Due, 100, &stop).await.unwrap();
+        let report = app.relay.drain().sweep(txrelay::store::ClaimMode::Due, 100, &stop).await.unwrap();
         assert!(report.queue_error.is_some(), "{code}: the queue is suspect: {report:?}");
         assert_eq!(row_of(&db, n).await.attempts, 1, "{code}: an attempt is counted, so resends are bounded");
         db.execute("DELETE FROM transactions").await;

@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use serde_json::json;
 use tokio::sync::watch;
 use txrelay::relay::backoff::Backoff;
-use txrelay::store::ClaimMode;
+use txrelay::store::{ClaimMode, Intake};
 use txrelay::transaction::parse_request_body;
 
 use crate::common::proxy::{SqsMode, SqsProxy, TcpProxy};
@@ -82,7 +82,7 @@ async fn a_poison_row_is_dead_lettered_after_one_attempt_and_the_rest_of_its_bat
     let mut poison = body(unique(), "w");
     poison["ledger_payload"]["payload"]["memo"] = json!("x".repeat(2000));
     let poison = parse_request_body(&serde_json::to_vec(&poison).unwrap()).unwrap();
-    db.store.insert(&poison, 0, false).await.unwrap();
+    db.store.insert(&poison, Intake::Queued).await.unwrap();
 
     let running = RunningLoop::start(&relay);
     wait_until(Duration::from_secs(15), "the batch is settled", || async { unsent(&db).await == 0 }).await;
@@ -151,7 +151,7 @@ async fn on_a_fifo_queue_a_failing_row_holds_back_its_wallet_only_and_order_is_k
     assert!(db.store.find_by_reference(&format!("MYK-{a2:06}")).await.unwrap().unwrap().message_id.is_none());
 
     db.execute(&format!("UPDATE transactions SET next_attempt_at = now() WHERE reference = 'MYK-{a1:06}'")).await;
-    app.relay.wake();
+    app.relay.outbox().wake();
     let wallet_a = queue.receive(2, Duration::from_secs(30)).await;
     running.stop().await;
     let order: Vec<String> =
@@ -183,7 +183,7 @@ async fn max_attempts_is_honoured_under_repeated_transient_failures() {
     let running = RunningLoop::start(&app.relay);
     let n = unique();
     insert_created(&db, &new_tx(n, "w")).await;
-    app.relay.wake();
+    app.relay.outbox().wake();
     let reference = format!("MYK-{n:06}");
     wait_until(Duration::from_secs(20), "dead-lettered after three attempts", || async {
         db.store.find_by_reference(&reference).await.unwrap().unwrap().failed_at.is_some()
@@ -213,7 +213,7 @@ async fn the_backoff_schedule_follows_the_seeded_jitter() {
     let n = unique();
     insert_created(&db, &new_tx(n, "w")).await;
     let (_keep, never) = watch::channel(false);
-    app.relay.sweep(ClaimMode::Due, 10, &never).await.unwrap();
+    app.relay.drain().sweep(ClaimMode::Due, 10, &never).await.unwrap();
     let scheduled = |db: &TestDb| {
         let reference = format!("MYK-{n:06}");
         let store = db.store.clone();
@@ -229,7 +229,7 @@ async fn the_backoff_schedule_follows_the_seeded_jitter() {
 
     // The second attempt draws the next number from the same sequence.
     db.execute("UPDATE transactions SET next_attempt_at = now()").await;
-    app.relay.sweep(ClaimMode::Due, 10, &never).await.unwrap();
+    app.relay.drain().sweep(ClaimMode::Due, 10, &never).await.unwrap();
     let (delay, attempts) = scheduled(&db).await;
     assert_eq!(attempts, 2);
     let second = backoff.delay(2, &mut expected).as_millis() as i64;

@@ -116,7 +116,7 @@ async fn refusals_of_the_whole_call_hold_rows_whatever_their_cause() {
         proxy.faults(|f| f.send_error = Some((status, code)));
         let n = unique();
         insert_created(&db, &new_tx(n, "w")).await;
-        let report = app.relay.sweep(txrelay::store::ClaimMode::Due, 100, &stop).await.unwrap();
+        let report = app.relay.drain().sweep(txrelay::store::ClaimMode::Due, 100, &stop).await.unwrap();
         assert!(report.queue_error.is_some() && report.failed == 0, "{code}: {report:?}");
         let tx = row(&db, n).await;
         assert_eq!((tx.attempts, tx.failed_at), (0, None), "{code}: held, no attempt (maxAttempts is 1)");
@@ -155,7 +155,7 @@ async fn a_refused_entry_is_dead_lettered_only_for_a_sender_fault_and_otherwise_
     // Entries are told apart by their body, which holds the reference.
     proxy.faults(|f| f.refuse_entries = Some((format!("MYK-{poison:06}"), true)));
     let (_keep, stop) = tokio::sync::watch::channel(false);
-    let report = relay.sweep(txrelay::store::ClaimMode::Due, 100, &stop).await.unwrap();
+    let report = relay.drain().sweep(txrelay::store::ClaimMode::Due, 100, &stop).await.unwrap();
     assert_eq!((report.sent, report.dead_lettered), (4, 1), "{report:?}");
     let tx = row(&db, poison).await;
     assert!(tx.failed_at.is_some() && tx.attempts == 1, "a sender fault dead-letters at once: {tx:?}");
@@ -167,7 +167,7 @@ async fn a_refused_entry_is_dead_lettered_only_for_a_sender_fault_and_otherwise_
     .await;
     for attempt in 1..=3 {
         db.execute("UPDATE transactions SET next_attempt_at = now() WHERE message_id IS NULL").await;
-        let report = relay.sweep(txrelay::store::ClaimMode::Due, 100, &stop).await.unwrap();
+        let report = relay.drain().sweep(txrelay::store::ClaimMode::Due, 100, &stop).await.unwrap();
         assert_eq!(report.failed, 1, "attempt {attempt}: {report:?}");
         let tx = row(&db, transient).await;
         assert_eq!(tx.attempts, attempt, "each transient refusal counts");
@@ -316,7 +316,7 @@ async fn a_relay_with_a_role_arn_sends_with_the_assumed_roles_credentials() {
     let (status, answer) = app.post_new(&body(unique(), "w")).await;
     assert_eq!(status, axum::http::StatusCode::CREATED, "{answer}");
     insert_unsent(&db, "w2").await;
-    app.relay.wake();
+    app.relay.outbox().wake();
     assert_eq!(queue.receive(2, Duration::from_secs(10)).await.len(), 2, "inline and sweep sends both went");
     running.stop().await;
 

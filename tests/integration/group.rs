@@ -58,7 +58,7 @@ async fn post_as_one_group(
     let openers = block_every_slot(app, db).await;
     let count = bodies.len();
     let posted: Vec<_> = bodies.into_iter().map(post).collect();
-    let waiting = app.relay.waiting_to_commit();
+    let waiting = app.relay.ingest().waiting_to_commit();
     wait_until(Duration::from_secs(10), "every request waits for the next group", || {
         let queued = *waiting.borrow();
         async move { queued == count }
@@ -165,7 +165,7 @@ async fn a_group_hit_by_a_database_outage_answers_503_to_every_request() {
     };
     let openers = block_every_slot(&app, &db).await;
     let group: Vec<_> = (0..4).map(|_| post(body(unique(), "w"))).collect();
-    let waiting = app.relay.waiting_to_commit();
+    let waiting = app.relay.ingest().waiting_to_commit();
     wait_until(Duration::from_secs(10), "the group has gathered", || {
         let queued = *waiting.borrow();
         async move { queued == 4 }

@@ -174,7 +174,7 @@ async fn the_row_is_committed_before_the_message_is_sent() {
         Metrics::new().relay("test"),
     ));
     let tx = new_tx(unique(), "w");
-    assert!(matches!(relay.submit(&tx).await.unwrap(), txrelay::relay::Submission::Sent(_)));
+    assert!(matches!(relay.ingest().submit(&tx).await.unwrap(), txrelay::relay::Submission::Sent(_)));
     assert_eq!(*checking.seen_committed.lock().unwrap(), [true]);
 }
 

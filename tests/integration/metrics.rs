@@ -52,9 +52,9 @@ async fn metrics_after_accepted_sent_failed_and_dead_lettered() {
     // One sweep sends the failed row and dead-letters the poison one.
     db.execute("UPDATE transactions SET next_attempt_at = now() WHERE message_id IS NULL").await;
     let (_keep, never) = watch::channel(false);
-    let report = app.relay.sweep(ClaimMode::Due, 100, &never).await.unwrap();
+    let report = app.relay.drain().sweep(ClaimMode::Due, 100, &never).await.unwrap();
     assert_eq!((report.sent, report.dead_lettered), (1, 1));
-    app.relay.refresh_gauges().await.unwrap();
+    app.relay.outbox().refresh_gauges().await.unwrap();
 
     let relays = std::sync::Arc::new(Relays::new(None));
     let ops = ops_router(AppState::new(relays, app.metrics.clone(), HttpOptions::default()));
@@ -106,7 +106,7 @@ async fn the_backlog_gauges_follow_the_database() {
         app.post_new(&body(unique(), "w")).await;
     }
     db.execute("UPDATE transactions SET created_at = now() - interval '90 seconds'").await;
-    let gauges = app.relay.refresh_gauges().await.unwrap();
+    let gauges = app.relay.outbox().refresh_gauges().await.unwrap();
     assert_eq!(gauges.unsent, 3);
     assert!((90.0..100.0).contains(&gauges.oldest_unsent_age_seconds), "{gauges:?}");
     let text = app.metrics.render();

@@ -169,7 +169,7 @@ async fn a_send_only_iam_policy_reconciles_to_ready_and_sends_tell_the_queue_sta
     assert_eq!(proxy.denied(), 1, "asked once, then never again");
     let handle = op.relays.resolve(None).expect("serving");
     let n = unique();
-    let submitted = handle.relay.submit(&new_tx(n, "w")).await.expect("stored");
+    let submitted = handle.relay.ingest().submit(&new_tx(n, "w")).await.expect("stored");
     assert!(matches!(submitted, txrelay::relay::Submission::Sent(_)), "{submitted:?}");
     assert!(handle.relay.health().borrow().queue_error.is_none());
     op.ctx.supervisor.stop_all().await;
@@ -295,7 +295,7 @@ async fn an_invalid_edit_keeps_ready_false_without_flapping_and_does_not_advance
          0, 'w', '{}', now() + interval '1 hour')",
     )
     .await;
-    let gauges = handle.relay.refresh_gauges().await.expect("the backlog is read");
+    let gauges = handle.relay.outbox().refresh_gauges().await.expect("the backlog is read");
     assert_eq!(gauges.unsent, 1);
     wait_until(Duration::from_secs(30), "the follower writes a status", || async {
         op.api.status_patches().len() > written
@@ -576,7 +576,7 @@ async fn leadership_moves_status_writing_with_it_and_a_replica_without_the_api_s
     let written = api.status_patches().len();
     let events = api.events().len();
     let handle = relays.resolve(None).unwrap();
-    handle.relay.submit(&new_tx(unique(), "w")).await.unwrap();
+    handle.relay.ingest().submit(&new_tx(unique(), "w")).await.unwrap();
     reconcile(Arc::new(relay.clone()), ctx.clone()).await.expect("reconciled as a follower");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(api.status_patches().len(), written, "a follower writes no status");
@@ -589,7 +589,7 @@ async fn leadership_moves_status_writing_with_it_and_a_replica_without_the_api_s
         async move { l }
     })
     .await;
-    handle.relay.submit(&new_tx(unique(), "w")).await.unwrap();
+    handle.relay.ingest().submit(&new_tx(unique(), "w")).await.unwrap();
     wait_until(Duration::from_secs(30), "the status follower writes again", || async {
         api.status_patches().len() > written
     })
@@ -602,10 +602,10 @@ async fn leadership_moves_status_writing_with_it_and_a_replica_without_the_api_s
         async move { !l }
     })
     .await;
-    let submitted = handle.relay.submit(&new_tx(unique(), "w")).await.expect("/new keeps working");
+    let submitted = handle.relay.ingest().submit(&new_tx(unique(), "w")).await.expect("/new keeps working");
     assert!(matches!(submitted, txrelay::relay::Submission::Sent(_)), "{submitted:?}");
     let id = insert_created(&db, &new_tx(unique(), "w")).await.id;
-    handle.relay.wake();
+    handle.relay.outbox().wake();
     wait_until(Duration::from_secs(10), "the loop keeps sweeping", || async {
         db.store.find_by_id(id).await.unwrap().unwrap().message_id.is_some()
     })
@@ -689,7 +689,7 @@ async fn a_resend_by_hand_under_the_operator_is_an_event_on_the_relay() {
         txrelay::store::ResendAudit { actor: "admin token sha256:0123456789ab".into(), via: "http", command: "retry" };
     // Its stored payload is not a ledger payload: the resend fails, and is
     // audited all the same.
-    assert!(handle.relay.retry_one(id, &audit).await.is_err());
+    assert!(handle.relay.resend().retry_one(id, &audit).await.is_err());
     wait_until(Duration::from_secs(10), "the resend Event", || async {
         op.api.events().iter().any(|e| {
             e["reason"] == "Resend"

@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use txrelay::store::InsertOutcome;
+use txrelay::store::{InsertOutcome, Intake};
 
 use crate::common::proxy::{SqsMode, SqsProxy};
 use crate::common::sqs::attribute;
@@ -15,7 +15,7 @@ async fn backlog(db: &TestDb, rows: usize) {
         let tx = new_tx(unique(), &format!("w{}", fastrand::u8(..)));
         let store = db.store.clone();
         pending.push(tokio::spawn(async move {
-            assert!(matches!(store.insert(&tx, 0, false).await.unwrap(), InsertOutcome::Created { .. }));
+            assert!(matches!(store.insert(&tx, Intake::Queued).await.unwrap(), InsertOutcome::Created { .. }));
         }));
         if pending.len() == 16 {
             for task in pending.drain(..) {

@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use txrelay::store::{ClaimMode, ClaimRef, Conflict, FailedSend, InsertOutcome};
+use txrelay::spec::QueueKind;
+use txrelay::store::{ClaimMode, ClaimRef, Conflict, FailedSend, InsertOutcome, Intake, Store};
 use txrelay::transaction::limits;
 
 use crate::common::{TestDb, insert_created, new_tx, unique, wait_until};
@@ -133,12 +134,12 @@ async fn each_unique_constraint_is_enforced() {
         (&same_external, Conflict::ExternalReference),
         (&same_key_other_content, Conflict::IdempotencyKey),
     ] {
-        match db.store.insert(tx, 0, false).await.unwrap() {
+        match db.store.insert(tx, Intake::Queued).await.unwrap() {
             InsertOutcome::Conflict(conflict) => assert_eq!(conflict, expected),
             other => panic!("expected {expected:?}, got {other:?}"),
         }
     }
-    assert!(matches!(db.store.insert(&original, 0, false).await.unwrap(), InsertOutcome::Replayed(_)));
+    assert!(matches!(db.store.insert(&original, Intake::Queued).await.unwrap(), InsertOutcome::Replayed(_)));
     assert_eq!(db.scalar_i64("SELECT count(*) FROM transactions").await, 1);
 
     // The database itself refuses duplicates, whatever the application does.
@@ -259,7 +260,7 @@ async fn concurrent_claims_never_take_the_same_row() {
         insert_created(&db, &new_tx(unique(), &format!("w{}", fastrand::u8(..)))).await;
     }
     let lease = Duration::from_secs(30);
-    let claims = futures::future::join_all((0..4).map(|_| db.store.claim(ClaimMode::Due, 20, lease, false))).await;
+    let claims = futures::future::join_all((0..4).map(|_| db.store.claim(ClaimMode::Due, 20, lease))).await;
     let mut ids: Vec<i64> = claims.into_iter().flat_map(|c| c.unwrap().rows).map(|r| r.id).collect();
     let claimed = ids.len();
     ids.sort_unstable();
@@ -267,7 +268,7 @@ async fn concurrent_claims_never_take_the_same_row() {
     assert_eq!(ids.len(), claimed, "a row was claimed twice");
     assert_eq!(claimed, 60);
     // Held rows are not due again until the lease runs out.
-    assert!(db.store.claim(ClaimMode::Due, 100, lease, false).await.unwrap().rows.is_empty());
+    assert!(db.store.claim(ClaimMode::Due, 100, lease).await.unwrap().rows.is_empty());
     assert_eq!(db.scalar_i64("SELECT count(*) FROM transactions WHERE claimed_until > now()").await, 60);
 }
 
@@ -277,13 +278,13 @@ async fn fifo_claims_take_only_the_oldest_unsent_row_of_each_wallet() {
     let a1 = insert_created(&db, &new_tx(unique(), "wallet-a")).await;
     let a2 = insert_created(&db, &new_tx(unique(), "wallet-a")).await;
     let b1 = insert_created(&db, &new_tx(unique(), "wallet-b")).await;
-    let claim = db.store.claim(ClaimMode::Due, 10, Duration::from_secs(30), true).await.unwrap();
+    let claim = fifo_store(&db).claim(ClaimMode::Due, 10, Duration::from_secs(30)).await.unwrap();
     let ids: Vec<i64> = claim.rows.iter().map(|r| r.id).collect();
     assert_eq!(ids, [a1.id, b1.id]);
     // While a1 is held (in flight), a2 still waits.
-    assert!(db.store.claim(ClaimMode::Due, 10, Duration::from_secs(30), true).await.unwrap().rows.is_empty());
+    assert!(fifo_store(&db).claim(ClaimMode::Due, 10, Duration::from_secs(30)).await.unwrap().rows.is_empty());
     db.store.record_sent(&[(claim.row_ref(a1.id), "m-a1".into())]).await.unwrap();
-    let next = db.store.claim(ClaimMode::Due, 10, Duration::from_secs(30), true).await.unwrap();
+    let next = fifo_store(&db).claim(ClaimMode::Due, 10, Duration::from_secs(30)).await.unwrap();
     assert_eq!(next.rows.iter().map(|r| r.id).collect::<Vec<_>>(), [a2.id]);
 }
 
@@ -291,7 +292,7 @@ async fn fifo_claims_take_only_the_oldest_unsent_row_of_each_wallet() {
 async fn writes_of_a_claim_apply_only_while_it_still_holds_the_row() {
     let db = TestDb::new().await;
     let row = insert_created(&db, &new_tx(unique(), "w")).await;
-    let stale = db.store.claim(ClaimMode::Due, 10, Duration::from_millis(1), false).await.unwrap();
+    let stale = db.store.claim(ClaimMode::Due, 10, Duration::from_millis(1)).await.unwrap();
     // The first claim's lease ran out and another process claimed the row.
     wait_until(Duration::from_secs(5), "the lease runs out", || async {
         db.scalar_i64(&format!("SELECT count(*) FROM transactions WHERE id = {} AND claimed_until < now()", row.id))
@@ -299,7 +300,7 @@ async fn writes_of_a_claim_apply_only_while_it_still_holds_the_row() {
             == 1
     })
     .await;
-    let current = db.store.claim(ClaimMode::Due, 10, Duration::from_secs(60), false).await.unwrap();
+    let current = db.store.claim(ClaimMode::Due, 10, Duration::from_secs(60)).await.unwrap();
     assert_eq!(current.rows.len(), 1);
     assert_ne!(stale.token, current.token);
 
@@ -457,7 +458,7 @@ async fn unsent_transactions_migrate_up_and_down_keeping_every_row_and_its_state
 
     // The relay claims only what was claimable before: the due row and the
     // row whose lease ran out, never the held one nor the one backing off.
-    let claim = db.store.claim(ClaimMode::Due, 10, Duration::from_secs(30), false).await.unwrap();
+    let claim = db.store.claim(ClaimMode::Due, 10, Duration::from_secs(30)).await.unwrap();
     let claimed: Vec<&str> = claim.rows.iter().map(|row| row.reference.as_str()).collect();
     assert_eq!(claimed, ["due", "lapsed"]);
     db.assert_unsent_rows_followed().await;
@@ -529,7 +530,7 @@ async fn other_writers_keep_unsent_transactions_in_step_through_the_triggers() {
     .await
     .unwrap();
     assert_eq!(unsent, ["dead", "lapsed"]);
-    let claim = db.store.claim(ClaimMode::Due, 10, Duration::from_secs(30), false).await.unwrap();
+    let claim = db.store.claim(ClaimMode::Due, 10, Duration::from_secs(30)).await.unwrap();
     assert_eq!(claim.rows.iter().map(|row| row.reference.as_str()).collect::<Vec<_>>(), ["dead"]);
     assert!(db.scalar_i64(updated).await > dead_updated_at, "updated_at still moves for every writer");
     db.execute("TRUNCATE transactions").await;
@@ -555,10 +556,10 @@ async fn relay_connections_skip_the_triggers_and_a_claim_takes_out_a_listed_row_
     // claim that meets it takes it out, and the next claim takes the row
     // behind it.
     let lease = Duration::from_secs(30);
-    let claim = db.store.claim(ClaimMode::Due, 1, lease, true).await.unwrap();
+    let claim = fifo_store(&db).claim(ClaimMode::Due, 1, lease).await.unwrap();
     assert!(claim.rows.is_empty(), "the stray is not claimed: {:?}", claim.rows);
     db.assert_unsent_rows_followed().await;
-    let claim = db.store.claim(ClaimMode::Due, 1, lease, true).await.unwrap();
+    let claim = fifo_store(&db).claim(ClaimMode::Due, 1, lease).await.unwrap();
     assert_eq!(claim.rows.iter().map(|row| row.id).collect::<Vec<_>>(), [second.id]);
     assert_eq!(db.store.gauges().await.unwrap().unsent, 1);
 }
@@ -657,12 +658,12 @@ async fn a_migration_waiting_for_a_lock_lets_writers_through_and_tries_again() {
 #[tokio::test]
 async fn with_nothing_unsent_no_row_is_due_and_an_overdue_row_is_due_now() {
     let db = TestDb::new().await;
-    for fifo in [false, true] {
-        assert_eq!(db.store.next_due_in(fifo).await.unwrap(), None, "fifo {fifo}");
+    for kind in [QueueKind::Standard, QueueKind::Fifo] {
+        assert_eq!(db.store.clone().for_queue(kind).next_due_in().await.unwrap(), None, "{kind:?}");
     }
     crate::common::insert_unsent(&db, "w").await;
     db.execute("UPDATE transactions SET next_attempt_at = now() - interval '1 minute'").await;
-    assert_eq!(db.store.next_due_in(false).await.unwrap(), Some(Duration::ZERO), "overdue: due now");
+    assert_eq!(db.store.next_due_in().await.unwrap(), Some(Duration::ZERO), "overdue: due now");
 }
 
 /// A schema with every migration applied starts without the migrators'
@@ -676,4 +677,9 @@ async fn a_migrated_schema_starts_without_waiting_for_the_migration_lock() {
     let started = tokio::time::timeout(Duration::from_secs(5), db.store.migrate()).await;
     sqlx::migrate::Migrate::unlock(&mut *holder).await.unwrap();
     assert!(started.is_ok_and(|r| r.is_ok()), "a migrated schema does not queue behind another migration");
+}
+
+/// The test database's store, for a relay with a FIFO queue.
+fn fifo_store(db: &TestDb) -> Store {
+    db.store.clone().for_queue(QueueKind::Fifo)
 }

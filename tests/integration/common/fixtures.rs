@@ -55,7 +55,7 @@ pub async fn insert_created(
     db: &TestDb,
     tx: &txrelay::transaction::NewTransaction,
 ) -> txrelay::transaction::Transaction {
-    match db.store.insert(tx, 0, false).await.unwrap() {
+    match db.store.insert(tx, txrelay::store::Intake::Queued).await.unwrap() {
         txrelay::store::InsertOutcome::Created { transaction, .. } => transaction,
         other => panic!("expected a new row, got {other:?}"),
     }
@@ -266,8 +266,8 @@ impl RunningLoop {
     pub fn start(relay: &Arc<Relay>) -> Self {
         let (stop, stopped) = watch::channel(false);
         let tasks = vec![
-            tokio::spawn(run_loop(relay.clone(), stopped.clone())),
-            tokio::spawn(listen_for_due_rows(relay.clone(), stopped)),
+            tokio::spawn(run_loop(relay.drain().clone(), stopped.clone())),
+            tokio::spawn(listen_for_due_rows(relay.outbox().clone(), stopped)),
         ];
         Self { stop, tasks }
     }

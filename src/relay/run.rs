@@ -11,7 +11,9 @@ use sqlx::postgres::PgListener;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use super::{Relay, SweepReport};
+use super::core::Outbox;
+use super::drain::{Drain, SweepReport};
+use super::upkeep::{Upkeep, keep_health_fresh};
 use crate::store::{ClaimMode, StoreError};
 
 /// While the queue refuses calls, the oldest due batch is sent this often
@@ -22,23 +24,9 @@ const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 const GAUGE_MAX_AGE: Duration = Duration::from_secs(15);
 /// ...and at most this often while a backlog drains.
 const GAUGE_MIN_AGE: Duration = Duration::from_secs(1);
-const RETENTION_EVERY: Duration = Duration::from_secs(600);
-/// The drift reconciliation looks at this many rows of `transactions`, by
-/// primary key, at the loop's start and then every [`DRIFT_EVERY`]: a row
-/// missing from `unsent_transactions` is listed again within one minute per
-/// 100,000 rows of the table (docs/delivery.md), at the cost of one index
-/// range scan of that many ids a minute.
-const DRIFT_BATCH: u32 = 100_000;
-const DRIFT_EVERY: Duration = Duration::from_secs(60);
-const RETENTION_BATCH: u32 = 500;
 /// Backoff while the database is unreachable.
 const DB_RETRY_MIN: Duration = Duration::from_millis(250);
 const DB_RETRY_MAX: Duration = Duration::from_secs(30);
-/// The relay checks its database this often, on a connection of its own,
-/// and counts it unreachable when it does not answer within the timeout:
-/// `/readyz` and the status read this, and never wait on the database.
-const HEALTH_EVERY: Duration = Duration::from_secs(1);
-const HEALTH_TIMEOUT: Duration = Duration::from_millis(800);
 /// Shortest sleep after a sweep that left due rows behind (held by other
 /// processes, or waiting behind an older row of their wallet).
 const MIN_SLEEP: Duration = Duration::from_millis(20);
@@ -52,41 +40,31 @@ struct LoopState {
     /// The last sweep claimed a full batch: a backlog is being drained.
     draining: bool,
     db_retry: Duration,
-    gauges_at: Option<Instant>,
-    retention_at: Option<Instant>,
     /// When the last probe went out while the queue was refusing calls.
     probed_at: Option<Instant>,
-    drift_at: Option<Instant>,
-    /// Where the drift reconciliation goes on from (an id of `transactions`).
-    drift_after: i64,
+    upkeep: Upkeep,
 }
 
 /// Runs until `stop` turns true (or its sender is dropped). A sweep that
 /// has started finishes its in-flight sends and records them first.
-pub async fn run_loop(relay: Arc<Relay>, mut stop: watch::Receiver<bool>) {
+pub async fn run_loop(drain: Arc<Drain>, mut stop: watch::Receiver<bool>) {
+    let relay = drain.core().clone();
     info!(relay = %relay.id, suspended = relay.config.suspend, "relay loop started");
     let health = tokio::spawn(keep_health_fresh(relay.clone(), stop.clone()));
-    let mut state = LoopState {
-        draining: false,
-        db_retry: DB_RETRY_MIN,
-        gauges_at: None,
-        retention_at: None,
-        probed_at: None,
-        drift_at: None,
-        drift_after: 0,
-    };
+    let mut state =
+        LoopState { draining: false, db_retry: DB_RETRY_MIN, probed_at: None, upkeep: Upkeep::new(relay.clone()) };
     loop {
         if *stop.borrow() {
             break;
         }
-        let sleep = relay.cycle(&stop, &mut state).await;
+        let sleep = drain.cycle(&stop, &mut state).await;
         if sleep.is_zero() {
             tokio::task::yield_now().await;
             continue;
         }
         tokio::select! {
             () = tokio::time::sleep(sleep) => {}
-            () = relay.wake.notified() => {}
+            () = relay.signals.due.notified() => {}
             changed = stop.changed() => if changed.is_err() { break },
         }
     }
@@ -94,30 +72,14 @@ pub async fn run_loop(relay: Arc<Relay>, mut stop: watch::Receiver<bool>) {
     info!(relay = %relay.id, "relay loop stopped");
 }
 
-/// Keeps the relay's view of its database fresh, whatever the loop is
-/// doing (a sweep can wait on a stalled database for up to its call bound).
-async fn keep_health_fresh(relay: Arc<Relay>, mut stop: watch::Receiver<bool>) {
-    loop {
-        let checked = relay.store.ping_within(HEALTH_TIMEOUT).await;
-        if let Err(error) = &checked {
-            debug!(relay = %relay.id, %error, "database health check failed");
-        }
-        relay.mark_database(checked.as_ref().err());
-        tokio::select! {
-            () = tokio::time::sleep(HEALTH_EVERY) => {}
-            changed = stop.changed() => if changed.is_err() || *stop.borrow() { return },
-        }
-    }
-}
-
-impl Relay {
+impl Drain {
     /// One turn of the loop; returns how long to sleep.
     async fn cycle(&self, stop: &watch::Receiver<bool>, state: &mut LoopState) -> Duration {
-        if self.config.suspend {
-            self.refresh_gauges_if_older_than(Duration::ZERO, state).await;
+        if self.core.config.suspend {
+            state.upkeep.refresh_gauges_if_older_than(Duration::ZERO).await;
             return GAUGE_MAX_AGE;
         }
-        let probing = !self.queue_is_up();
+        let probing = !self.core.queue_is_up();
         if probing {
             // Woken early (a new row, another replica): the probe still goes
             // out at most once per interval.
@@ -131,7 +93,7 @@ impl Relay {
         let sweep = if probing {
             // The probe is the oldest due batch: one call, whose rows are
             // held without an attempt if the queue still refuses it.
-            let limit = self.config.batch_size.min(crate::queue::MAX_BATCH_ENTRIES as u32);
+            let limit = self.core.config.batch_size.min(crate::queue::MAX_BATCH_ENTRIES as u32);
             self.sweep(ClaimMode::Due, limit, stop).await
         } else {
             self.sweep_or_drain(std::mem::take(&mut state.draining), stop).await
@@ -140,38 +102,36 @@ impl Relay {
             Ok(report) => report,
             Err(error) => {
                 let wait = state.db_retry;
-                warn!(relay = %self.id, %error, retry_in_ms = wait.as_millis() as u64, "sweep failed; retrying");
+                warn!(relay = %self.core.id, %error, retry_in_ms = wait.as_millis() as u64, "sweep failed; retrying");
                 state.db_retry = (state.db_retry * 2).min(DB_RETRY_MAX);
                 return wait;
             }
         };
         if state.db_retry > DB_RETRY_MIN {
-            info!(relay = %self.id, "database reachable again");
+            info!(relay = %self.core.id, "database reachable again");
         }
         state.db_retry = DB_RETRY_MIN;
-        self.health.send_modify(|h| h.last_sweep = Some(chrono::Utc::now()));
-        self.refresh_gauges_if_older_than(GAUGE_MIN_AGE, state).await;
-        self.apply_retention(state).await;
-        self.repair_drift(state).await;
+        self.core.mark_swept();
+        state.upkeep.after_sweep(GAUGE_MIN_AGE).await;
 
         if report.queue_error.is_some() {
-            debug!(relay = %self.id, error = report.queue_error.as_deref(), "the queue still refuses calls");
+            debug!(relay = %self.core.id, error = report.queue_error.as_deref(), "the queue still refuses calls");
             return PROBE_INTERVAL;
         }
-        if probing && self.queue_is_up() {
+        if probing && self.core.queue_is_up() {
             // The probe went through: the rest of the backlog goes now.
             return Duration::ZERO;
         }
-        if report.claimed >= self.config.batch_size as usize {
+        if report.claimed >= self.core.config.batch_size as usize {
             state.draining = true;
             return Duration::ZERO;
         }
-        let ceiling = self.config.retry_interval.min(GAUGE_MAX_AGE);
-        match self.store.next_due_in(self.is_fifo()).await {
+        let ceiling = self.core.config.retry_interval.min(GAUGE_MAX_AGE);
+        match self.core.store.next_due_in().await {
             Ok(Some(due_in)) => due_in.clamp(MIN_SLEEP, ceiling.max(MIN_SLEEP)),
             Ok(None) => ceiling,
             Err(error) => {
-                warn!(relay = %self.id, %error, "could not read the next due time");
+                warn!(relay = %self.core.id, %error, "could not read the next due time");
                 state.db_retry
             }
         }
@@ -186,7 +146,7 @@ impl Relay {
     /// short, refused by the queue, or failed, once every sweep it started
     /// has recorded its results.
     async fn sweep_or_drain(&self, draining: bool, stop: &watch::Receiver<bool>) -> Result<SweepReport, StoreError> {
-        let limit = self.config.batch_size;
+        let limit = self.core.config.batch_size;
         if !draining {
             return self.sweep(ClaimMode::Due, limit, stop).await;
         }
@@ -202,7 +162,7 @@ impl Relay {
                     // The first is returned (and logged by the loop); any
                     // other is logged here, not lost.
                     if failed.is_some() {
-                        warn!(relay = %self.id, %error, "another sweep of the drain failed too");
+                        warn!(relay = %self.core.id, %error, "another sweep of the drain failed too");
                     }
                     failed.get_or_insert(error);
                     continue;
@@ -224,94 +184,12 @@ impl Relay {
             None => Ok(drained),
         }
     }
-
-    async fn refresh_gauges_if_older_than(&self, age: Duration, state: &mut LoopState) {
-        if state.gauges_at.is_some_and(|at| at.elapsed() < age) {
-            return;
-        }
-        match self.refresh_gauges().await {
-            Ok(_) => {
-                state.gauges_at = Some(Instant::now());
-                self.mark_database(None);
-            }
-            Err(error) => {
-                warn!(relay = %self.id, %error, "could not read the backlog");
-                self.mark_database(Some(&error));
-            }
-        }
-    }
-
-    /// One bounded step of the drift reconciliation (see [`DRIFT_BATCH`]):
-    /// an unsent row that a writer left out of `unsent_transactions` would
-    /// otherwise never be sent, counted or alerted on.
-    async fn repair_drift(&self, state: &mut LoopState) {
-        if state.drift_at.is_some_and(|at| at.elapsed() < DRIFT_EVERY) {
-            return;
-        }
-        state.drift_at = Some(Instant::now());
-        match self.store.repair_unsent_drift(state.drift_after, DRIFT_BATCH).await {
-            Ok(scan) => {
-                // Past the newest row: the next step starts over.
-                state.drift_after = scan.last_id.unwrap_or(0);
-                if !scan.repaired.is_empty() {
-                    self.metrics.unsent_drift_repaired(scan.repaired.len() as u64);
-                    warn!(relay = %self.id, rows = scan.repaired.len(), ids = ?&scan.repaired[..scan.repaired.len().min(20)],
-                          "unsent transactions were missing from unsent_transactions (a writer bypassed its triggers); listed again, they are sent now");
-                    self.wake();
-                }
-            }
-            Err(error) => warn!(relay = %self.id, %error, "drift reconciliation failed; retried in a minute"),
-        }
-    }
-
-    /// Deletes old sent rows in small batches, so the table stays small
-    /// without long locks. Unsent and dead-lettered rows are never deleted.
-    async fn apply_retention(&self, state: &mut LoopState) {
-        if state.retention_at.is_some_and(|at| at.elapsed() < RETENTION_EVERY) {
-            return;
-        }
-        state.retention_at = Some(Instant::now());
-        let window = self.config.idempotency_window;
-        // Records of keys whose window ended, whether or not retention is
-        // still on (it may have been turned off since).
-        for _ in 0..100 {
-            match self.store.expire_retired_older_than(window, RETENTION_BATCH).await {
-                Ok(count) if count == u64::from(RETENTION_BATCH) => {}
-                Ok(_) => break,
-                Err(error) => {
-                    warn!(relay = %self.id, %error, "expiring idempotency records stopped");
-                    break;
-                }
-            }
-        }
-        let Some(age) = self.config.retention else {
-            return;
-        };
-        let mut deleted = 0;
-        for _ in 0..100 {
-            match self.store.delete_sent_older_than(age, window, RETENTION_BATCH).await {
-                Ok(count) => {
-                    deleted += count;
-                    if count < u64::from(RETENTION_BATCH) {
-                        break;
-                    }
-                }
-                Err(error) => {
-                    warn!(relay = %self.id, %error, "retention stopped");
-                    break;
-                }
-            }
-        }
-        if deleted > 0 {
-            info!(relay = %self.id, deleted, "retention deleted old sent transactions");
-        }
-    }
 }
 
 /// Wakes the relay whenever another process says rows became due. Keeps
 /// reconnecting while the database is away, and wakes the relay after each
 /// reconnect in case a notification was missed meanwhile.
-pub async fn listen_for_due_rows(relay: Arc<Relay>, mut stop: watch::Receiver<bool>) {
+pub async fn listen_for_due_rows(relay: Arc<Outbox>, mut stop: watch::Receiver<bool>) {
     let channel = relay.store.due_channel();
     let mut retry = DB_RETRY_MIN;
     loop {

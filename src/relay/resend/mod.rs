@@ -1,0 +1,381 @@
+//! Resends by hand (`retry-all`, `retry`, `skip`): audited, paced, and run
+//! through the drain's sweeps, so they share its permits and claims and
+//! never take a row a running relay holds.
+
+mod one;
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::core::Outbox;
+use super::drain::Drain;
+use crate::store::{ClaimMode, ResendAudit, ResendFilter, ResendRow, StoreError};
+
+pub use one::RetryError;
+
+type ResendHook = Box<dyn Fn(&ResendNotice) + Send + Sync>;
+
+/// The resend flow of one relay.
+pub struct Resend {
+    core: Arc<Outbox>,
+    drain: Arc<Drain>,
+    /// Told of each resend by hand when it ends (see [`Resend::on_end`]).
+    hook: OnceLock<ResendHook>,
+}
+
+/// A resend by hand that ended, as its audit record has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResendNotice {
+    pub audit_id: i64,
+    pub actor: String,
+    pub via: &'static str,
+    pub command: &'static str,
+    pub rows: usize,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub outcome: String,
+}
+
+impl ResendNotice {
+    /// One line for a Kubernetes Event or a log.
+    pub fn note(&self) -> String {
+        format!(
+            "{} by {} via {} (audit record {}): {} rows, {} sent, {} failed; {}",
+            self.command, self.actor, self.via, self.audit_id, self.rows, self.succeeded, self.failed, self.outcome
+        )
+    }
+}
+
+/// What `retry-all` is asked to do (CLI or HTTP).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ResendRequest {
+    pub filter: ResendFilter,
+    /// At most this many rows.
+    pub limit: Option<u64>,
+    /// At most this many messages per second.
+    pub rate: Option<f64>,
+    /// Only say which rows would be resent.
+    pub dry_run: bool,
+    /// No round starts after this long (an HTTP request's share of its
+    /// timeout); the report says the run stopped there.
+    pub budget: Option<Duration>,
+}
+
+/// Why a resend by hand was refused before it began.
+#[derive(Debug, thiserror::Error)]
+pub enum ResendError {
+    /// `spec.suspend`: nothing is sent, by the loop or by hand.
+    #[error("relay {0} is suspended (spec.suspend): nothing is sent, not even by hand; resume it first")]
+    Suspended(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The state of one `retry-all` run across its pages.
+struct ResendRun<'a> {
+    request: &'a ResendRequest,
+    stop: watch::Receiver<bool>,
+    budget_ends: Option<Instant>,
+    started: Instant,
+    /// Rows claimed so far, for the rate.
+    attempted: usize,
+    audit_id: Option<i64>,
+    /// Ids written to the audit record.
+    ids: usize,
+}
+
+impl ResendRun<'_> {
+    fn why_stop(&self) -> Option<String> {
+        if *self.stop.borrow() {
+            return Some(
+                "interrupted (a signal, or the relay is stopping); the rows not yet taken were left as they were \
+                 (a dead-lettered row revived in the last round stays revived, and the relay sends it)"
+                    .to_owned(),
+            );
+        }
+        let budget = self.request.budget.unwrap_or_default();
+        self.budget_ends.filter(|end| Instant::now() >= *end).map(|_| {
+            format!(
+                "the time budget of {} s was used up at the rate asked; the rows not yet taken were left as they \
+                 were (the relay sends unsent ones itself; call again or use the CLI for the rest)",
+                budget.as_secs()
+            )
+        })
+    }
+
+    /// Waits for the rate, or less when a stop or the end of the budget
+    /// comes first.
+    async fn pace(&mut self, rate: f64) {
+        let wait = pace(rate, self.attempted, self.started.elapsed());
+        // An absurdly low rate waits "forever": only a stop or the budget ends it.
+        let until = match (Instant::now().checked_add(wait), self.budget_ends) {
+            (Some(paced), Some(budget)) => Some(paced.min(budget)),
+            (paced, budget) => paced.or(budget),
+        };
+        let mut stop = self.stop.clone();
+        let waited = async {
+            match until {
+                Some(until) => tokio::time::sleep_until(until.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = waited => {}
+            _ = stop.wait_for(|stop| *stop) => {}
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RetryAllReport {
+    /// The audit record of this resend (none for a dry run or no rows).
+    pub audit_id: Option<i64>,
+    /// Rows the filter chose.
+    pub selected: usize,
+    pub revived: u64,
+    pub total: usize,
+    pub succeeded: usize,
+    pub failed: usize,
+    /// Chosen rows this run could not take: held by a running relay (which
+    /// sends them), or behind an older unsent row of their wallet.
+    pub not_taken: usize,
+    /// Why the run stopped early, if it did.
+    pub stopped: Option<String>,
+    /// The rows chosen, for a dry run.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rows: Vec<ResendRow>,
+}
+
+/// How long to wait before the next message so that `sent` messages in
+/// `elapsed` stay within `rate` per second.
+pub fn pace(rate: f64, sent: usize, elapsed: Duration) -> Duration {
+    if !(rate.is_finite() && rate > 0.0) {
+        return Duration::ZERO;
+    }
+    Duration::try_from_secs_f64(sent as f64 / rate).unwrap_or(Duration::MAX).saturating_sub(elapsed)
+}
+
+impl Resend {
+    pub fn new(drain: Arc<Drain>) -> Self {
+        Self { core: drain.core().clone(), drain, hook: OnceLock::new() }
+    }
+
+    /// Calls `hook` whenever a resend by hand (`retry`, `retry-all`, `skip`)
+    /// ends: how the operator makes each one a Kubernetes Event on its
+    /// resource. Set once per relay.
+    pub fn on_end(&self, hook: impl Fn(&ResendNotice) + Send + Sync + 'static) {
+        let _ = self.hook.set(Box::new(hook));
+    }
+
+    fn ended(&self, notice: &ResendNotice) {
+        if let Some(hook) = self.hook.get() {
+            hook(notice);
+        }
+    }
+
+    /// Sends every unsent row now, ignoring backoff but never a row a running
+    /// relay holds (`txrelay retry-all`). On FIFO queues wallets keep their
+    /// order. Candidates are read a page at a time, and each page's ids join
+    /// the audit record before any of them is revived or sent. When `stop`
+    /// turns true (a signal, the relay stopping) or the request's time
+    /// budget runs out, the round in flight finishes and records its
+    /// results, no further row is claimed, and the audit record says why it
+    /// stopped.
+    pub async fn retry_all(
+        &self,
+        request: &ResendRequest,
+        audit: &ResendAudit,
+        stop: &watch::Receiver<bool>,
+        mut progress: impl FnMut(&RetryAllReport),
+    ) -> Result<RetryAllReport, ResendError> {
+        if self.core.config.suspend && !request.dry_run {
+            return Err(ResendError::Suspended(self.core.id.to_string()));
+        }
+        let mut report = RetryAllReport::default();
+        let mut run = ResendRun {
+            request,
+            stop: stop.clone(),
+            budget_ends: request.budget.map(|budget| Instant::now() + budget),
+            started: Instant::now(),
+            attempted: 0,
+            audit_id: None,
+            ids: 0,
+        };
+        let result = self.resend_pages(&mut run, audit, &mut report, &mut progress).await;
+        report.audit_id = run.audit_id;
+        let Some(audit_id) = run.audit_id else {
+            return result.map(|()| report).map_err(ResendError::from);
+        };
+        report.not_taken = report.selected.saturating_sub(report.total);
+        let outcome = match (&result, &report.stopped) {
+            (Err(error), _) => format!("stopped: {error}"),
+            (Ok(()), Some(reason)) => format!("stopped: {reason}"),
+            (Ok(()), None) if report.not_taken > 0 => format!(
+                "completed; {} chosen rows not taken: held by a running relay, or behind an older unsent row of \
+                 their wallet",
+                report.not_taken
+            ),
+            (Ok(()), None) => "completed".to_owned(),
+        };
+        let (succeeded, failed) = (report.succeeded as u64, report.failed as u64);
+        self.resend_finished(audit_id, audit, run.ids, succeeded, failed, outcome).await;
+        if succeeded > 0 {
+            self.core.wallet_may_move().await;
+        }
+        result.map(|()| report).map_err(ResendError::from)
+    }
+
+    /// Reads the candidates a page at a time and resends each page.
+    async fn resend_pages(
+        &self,
+        run: &mut ResendRun<'_>,
+        audit: &ResendAudit,
+        report: &mut RetryAllReport,
+        progress: &mut impl FnMut(&RetryAllReport),
+    ) -> Result<(), StoreError> {
+        const PAGE: u64 = 1000;
+        let limit = run.request.limit.unwrap_or(u64::MAX);
+        let upto = self.core.store.last_transaction_id().await?;
+        let mut after = 0_i64;
+        loop {
+            if let Some(reason) = run.why_stop() {
+                report.stopped = Some(reason);
+                return Ok(());
+            }
+            let want = PAGE.min(limit.saturating_sub(report.selected as u64));
+            if want == 0 {
+                return Ok(());
+            }
+            let page = self.core.store.resend_candidates(&run.request.filter, after, upto, want as i64).await?;
+            let Some(last) = page.last() else { return Ok(()) };
+            after = last.id;
+            report.selected += page.len();
+            if run.request.dry_run {
+                report.rows.extend(page);
+                continue;
+            }
+            let ids: Vec<i64> = page.iter().map(|row| row.id).collect();
+            match run.audit_id {
+                // The record exists before any row is revived or sent.
+                None => {
+                    let mut filter = serde_json::to_value(&run.request.filter).unwrap_or_default();
+                    filter["limit"] = serde_json::json!(run.request.limit);
+                    filter["rate"] = serde_json::json!(run.request.rate);
+                    let audit_id = self.core.store.begin_resend(audit, &filter, &ids).await?;
+                    run.audit_id = Some(audit_id);
+                    info!(target: "txrelay::audit", relay = %self.core.id, audit_id, actor = %audit.actor, via = audit.via,
+                          command = audit.command, %filter, first_ids = ?&ids[..ids.len().min(20)],
+                          "resend started");
+                }
+                Some(audit_id) => self.core.store.extend_resend(audit_id, &ids).await?,
+            }
+            run.ids += ids.len();
+            self.resend_rows(&page, run, report, progress).await?;
+            if report.stopped.is_some() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Sends one page of chosen rows, dead-lettered ones revived as they are
+    /// claimed, at most `rate` per second.
+    async fn resend_rows(
+        &self,
+        rows: &[ResendRow],
+        run: &mut ResendRun<'_>,
+        report: &mut RetryAllReport,
+        progress: &mut impl FnMut(&RetryAllReport),
+    ) -> Result<(), StoreError> {
+        let dead: Vec<i64> = rows.iter().filter(|row| row.dead_lettered).map(|row| row.id).collect();
+        let unsent: Vec<i64> = rows.iter().filter(|row| !row.dead_lettered).map(|row| row.id).collect();
+        let mut skip: Vec<i64> = Vec::new();
+        for (ids, revive) in [(&dead, true), (&unsent, false)] {
+            if ids.is_empty() {
+                continue;
+            }
+            loop {
+                let mut round = self.core.config.batch_size.max(10) as usize;
+                if let Some(rate) = run.request.rate {
+                    // About ten rounds a second, each started on time.
+                    round = round.min(((rate / 10.0).ceil() as usize).max(1));
+                    run.pace(rate).await;
+                }
+                if let Some(reason) = run.why_stop() {
+                    report.stopped = Some(reason);
+                    return Ok(());
+                }
+                let mode = if revive {
+                    ClaimMode::Revive { skip: &skip, only: ids }
+                } else {
+                    ClaimMode::Force { skip: &skip, only: ids }
+                };
+                // A stop during the round: its calls in flight finish and
+                // are recorded, the rest of its rows are given back.
+                let sweep = self.drain.sweep(mode, round as u32, &run.stop).await?;
+                if sweep.claimed == 0 {
+                    break;
+                }
+                run.attempted += sweep.claimed;
+                report.revived += if revive { sweep.claimed as u64 } else { 0 };
+                report.total += sweep.sent + sweep.failed;
+                report.succeeded += sweep.sent;
+                report.failed += sweep.failed;
+                skip.extend(&sweep.failed_ids);
+                skip.extend(&sweep.released_ids);
+                progress(report);
+                if let Some(error) = sweep.queue_error {
+                    report.stopped = Some(format!("queue unreachable: {error}"));
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds the outcome to a resend's audit record, logs it and tells the
+    /// hook (the operator's Event).
+    async fn resend_finished(
+        &self,
+        audit_id: i64,
+        audit: &ResendAudit,
+        rows: usize,
+        succeeded: u64,
+        failed: u64,
+        outcome: String,
+    ) {
+        if let Err(error) = self.core.store.finish_resend(audit_id, succeeded, failed, &outcome).await {
+            warn!(relay = %self.core.id, audit_id, %error, "could not record the outcome of the resend");
+        }
+        info!(target: "txrelay::audit", relay = %self.core.id, audit_id, succeeded, failed, %outcome, "resend finished");
+        self.ended(&ResendNotice {
+            audit_id,
+            actor: audit.actor.clone(),
+            via: audit.via,
+            command: audit.command,
+            rows,
+            succeeded,
+            failed,
+            outcome,
+        });
+    }
+}
+
+#[cfg(test)]
+mod pace_tests {
+    use super::pace;
+    use std::time::Duration;
+
+    #[test]
+    fn a_rate_spaces_messages_evenly_from_the_start() {
+        assert_eq!(pace(2.0, 0, Duration::ZERO), Duration::ZERO, "the first goes at once");
+        assert_eq!(pace(2.0, 4, Duration::from_millis(500)), Duration::from_millis(1500));
+        assert_eq!(pace(2.0, 4, Duration::from_secs(3)), Duration::ZERO, "behind schedule: no wait");
+        assert_eq!(pace(0.5, 1, Duration::ZERO), Duration::from_secs(2));
+        assert_eq!(pace(0.0, 10, Duration::ZERO), Duration::ZERO, "no rate: no pacing");
+        assert_eq!(pace(f64::NAN, 10, Duration::ZERO), Duration::ZERO);
+        assert_eq!(pace(1e-300, 10, Duration::ZERO), Duration::MAX, "no panic on an absurd rate");
+    }
+}

@@ -40,10 +40,12 @@ lint:
     cargo fmt --all -- --check
     cargo clippy --all-targets --locked -- -D warnings
 
-# Regenerate the checked-in CRD from the Rust types. (openapi.json is written
+# Regenerate the checked-in CRD and its reference page from the Rust types. (openapi.json is written
 # by hand; tests check it against the routes served and the answers given.)
 generate:
     cargo run --quiet -- crd > crds/transactionrelays.relay.mykobo.io.yaml
+    cargo run --quiet -- crd --reference > docs/reference/crd.md
+    scripts/render-install.sh
 
 # Build the release binary.
 build:

@@ -16,7 +16,7 @@ trap 'rm -rf "$work"' EXIT
     echo "# txrelay $version: the CRD and the operator in txrelay-system, rendered from"
     echo "# deploy/ by scripts/render-install.sh (do not edit by hand)."
     echo "#   kubectl apply -f install.yaml"
-    echo "# Variants (one namespace, monitoring, Gateway API): docs/operator.md."
+    echo "# Variants (one namespace, monitoring, Gateway API): docs/install.md."
     "$kubectl" kustomize deploy
 } >"$work/install.yaml"
 if [ "${1:-}" = "--check" ]; then

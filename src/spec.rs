@@ -114,7 +114,9 @@ pub struct TransactionRelaySpec {
     #[schemars(length(max = 64))]
     #[x_kube(validation = Rule::new("self.matches('^([0-9]{1,9}(ms|s|m|h|d)){1,5}$')").message("at most 5 parts of at most 9 digits each, such as 90s or 1h30m"))]
     pub inline_send_timeout: HumanDuration,
-    /// Delete sent rows older than this; unset keeps every row.
+    /// Delete sent rows older than this; unset keeps every row. Deleted in
+    /// batches of 500 every 10 minutes; unsent and dead-lettered rows are
+    /// never deleted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
     #[x_kube(validation = Rule::new("self.matches('^([0-9]{1,9}(ms|s|m|h|d)){1,5}$')").message("at most 5 parts of at most 9 digits each, such as 90s or 1h30m"))]
@@ -176,7 +178,7 @@ impl DatabaseSpec {
 #[serde(rename_all = "camelCase")]
 pub struct QueueSpec {
     /// Secret with the keys queueUrl, region and optionally endpointUrl,
-    /// accessKeyId, secretAccessKey and ledgerToken.
+    /// stsEndpointUrl, accessKeyId, secretAccessKey and ledgerToken.
     pub secret_ref: SecretRef,
     /// An IAM role this relay assumes (STS AssumeRole) from the operator's
     /// own identity (IRSA / web identity, EKS Pod Identity, or the Secret's
@@ -184,7 +186,8 @@ pub struct QueueSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[\w+=,.@/-]{1,512}$"))]
     pub role_arn: Option<String>,
-    /// The external id the role's trust policy requires, if any.
+    /// The external id the role's trust policy requires, if any (only
+    /// with `roleArn`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 2, max = 1224), regex(pattern = r"^[\w+=,.@:/-]+$"))]
     pub external_id: Option<String>,
@@ -233,23 +236,35 @@ impl SecretKeyRef {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TransactionRelayStatus {
+    /// The generation of the spec the running relay was built from; an edit
+    /// the operator could not apply leaves it behind `metadata.generation`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// `Ready`, `DatabaseReachable` and `QueueReachable`, each with a reason
+    /// (listed under "Condition reasons" in docs/reference/crd.md).
     #[serde(default)]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+    /// Transactions stored and not yet sent (neither sent nor dead-lettered).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unsent: Option<i64>,
+    /// Dead-lettered transactions not skipped: `kubectl txr retry-all
+    /// --dead-only` resends them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed: Option<i64>,
+    /// Age of the oldest unsent transaction when the status was written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oldest_unsent_age_seconds: Option<i64>,
     /// When the oldest unsent transaction was created (absent when none
     /// waits): `kubectl get` shows it as a duration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oldest_unsent_time: Option<Time>,
+    /// When the relay loop last finished a sweep (written at most once a
+    /// minute while nothing else changes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_sweep_time: Option<Time>,
+    /// Why the last reconcile, or the last call to the database or queue,
+    /// failed; absent once it succeeds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
 }
@@ -434,6 +449,25 @@ pub struct RelayId {
 impl RelayId {
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
         Self { namespace: namespace.into(), name: name.into() }
+    }
+}
+
+impl std::str::FromStr for RelayId {
+    type Err = String;
+
+    /// `NAMESPACE/NAME`, each a DNS-1123 label or subdomain (lowercase
+    /// letters, digits, '-' and '.'): the one parser for every flag that
+    /// names a relay (`--relay`, `--default-relay`, the plugin's argument).
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let valid = |part: &str| {
+            !part.is_empty()
+                && part.len() <= 253
+                && part.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        };
+        match text.split_once('/') {
+            Some((namespace, name)) if valid(namespace) && valid(name) => Ok(Self::new(namespace, name)),
+            _ => Err(format!("expected NAMESPACE/NAME of a TransactionRelay, got {text:?}")),
+        }
     }
 }
 

@@ -6,11 +6,11 @@ use std::sync::Arc;
 use clap::Args;
 
 use super::{CliError, Global};
-use crate::config::{self, ProcessEnv};
 use crate::metrics::Metrics;
 use crate::relay::Relay;
 use crate::relay::{ResendRequest, RetryAllReport};
-use crate::settings::RelaySettings;
+use crate::runtime::config::{self, ProcessEnv};
+use crate::runtime::settings::RelaySettings;
 use crate::store::{ListFilter, Store, StoreOptions};
 use crate::store::{ResendAudit, ResendFilter};
 use crate::transaction::Transaction;
@@ -122,7 +122,7 @@ fn cli_audit(command: &'static str) -> ResendAudit {
 
 async fn store(global: &Global) -> Result<Store, CliError> {
     let mut options = match &global.relay {
-        Some(_) => settings(global, 2).await?.store_options(),
+        Some(_) => settings(global).await?.store_options(2),
         None => {
             let manifest = global.manifest()?;
             StoreOptions::new(config::database_url(&ProcessEnv)?, manifest.spec.database.schema)
@@ -134,10 +134,10 @@ async fn store(global: &Global) -> Result<Store, CliError> {
 
 /// A relay's settings: with `--relay`, from its TransactionRelay and Secrets
 /// in the cluster; otherwise from the manifest and the environment.
-async fn settings(global: &Global, pool_size: u32) -> Result<RelaySettings, CliError> {
+async fn settings(global: &Global) -> Result<RelaySettings, CliError> {
     let mut settings = match &global.relay {
-        Some(relay) => super::cluster::settings(relay, global.context.as_deref(), pool_size).await?,
-        None => return Ok(config::relay_settings(&global.manifest()?, &ProcessEnv, pool_size)?),
+        Some(relay) => super::cluster::settings(relay, global.context.as_deref()).await?,
+        None => return Ok(config::relay_settings(&global.manifest()?, &ProcessEnv)?),
     };
     if let Some(schema) = global.schema()? {
         settings.spec.database.schema = schema;
@@ -146,8 +146,9 @@ async fn settings(global: &Global, pool_size: u32) -> Result<RelaySettings, CliE
 }
 
 async fn relay(global: &Global) -> Result<Arc<Relay>, CliError> {
-    let settings = settings(global, 4).await?;
-    let handle = settings.build(&Metrics::new()).await?;
+    let settings = settings(global).await?;
+    // Small: one command's sends, never a server's load.
+    let handle = settings.build(&Metrics::new(), 4).await?;
     handle.relay.store().ping().await?;
     Ok(handle.relay)
 }
@@ -242,12 +243,6 @@ pub async fn skip(global: &Global, args: SkipArgs) -> Result<(), CliError> {
 }
 
 pub async fn retry_all(global: &Global, args: RetryAllArgs) -> Result<(), CliError> {
-    let relay = relay(global).await?;
-    if args.wallet.as_deref().is_some_and(|w| w.contains('\0'))
-        || args.error.as_deref().is_some_and(|e| e.contains('\0'))
-    {
-        return Err(config::ConfigError::new("--wallet/--error", "must not contain a NUL character").into());
-    }
     let request = ResendRequest {
         filter: ResendFilter {
             wallet: args.wallet,
@@ -262,6 +257,9 @@ pub async fn retry_all(global: &Global, args: RetryAllArgs) -> Result<(), CliErr
         dry_run: args.dry_run,
         budget: None,
     };
+    // Checked before anything is read or sent.
+    request.validate().map_err(|e| config::ConfigError::new(format!("--{}", e.field.replace('_', "-")), e.message))?;
+    let relay = relay(global).await?;
     let bar = (!args.dry_run && std::io::stderr().is_terminal()).then(|| {
         let bar = indicatif::ProgressBar::new(0);
         if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} sent, {msg}") {

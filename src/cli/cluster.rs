@@ -13,41 +13,9 @@ use kube::config::KubeConfigOptions;
 use kube::{Api, Client, Config, ResourceExt};
 
 use super::CliError;
-use crate::config::ConfigError;
-use crate::settings::RelaySettings;
-use crate::spec::TransactionRelay;
-
-/// `NAMESPACE/NAME` of a `TransactionRelay`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RelayName {
-    pub namespace: String,
-    pub name: String,
-}
-
-impl FromStr for RelayName {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        // DNS-1123 labels and subdomains: lowercase letters, digits, '-' and '.'.
-        let valid = |part: &str| {
-            !part.is_empty()
-                && part.len() <= 253
-                && part.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        };
-        match text.split_once('/') {
-            Some((namespace, name)) if valid(namespace) && valid(name) => {
-                Ok(Self { namespace: namespace.to_owned(), name: name.to_owned() })
-            }
-            _ => Err(format!("expected NAMESPACE/NAME of a TransactionRelay, got {text:?}")),
-        }
-    }
-}
-
-impl std::fmt::Display for RelayName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
+use crate::runtime::config::ConfigError;
+use crate::runtime::settings::RelaySettings;
+use crate::spec::{RelayId, TransactionRelay};
 
 /// The bound on each Kubernetes API call of a command.
 const API_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
@@ -77,23 +45,18 @@ pub async fn client(context: Option<&str>) -> Result<Client, CliError> {
 
 /// Everything `relay` needs, read from the cluster: as a manifest plus
 /// environment would give it.
-pub async fn settings(relay: &RelayName, context: Option<&str>, pool_size: u32) -> Result<RelaySettings, CliError> {
-    resolve(relay, context, pool_size, false).await
+pub async fn settings(relay: &RelayId, context: Option<&str>) -> Result<RelaySettings, CliError> {
+    resolve(relay, context, false).await
 }
 
 /// As [`settings`], with the ingest and admin tokens too (`doctor`).
-pub async fn settings_with_tokens(relay: &RelayName, context: Option<&str>) -> Result<RelaySettings, CliError> {
-    resolve(relay, context, 1, true).await
+pub async fn settings_with_tokens(relay: &RelayId, context: Option<&str>) -> Result<RelaySettings, CliError> {
+    resolve(relay, context, true).await
 }
 
-async fn resolve(
-    relay: &RelayName,
-    context: Option<&str>,
-    pool_size: u32,
-    with_tokens: bool,
-) -> Result<RelaySettings, CliError> {
+async fn resolve(relay: &RelayId, context: Option<&str>, with_tokens: bool) -> Result<RelaySettings, CliError> {
     let client = client(context).await?;
-    crate::operator::resolve(client, &relay.namespace, &relay.name, pool_size, with_tokens).await.map_err(|error| {
+    crate::operator::resolve(client, &relay.namespace, &relay.name, with_tokens).await.map_err(|error| {
         use crate::operator::Error;
         match &error {
             // The API server could not be reached, or failed or throttled:
@@ -228,7 +191,7 @@ pub fn plugin_args(args: Vec<OsString>) -> Vec<OsString> {
             command = Some(text);
         } else if !relay_taken
             && command.as_deref().is_some_and(|c| TAKE_A_RELAY.contains(&c))
-            && RelayName::from_str(&text).is_ok()
+            && RelayId::from_str(&text).is_ok()
         {
             relay_taken = true;
             out.push("--relay".into());
@@ -276,9 +239,9 @@ mod tests {
 
     #[test]
     fn relay_names_are_namespace_slash_name() {
-        assert_eq!("payments/dapp".parse::<RelayName>().unwrap().to_string(), "payments/dapp");
+        assert_eq!("payments/dapp".parse::<RelayId>().unwrap().to_string(), "payments/dapp");
         for bad in ["dapp", "/dapp", "payments/", "Payments/dapp", "a/b/c", "payments/da pp"] {
-            assert!(bad.parse::<RelayName>().is_err(), "{bad}");
+            assert!(bad.parse::<RelayId>().is_err(), "{bad}");
         }
     }
 

@@ -7,10 +7,10 @@ use std::time::Duration;
 use clap::Args;
 
 use super::{CliError, Global};
-use crate::config::{self, ProcessEnv};
 use crate::queue::Queue;
 use crate::queue::sqs::{SqsQueue, is_not_allowed};
-use crate::settings::RelaySettings;
+use crate::runtime::config::{self, ProcessEnv};
+use crate::runtime::settings::RelaySettings;
 use crate::store::Store;
 
 #[derive(Debug, Args)]
@@ -130,13 +130,16 @@ async fn settings(global: &Global, report: &mut Report) -> Option<RelaySettings>
                 Some(path) => format!("manifest {} is valid", path.display()),
                 None => "no manifest: every default".to_owned(),
             });
-            match config::relay_settings(&manifest, &ProcessEnv, 2) {
+            match config::relay_settings(&manifest, &ProcessEnv) {
                 Ok(settings) => {
                     report.pass("settings resolve from the environment");
                     Some(settings)
                 }
                 Err(error) => {
-                    report.fail(error.to_string(), "set the variable named (see docs/configuration.md)");
+                    report.fail(
+                        error.to_string(),
+                        "set the variable named (see docs/reference/configuration.md#environment-variables)",
+                    );
                     None
                 }
             }
@@ -145,8 +148,7 @@ async fn settings(global: &Global, report: &mut Report) -> Option<RelaySettings>
 }
 
 async fn database(settings: &RelaySettings, report: &mut Report) -> Option<Store> {
-    let mut options = settings.store_options();
-    options.max_connections = 1;
+    let options = settings.store_options(1);
     let store = match tokio::time::timeout(CHECK_TIMEOUT, Store::connect(&options)).await {
         Ok(Ok(store)) => store,
         Ok(Err(error)) => {
@@ -274,9 +276,8 @@ async fn queue(settings: &RelaySettings, send_test: bool, report: &mut Report) {
             "GetQueueAttributes is denied (a send-only IAM policy): SendMessage cannot be checked without sending",
             "run `txrelay doctor --send-test` to send one test message",
         ),
-        Ok(Err(failure)) => {
-            report.fail(format!("queue refused: {}", failure.reason()), "see docs/metrics-and-runbook.md#queue")
-        }
+        Ok(Err(failure)) => report
+            .fail(format!("queue refused: {}", failure.reason()), "see docs/troubleshoot.md#the-queue-refuses-calls"),
         Err(_) => report.fail(
             format!("queue did not answer within {CHECK_TIMEOUT:?}"),
             "check the network path to SQS (egress NetworkPolicy, VPC endpoint, proxy)",

@@ -15,10 +15,11 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 
-use super::cluster::{RelayName, client};
+use super::cluster::client;
 use super::{CliError, Global};
-use crate::config::ConfigError;
 use crate::operator::{DATABASE_REACHABLE, QUEUE_REACHABLE, READY};
+use crate::runtime::config::ConfigError;
+use crate::spec::RelayId;
 use crate::spec::TransactionRelay;
 
 /// The operator's Lease (leader election), in the operator's namespace.
@@ -46,7 +47,7 @@ pub struct ReportArgs {
     pub output: Option<std::path::PathBuf>,
 }
 
-fn relay_of(global: &Global, command: &str) -> Result<RelayName, CliError> {
+fn relay_of(global: &Global, command: &str) -> Result<RelayId, CliError> {
     global.relay.clone().ok_or_else(|| {
         ConfigError::new("--relay", format!("{command} needs the relay: `kubectl txr {command} NAMESPACE/NAME`")).into()
     })
@@ -75,7 +76,7 @@ struct Observed {
     lease: Result<Lease, String>,
 }
 
-async fn observe(client: &Client, relay: &RelayName, operator_namespace: &str) -> Result<Observed, CliError> {
+async fn observe(client: &Client, relay: &RelayId, operator_namespace: &str) -> Result<Observed, CliError> {
     let what = format!("transactionrelay {relay}");
     let resource = Api::<TransactionRelay>::namespaced(client.clone(), &relay.namespace)
         .get(&relay.name)
@@ -292,12 +293,12 @@ pub async fn report(global: &Global, args: ReportArgs) -> Result<(), CliError> {
 /// The relay's gauges (as its /metrics would show them) and its last
 /// audit records, read from its database; a part that cannot be read says
 /// why instead.
-async fn database_parts(global: &Global, relay: &RelayName) -> (String, String) {
+async fn database_parts(global: &Global, relay: &RelayId) -> (String, String) {
     const BOUND: Duration = Duration::from_secs(15);
     let built = async {
-        let settings = super::cluster::settings(relay, global.context.as_deref(), 1).await?;
+        let settings = super::cluster::settings(relay, global.context.as_deref()).await?;
         let metrics = crate::metrics::Metrics::new();
-        let handle = settings.build(&metrics).await?;
+        let handle = settings.build(&metrics, 1).await?;
         Ok::<_, CliError>((handle, metrics))
     };
     let (handle, metrics) = match tokio::time::timeout(BOUND, built).await {

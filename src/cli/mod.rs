@@ -8,7 +8,7 @@ mod inspect;
 mod operator;
 mod serve;
 
-pub use cluster::{RelayName, plugin_args};
+pub use cluster::plugin_args;
 pub use serve::shutdown_signal;
 
 use std::net::SocketAddr;
@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{ConfigError, Manifest};
 use crate::duration::HumanDuration;
+use crate::runtime::config::{ConfigError, Manifest};
 use crate::telemetry::LogFormat;
 
 #[derive(Debug, Parser)]
@@ -39,7 +39,7 @@ pub struct Global {
     /// Secrets are read through the Kubernetes API instead of a manifest
     /// and environment variables.
     #[arg(long, global = true, env = "TXRELAY_RELAY", value_name = "NAMESPACE/NAME")]
-    pub relay: Option<RelayName>,
+    pub relay: Option<crate::spec::RelayId>,
     /// kubeconfig context for --relay and get (default: the current one).
     #[arg(long, global = true)]
     pub context: Option<String>,
@@ -72,8 +72,9 @@ pub enum Command {
     /// Give up on a dead-lettered transaction for good, so its FIFO wallet's
     /// later transactions go on (audited; the row stays dead-lettered).
     Skip(admin::SkipArgs),
-    /// Print the TransactionRelay CustomResourceDefinition.
-    Crd,
+    /// Print the TransactionRelay CustomResourceDefinition (or, with
+    /// --reference, its field reference in Markdown: docs/reference/crd.md).
+    Crd(CrdArgs),
     /// List the cluster's TransactionRelays with their state and last error.
     Get(cluster::GetArgs),
     /// Check everything a relay depends on, one line each; exit 1 if any fails.
@@ -182,8 +183,8 @@ impl From<crate::store::StoreError> for CliError {
     }
 }
 
-impl From<crate::settings::StartError> for CliError {
-    fn from(error: crate::settings::StartError) -> Self {
+impl From<crate::runtime::settings::StartError> for CliError {
+    fn from(error: crate::runtime::settings::StartError) -> Self {
         Self::failed(error)
     }
 }
@@ -237,9 +238,20 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             clap_complete::generate(shell, &mut command, name, &mut std::io::stdout());
             Ok(())
         }
-        Command::Crd => {
+        Command::Crd(args) if args.reference => {
+            print!("{}", crate::operator::crd_reference());
+            Ok(())
+        }
+        Command::Crd(_) => {
             print!("{}", crate::operator::crd_yaml().map_err(CliError::failed)?);
             Ok(())
         }
     }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CrdArgs {
+    /// Print the field reference (Markdown) instead of the YAML.
+    #[arg(long)]
+    pub reference: bool,
 }

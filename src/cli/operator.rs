@@ -10,11 +10,11 @@ use tracing::warn;
 
 use super::serve::{Servers, shutdown_signal, wait_for};
 use super::{CliError, Global, OperatorArgs};
-use crate::config::ConfigError;
-use crate::directory::Relays;
 use crate::http::{AppState, HttpOptions};
 use crate::metrics::Metrics;
 use crate::operator::OperatorOptions;
+use crate::runtime::config::ConfigError;
+use crate::runtime::registry::Registry;
 use crate::spec::RelayId;
 
 /// How long the leader Lease lasts without renewal.
@@ -22,13 +22,7 @@ const LEASE_DURATION: Duration = Duration::from_secs(15);
 
 pub async fn run(global: &Global, args: OperatorArgs) -> Result<(), CliError> {
     let default_relay = match &args.default_relay {
-        Some(text) => {
-            let (namespace, name) = text
-                .split_once('/')
-                .filter(|(ns, n)| !ns.is_empty() && !n.is_empty())
-                .ok_or_else(|| ConfigError::new("--default-relay", "must be namespace/name"))?;
-            Some(RelayId::new(namespace, name))
-        }
+        Some(text) => Some(text.parse::<RelayId>().map_err(|error| ConfigError::new("--default-relay", error))?),
         None => None,
     };
     if args.http.insecure_no_auth {
@@ -36,7 +30,7 @@ pub async fn run(global: &Global, args: OperatorArgs) -> Result<(), CliError> {
     }
     let client = Client::try_default().await.map_err(|e| CliError::failed(format!("Kubernetes client: {e}")))?;
     let metrics = Metrics::new();
-    let relays = Arc::new(Relays::new(default_relay));
+    let relays = Arc::new(Registry::new(default_relay));
     let options = OperatorOptions {
         namespace: args.namespace.clone(),
         insecure_no_auth: args.http.insecure_no_auth,

@@ -9,11 +9,11 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use super::{CliError, Global, HttpArgs};
-use crate::config::{self, ConfigError, ProcessEnv};
-use crate::directory::Relays;
 use crate::http::{self, AppState};
-use crate::lifecycle::Supervisor;
 use crate::metrics::Metrics;
+use crate::runtime::config::{self, ConfigError, ProcessEnv};
+use crate::runtime::lifecycle::Supervisor;
+use crate::runtime::registry::Registry;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -26,7 +26,7 @@ pub struct RunArgs {
 
 pub async fn run(global: &Global, args: RunArgs) -> Result<(), CliError> {
     let manifest = global.manifest()?;
-    let settings = config::relay_settings(&manifest, &ProcessEnv, global.db_pool_size)?;
+    let settings = config::relay_settings(&manifest, &ProcessEnv)?;
     if settings.ingest_tokens.is_empty() {
         if !args.http.insecure_no_auth {
             return Err(ConfigError::new(
@@ -38,12 +38,13 @@ pub async fn run(global: &Global, args: RunArgs) -> Result<(), CliError> {
         warn!("--insecure-no-auth: POST /new accepts requests without a bearer token; never do this in production");
     }
     let metrics = Metrics::new();
-    let relays = Arc::new(Relays::new(None));
+    let relays = Arc::new(Registry::new(None));
     let grace = args.http.grace();
     // The same lifecycle as every relay of the operator: start, stop in
     // order within the grace period.
-    let supervisor = Supervisor::standalone(relays.clone(), metrics.clone(), grace, !args.no_migrate);
-    let (_, handle) = supervisor.ensure(&settings, 0).await?;
+    let supervisor = Supervisor::standalone(relays.clone(), metrics.clone(), grace, !args.no_migrate)
+        .with_pool_size(global.db_pool_size);
+    let (_, handle) = supervisor.ensure(&settings).await?;
     let relay = handle.relay;
     if !relay.config().suspend
         && let crate::relay::QueueCheck::Refused(failure) = relay.outbox().check_queue().await

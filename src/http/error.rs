@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use tracing::{error, warn};
 
-use crate::directory::ResolveError;
+use crate::runtime::registry::ResolveError;
 use crate::store::{Conflict, StoreError};
 use crate::transaction::IngestError;
 

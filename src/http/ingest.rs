@@ -11,7 +11,7 @@ use super::client_ip::client_ip;
 use super::{ApiError, AppState, Target};
 use crate::metrics::Accepted;
 use crate::relay::Submission;
-use crate::settings::RelayHandle;
+use crate::runtime::settings::RelayHandle;
 use crate::transaction::{TraceContext, parse_request_body};
 
 pub async fn new_transaction(

@@ -23,8 +23,8 @@ use ipnet::IpNet;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::directory::Relays;
 use crate::metrics::Metrics;
+use crate::runtime::registry::Registry;
 use crate::spec::RelayId;
 pub use error::ApiError;
 
@@ -69,14 +69,14 @@ impl Default for HttpOptions {
 
 #[derive(Clone)]
 pub struct AppState {
-    pub relays: Arc<Relays>,
+    pub relays: Arc<Registry>,
     pub metrics: Metrics,
     pub options: Arc<HttpOptions>,
     in_flight: Arc<Semaphore>,
 }
 
 impl AppState {
-    pub fn new(relays: Arc<Relays>, metrics: Metrics, options: HttpOptions) -> Self {
+    pub fn new(relays: Arc<Registry>, metrics: Metrics, options: HttpOptions) -> Self {
         let in_flight = Arc::new(Semaphore::new(options.max_in_flight.max(1)));
         Self { relays, metrics, options: Arc::new(options), in_flight }
     }

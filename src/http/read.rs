@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::ingest::{Access, authorize};
 use super::{ApiError, AppState, Target};
-use crate::settings::RelayHandle;
+use crate::runtime::settings::RelayHandle;
 use crate::store::ListFilter;
 use crate::transaction::Transaction;
 

@@ -130,14 +130,6 @@ pub async fn retry_all(
         }
         serde_json::from_slice(&body).map_err(|e| ApiError::InvalidJson(format!("request body: {e}")))?
     };
-    for (name, value) in [("wallet", &body.wallet), ("error", &body.error)] {
-        if value.as_deref().is_some_and(|v| v.contains('\0')) {
-            return Err(ApiError::invalid(name, "must not contain a NUL character"));
-        }
-    }
-    if body.include_dead && body.dead_only {
-        return Err(ApiError::invalid("dead_only", "include_dead and dead_only exclude each other"));
-    }
     let rows = match body.limit.map(u64::try_from) {
         None => DEFAULT_RESEND,
         Some(Ok(rows)) if (1..=MAX_RESEND).contains(&rows) => rows,
@@ -148,12 +140,6 @@ pub async fn retry_all(
             ));
         }
     };
-    // Any positive rate is taken: the run stops when its share of the
-    // request timeout is used up and says so, rather than refusing a rate
-    // the schema allows.
-    if body.rate.is_some_and(|rate| !(rate.is_finite() && rate > 0.0)) {
-        return Err(ApiError::invalid("rate", "must be a positive number of messages per second"));
-    }
     let request = ResendRequest {
         filter: ResendFilter {
             wallet: body.wallet,
@@ -168,6 +154,7 @@ pub async fn retry_all(
         dry_run: body.dry_run,
         budget: Some(state.options.request_timeout / 2),
     };
+    request.validate().map_err(|e| ApiError::invalid(e.field, e.message))?;
     let audit = ResendAudit { actor: actor(&headers), via: "http", command: "retry-all" };
     // Its own task: a request cut short (timeout, client gone) must not
     // abandon a resend half-way; it finishes and records its outcome.

@@ -4,6 +4,7 @@
 
 mod leader;
 mod reconcile;
+mod reference;
 mod secrets;
 mod status;
 
@@ -22,20 +23,22 @@ use kube::{Api, Client, CustomResourceExt, ResourceExt};
 use tokio::sync::watch;
 use tracing::info;
 
-pub use crate::lifecycle::{Change, Companion, Supervisor};
+pub use crate::runtime::lifecycle::{Change, Companion, Supervisor};
 pub use leader::LeaderElector;
 pub use reconcile::{Context, Error, error_policy, reconcile};
 pub use secrets::resolve;
 pub use status::{DATABASE_REACHABLE, QUEUE_REACHABLE, READY, StatusWriter};
 
-use crate::directory::Relays;
 use crate::metrics::Metrics;
+use crate::runtime::registry::Registry;
 use crate::spec::RelayId;
 use crate::spec::TransactionRelay;
 
 const MANAGER: &str = "txrelay-operator";
 
 /// The CustomResourceDefinition as YAML, as `txrelay crd` prints it.
+pub use reference::crd_reference;
+
 pub fn crd_yaml() -> Result<String, String> {
     serde_saphyr::to_string(&TransactionRelay::crd()).map_err(|e| e.to_string())
 }
@@ -44,7 +47,7 @@ pub fn crd_yaml() -> Result<String, String> {
 /// follower next to every relay loop.
 pub fn supervisor(
     client: Client,
-    relays: Arc<Relays>,
+    relays: Arc<Registry>,
     metrics: Metrics,
     leading: watch::Receiver<bool>,
     grace: Duration,
@@ -97,7 +100,7 @@ pub struct OperatorOptions {
 /// relay at once and returns within `options.grace`.
 pub async fn run(
     client: Client,
-    relays: Arc<Relays>,
+    relays: Arc<Registry>,
     metrics: Metrics,
     options: OperatorOptions,
     shutdown: impl std::future::Future<Output = ()>,
@@ -114,11 +117,11 @@ pub async fn run(
     let election = tokio::spawn(elector.run(leading_tx, stopped.clone()));
 
     let (supervisor, writer) = supervisor(client.clone(), relays, metrics.clone(), leading, options.grace);
+    let supervisor = supervisor.with_pool_size(options.pool_size);
     let reporter = Reporter { controller: MANAGER.into(), instance: Some(options.identity.clone()) };
     let recorder = Recorder::new(client.clone(), reporter);
-    let mut context = Context::new(client.clone(), supervisor, writer, recorder, metrics, options.insecure_no_auth);
-    context.pool_size = options.pool_size;
-    let context = Arc::new(context);
+    let context =
+        Arc::new(Context::new(client.clone(), supervisor, writer, recorder, metrics, options.insecure_no_auth));
 
     let (relay_api, secret_api): (Api<TransactionRelay>, Api<PartialObjectMeta<KubeSecret>>) = match &options.namespace
     {

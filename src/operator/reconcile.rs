@@ -10,13 +10,13 @@ use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Client, Resource, ResourceExt};
 use tracing::{info, warn};
 
-use super::secrets::{SecretReader, fingerprint};
-use super::status::{Failure, Phase, StatusWriter, desired};
+use super::secrets::SecretReader;
+use super::status::{Failure, Phase, Reason, StatusWriter, desired};
 use crate::auth::TokenSet;
-use crate::lifecycle::{Change, Supervisor};
 use crate::metrics::Metrics;
 use crate::relay::QueueCheck;
-use crate::settings::{RelayHandle, StartError};
+use crate::runtime::lifecycle::{Change, Supervisor};
+use crate::runtime::settings::{RelayHandle, StartError};
 use crate::spec::RelayId;
 use crate::spec::{SpecError, TransactionRelay};
 
@@ -50,25 +50,25 @@ pub enum Error {
 
 impl Error {
     /// The condition reason and Event reason: PascalCase, one per variant.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            Self::SecretNotFound(..) => "SecretNotFound",
-            Self::SecretKeyMissing(..) => "SecretKeyMissing",
-            Self::SecretKeyInvalid(..) => "SecretKeyInvalid",
-            Self::InvalidSpec(_) => "InvalidSpec",
-            Self::IngestTokensMissing => "IngestTokensMissing",
-            Self::DatabaseUnreachable(_) => "DatabaseUnreachable",
-            Self::InvalidQueue(_) => "InvalidQueue",
-            Self::Forbidden { .. } => "Forbidden",
-            Self::RelayNotFound(_) => "RelayNotFound",
-            Self::Kube(_) => "KubernetesApiError",
-            Self::Stopping => "OperatorStopping",
+            Self::SecretNotFound(..) => Reason::SecretNotFound,
+            Self::SecretKeyMissing(..) => Reason::SecretKeyMissing,
+            Self::SecretKeyInvalid(..) => Reason::SecretKeyInvalid,
+            Self::InvalidSpec(_) => Reason::InvalidSpec,
+            Self::IngestTokensMissing => Reason::IngestTokensMissing,
+            Self::DatabaseUnreachable(_) => Reason::DatabaseUnreachable,
+            Self::InvalidQueue(_) => Reason::InvalidQueue,
+            Self::Forbidden { .. } => Reason::Forbidden,
+            Self::RelayNotFound(_) => Reason::RelayNotFound,
+            Self::Kube(_) => Reason::KubernetesApiError,
+            Self::Stopping => Reason::OperatorStopping,
         }
     }
 
     /// A bounded metric label: the variant, never the message.
     pub fn metric_label(&self) -> &'static str {
-        self.reason()
+        self.reason().as_str()
     }
 }
 
@@ -102,7 +102,6 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Metrics,
     pub insecure_no_auth: bool,
-    pub pool_size: u32,
     failures: std::sync::Mutex<HashMap<RelayId, u32>>,
     /// The controller's cache of the resources, once it exists.
     pub relays: std::sync::OnceLock<kube::runtime::reflector::Store<TransactionRelay>>,
@@ -124,7 +123,6 @@ impl Context {
             recorder,
             metrics,
             insecure_no_auth,
-            pool_size: crate::store::DEFAULT_POOL_SIZE,
             failures: std::sync::Mutex::new(HashMap::new()),
             relays: std::sync::OnceLock::new(),
         }
@@ -143,8 +141,8 @@ impl Context {
         if ingest_tokens.is_empty() && !self.insecure_no_auth {
             return Err(Error::IngestTokensMissing);
         }
-        let settings = reader.settings(resource, self.pool_size, ingest_tokens, admin_tokens).await?;
-        let (change, handle) = self.supervisor.ensure(&settings, fingerprint(&settings)).await?;
+        let settings = reader.settings(resource, ingest_tokens, admin_tokens).await?;
+        let (change, handle) = self.supervisor.ensure(&settings).await?;
         // Every resend by hand through this relay (HTTP or a CLI inside the
         // pod) also becomes an Event on its resource, on whichever replica
         // served it.
@@ -152,7 +150,7 @@ impl Context {
         handle.relay.resend().on_end(move |notice| {
             let event = Event {
                 type_: EventType::Normal,
-                reason: "Resend".into(),
+                reason: Reason::Resend.as_str().into(),
                 note: Some(notice.note()),
                 action: "Resend".into(),
                 secondary: None,
@@ -174,7 +172,7 @@ impl Context {
                     "the queue refused GetQueueAttributes ({}); transactions are stored and wait for it",
                     failure.message
                 );
-                self.event(resource, EventType::Warning, "QueueUnreachable", note).await;
+                self.event(resource, EventType::Warning, Reason::QueueUnreachable.as_str(), note).await;
             }
         }
         Ok((change, handle))
@@ -263,7 +261,7 @@ pub async fn reconcile(resource: Arc<TransactionRelay>, ctx: Arc<Context>) -> Re
     let outcome = ctx.apply(&resource).await;
     let handle = match &outcome {
         Ok((_, handle)) => Some(handle.clone()),
-        Err(_) => ctx.supervisor.get(&id).await,
+        Err(_) => ctx.supervisor.get(&id),
     };
     let health = handle.as_ref().map(|h| h.relay.health().borrow().clone());
     let failure = outcome.as_ref().err().map(Failure::from);
@@ -294,11 +292,12 @@ pub async fn reconcile(resource: Arc<TransactionRelay>, ctx: Arc<Context>) -> Re
             ctx.succeeded(&id);
             match change {
                 Change::Started => {
-                    ctx.event(&resource, EventType::Normal, "RelayStarted", "relay loop started".into()).await;
+                    ctx.event(&resource, EventType::Normal, Reason::RelayStarted.as_str(), "relay loop started".into())
+                        .await;
                 }
                 Change::Reconfigured => {
                     let note = "spec or secrets changed; relay restarted with the new settings".into();
-                    ctx.event(&resource, EventType::Normal, "RelayReconfigured", note).await;
+                    ctx.event(&resource, EventType::Normal, Reason::RelayReconfigured.as_str(), note).await;
                 }
                 Change::Unchanged => {}
             }
@@ -308,17 +307,17 @@ pub async fn reconcile(resource: Arc<TransactionRelay>, ctx: Arc<Context>) -> Re
             Ok(Action::await_change())
         }
         Err(error) => {
-            ctx.supervisor.relays().set_not_ready(&id, error.reason());
+            ctx.supervisor.relays().set_not_ready(&id, error.reason().as_str());
             ctx.metrics.reconcile_errors.with_label_values(&[error.metric_label()]).inc();
-            info!(relay = %id, reason = error.reason(), %error, "reconcile failed");
-            ctx.event(&resource, EventType::Warning, error.reason(), error.to_string()).await;
+            info!(relay = %id, reason = error.reason().as_str(), %error, "reconcile failed");
+            ctx.event(&resource, EventType::Warning, error.reason().as_str(), error.to_string()).await;
             if handle.is_some() {
                 let note = format!(
                     "{}: the edit was not applied; the previous configuration is still serving, \
                      with the tokens its Secrets hold now",
-                    error.reason()
+                    error.reason().as_str()
                 );
-                ctx.event(&resource, EventType::Warning, "PreviousConfigurationServing", note).await;
+                ctx.event(&resource, EventType::Warning, Reason::PreviousConfigurationServing.as_str(), note).await;
             }
             Err(error)
         }

@@ -1,15 +1,14 @@
 //! Turns a `TransactionRelay` and the Secrets it names into [`RelaySettings`].
 
 use std::collections::BTreeMap;
-use std::hash::{Hash, Hasher};
 
 use k8s_openapi::api::core::v1::Secret as KubeSecret;
 use kube::{Api, Client, ResourceExt};
 
 use super::Error;
 use crate::auth::TokenSet;
+use crate::runtime::settings::{QueueSecrets, RelaySettings};
 use crate::secret::Secret;
-use crate::settings::{QueueSecrets, RelaySettings};
 use crate::spec::RelayId;
 use crate::spec::{SecretKeyRef, TransactionRelay};
 
@@ -60,7 +59,6 @@ impl SecretReader {
     pub async fn settings(
         &self,
         relay: &TransactionRelay,
-        pool_size: u32,
         ingest_tokens: TokenSet,
         admin_tokens: TokenSet,
     ) -> Result<RelaySettings, Error> {
@@ -94,7 +92,6 @@ impl SecretReader {
             id: RelayId::new(relay.namespace().unwrap_or_default(), relay.name_any()),
             spec: spec.clone(),
             database_url: Secret::new(database_url),
-            database_pool_size: pool_size,
             queue,
             ingest_tokens,
             admin_tokens,
@@ -102,33 +99,11 @@ impl SecretReader {
     }
 }
 
-/// A digest of everything that, when changed, means the relay must be
-/// rebuilt: the spec and every secret value but the tokens, which are
-/// applied to the running relay as they are (a rotation or a revocation
-/// must never wait on a rebuild that may fail). Never printed.
-pub fn fingerprint(settings: &RelaySettings) -> u64 {
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    serde_json::to_string(&settings.spec).unwrap_or_default().hash(&mut hasher);
-    settings.database_url.expose().hash(&mut hasher);
-    settings.database_pool_size.hash(&mut hasher);
-    let q = &settings.queue;
-    (&q.queue_url, &q.region, &q.endpoint_url, &q.sts_endpoint_url, &q.access_key_id).hash(&mut hasher);
-    q.secret_access_key.as_ref().map(Secret::expose).hash(&mut hasher);
-    q.ledger_token.as_ref().map(Secret::expose).hash(&mut hasher);
-    hasher.finish()
-}
-
 /// A relay as the cluster runs it, for the administrative commands
 /// (`--relay NAMESPACE/NAME`): its resource and every Secret it references,
 /// read through the API server with the caller's own permissions. No
 /// tokens unless asked (`doctor`): the other commands serve no HTTP.
-pub async fn resolve(
-    client: Client,
-    namespace: &str,
-    name: &str,
-    pool_size: u32,
-    with_tokens: bool,
-) -> Result<RelaySettings, Error> {
+pub async fn resolve(client: Client, namespace: &str, name: &str, with_tokens: bool) -> Result<RelaySettings, Error> {
     let relays: Api<TransactionRelay> = Api::namespaced(client.clone(), namespace);
     let relay = relays
         .get_opt(name)
@@ -145,5 +120,5 @@ pub async fn resolve(
     } else {
         (TokenSet::default(), TokenSet::default())
     };
-    reader.settings(&relay, pool_size, ingest, admin).await
+    reader.settings(&relay, ingest, admin).await
 }

@@ -24,6 +24,87 @@ pub const READY: &str = "Ready";
 pub const DATABASE_REACHABLE: &str = "DatabaseReachable";
 pub const QUEUE_REACHABLE: &str = "QueueReachable";
 
+/// Every reason the operator writes on a condition or an Event of its own
+/// making; a refused queue call carries the queue's own code instead
+/// (`NonExistentQueue`, `AccessDenied`, ...), as `SendFailure::reason` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    RelayRunning,
+    Suspended,
+    DatabaseUnreachable,
+    Connected,
+    NotChecked,
+    Reachable,
+    QueueUnreachable,
+    SecretNotFound,
+    SecretKeyMissing,
+    SecretKeyInvalid,
+    InvalidSpec,
+    IngestTokensMissing,
+    InvalidQueue,
+    Forbidden,
+    RelayNotFound,
+    KubernetesApiError,
+    OperatorStopping,
+    RelayStarted,
+    RelayReconfigured,
+    PreviousConfigurationServing,
+    Resend,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 21] = [
+        Self::RelayRunning,
+        Self::Suspended,
+        Self::DatabaseUnreachable,
+        Self::Connected,
+        Self::NotChecked,
+        Self::Reachable,
+        Self::QueueUnreachable,
+        Self::SecretNotFound,
+        Self::SecretKeyMissing,
+        Self::SecretKeyInvalid,
+        Self::InvalidSpec,
+        Self::IngestTokensMissing,
+        Self::InvalidQueue,
+        Self::Forbidden,
+        Self::RelayNotFound,
+        Self::KubernetesApiError,
+        Self::OperatorStopping,
+        Self::RelayStarted,
+        Self::RelayReconfigured,
+        Self::PreviousConfigurationServing,
+        Self::Resend,
+    ];
+
+    /// PascalCase, as Kubernetes conditions and Events spell reasons.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RelayRunning => "RelayRunning",
+            Self::Suspended => "Suspended",
+            Self::DatabaseUnreachable => "DatabaseUnreachable",
+            Self::Connected => "Connected",
+            Self::NotChecked => "NotChecked",
+            Self::Reachable => "Reachable",
+            Self::QueueUnreachable => "QueueUnreachable",
+            Self::SecretNotFound => "SecretNotFound",
+            Self::SecretKeyMissing => "SecretKeyMissing",
+            Self::SecretKeyInvalid => "SecretKeyInvalid",
+            Self::InvalidSpec => "InvalidSpec",
+            Self::IngestTokensMissing => "IngestTokensMissing",
+            Self::InvalidQueue => "InvalidQueue",
+            Self::Forbidden => "Forbidden",
+            Self::RelayNotFound => "RelayNotFound",
+            Self::KubernetesApiError => "KubernetesApiError",
+            Self::OperatorStopping => "OperatorStopping",
+            Self::RelayStarted => "RelayStarted",
+            Self::RelayReconfigured => "RelayReconfigured",
+            Self::PreviousConfigurationServing => "PreviousConfigurationServing",
+            Self::Resend => "Resend",
+        }
+    }
+}
+
 /// How often the status is rewritten when only `lastSweepTime` moved.
 const HEARTBEAT: Duration = Duration::from_secs(60);
 const MIN_INTERVAL: Duration = Duration::from_secs(1);
@@ -32,7 +113,7 @@ const MIN_INTERVAL: Duration = Duration::from_secs(1);
 /// status says so whatever the running (old) configuration reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
-    pub reason: &'static str,
+    pub reason: Reason,
     pub message: String,
 }
 
@@ -83,11 +164,13 @@ pub fn desired(
     let prior = &previous.conditions;
     let health = health.cloned().unwrap_or_default();
     let ready = match phase {
-        Phase::Failed(failure) => condition(READY, FALSE, failure.reason, failure.message.clone(), generation, prior),
+        Phase::Failed(failure) => {
+            condition(READY, FALSE, failure.reason.as_str(), failure.message.clone(), generation, prior)
+        }
         Phase::Running { .. } if health.database_error.is_some() => condition(
             READY,
             FALSE,
-            "DatabaseUnreachable",
+            Reason::DatabaseUnreachable.as_str(),
             "the relay runs but cannot reach its database; /new answers 503".into(),
             generation,
             prior,
@@ -95,7 +178,7 @@ pub fn desired(
         Phase::Running { suspended: true } => condition(
             READY,
             TRUE,
-            "Suspended",
+            Reason::Suspended.as_str(),
             "accepting and storing transactions, sending none".into(),
             generation,
             prior,
@@ -103,38 +186,58 @@ pub fn desired(
         Phase::Running { suspended: false } => condition(
             READY,
             TRUE,
-            "RelayRunning",
+            Reason::RelayRunning.as_str(),
             "accepting transactions and relaying them to the queue".into(),
             generation,
             prior,
         ),
     };
     let database = match (phase, &health.database_error) {
-        (Phase::Failed(failure), _) if failure.reason == "DatabaseUnreachable" => {
-            condition(DATABASE_REACHABLE, FALSE, "DatabaseUnreachable", failure.message.clone(), generation, prior)
-        }
+        (Phase::Failed(failure), _) if failure.reason == Reason::DatabaseUnreachable => condition(
+            DATABASE_REACHABLE,
+            FALSE,
+            Reason::DatabaseUnreachable.as_str(),
+            failure.message.clone(),
+            generation,
+            prior,
+        ),
         (_, Some(error)) => {
-            condition(DATABASE_REACHABLE, FALSE, "DatabaseUnreachable", error.clone(), generation, prior)
+            condition(DATABASE_REACHABLE, FALSE, Reason::DatabaseUnreachable.as_str(), error.clone(), generation, prior)
         }
-        (Phase::Running { .. }, None) => {
-            condition(DATABASE_REACHABLE, TRUE, "Connected", "the database answers".into(), generation, prior)
-        }
-        (Phase::Failed(_), None) => {
-            condition(DATABASE_REACHABLE, UNKNOWN, "NotChecked", "the relay has not started".into(), generation, prior)
-        }
+        (Phase::Running { .. }, None) => condition(
+            DATABASE_REACHABLE,
+            TRUE,
+            Reason::Connected.as_str(),
+            "the database answers".into(),
+            generation,
+            prior,
+        ),
+        (Phase::Failed(_), None) => condition(
+            DATABASE_REACHABLE,
+            UNKNOWN,
+            Reason::NotChecked.as_str(),
+            "the relay has not started".into(),
+            generation,
+            prior,
+        ),
     };
     let queue = match (phase, &health.queue_error) {
         (_, Some(error)) => {
-            let reason = health.queue_error_code.as_deref().unwrap_or("QueueUnreachable");
+            let reason = health.queue_error_code.as_deref().unwrap_or(Reason::QueueUnreachable.as_str());
             condition(QUEUE_REACHABLE, FALSE, reason, error.clone(), generation, prior)
         }
-        (_, None) if health.queue_checked => {
-            condition(QUEUE_REACHABLE, TRUE, "Reachable", "the queue accepts requests".into(), generation, prior)
-        }
+        (_, None) if health.queue_checked => condition(
+            QUEUE_REACHABLE,
+            TRUE,
+            Reason::Reachable.as_str(),
+            "the queue accepts requests".into(),
+            generation,
+            prior,
+        ),
         _ => condition(
             QUEUE_REACHABLE,
             UNKNOWN,
-            "NotChecked",
+            Reason::NotChecked.as_str(),
             "the queue has not been called yet".into(),
             generation,
             prior,
@@ -384,4 +487,21 @@ pub fn is_ready(status: &TransactionRelayStatus) -> bool {
 
 fn without_heartbeat(status: &TransactionRelayStatus) -> TransactionRelayStatus {
     TransactionRelayStatus { last_sweep_time: None, ..status.clone() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Reason;
+
+    /// Each reason is spelt as its variant, as Kubernetes expects: one
+    /// word, PascalCase, and never two variants with one spelling.
+    #[test]
+    fn every_reason_is_its_variant_name_in_pascal_case() {
+        let mut seen = std::collections::HashSet::new();
+        for reason in Reason::ALL {
+            assert_eq!(reason.as_str(), format!("{reason:?}"));
+            assert!(reason.as_str().starts_with(|c: char| c.is_ascii_uppercase()));
+            assert!(seen.insert(reason.as_str()), "{reason:?} twice");
+        }
+    }
 }

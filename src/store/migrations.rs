@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::migrate::Migrator;
 
-use super::{Result, Store, StoreError};
+use super::{Result, Store, StoreError, named_statements};
 
 /// The embedded migrations. A schema with migrations this binary does not
 /// know (a newer release applied them) is accepted: every migration is
@@ -27,6 +27,55 @@ const MIGRATION_LOCK_TIMEOUT: Duration = Duration::from_secs(2);
 /// for at most the lock timeout per try, and tries thin out.
 const MIGRATION_RETRY: Duration = Duration::from_secs(1);
 const MIGRATION_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// The versions applied to this schema.
+const APPLIED_VERSIONS: &str = "SELECT version FROM _sqlx_migrations WHERE success";
+
+const MIGRATIONS_TABLE_EXISTS: &str = "SELECT to_regclass('_sqlx_migrations') IS NOT NULL";
+
+const APPLIED_MIGRATIONS: &str = "SELECT version, installed_on FROM _sqlx_migrations WHERE success ORDER BY version";
+
+/// Lets the resend audit's down migration drop its records.
+const SET_DROP_RESEND_AUDIT: &str = "SET txrelay.drop_resend_audit = on";
+
+/// The statement timeout of the migrating session.
+fn set_statement_timeout_sql(timeout: Duration) -> String {
+    format!("SET statement_timeout = {}", timeout.as_millis())
+}
+
+/// The lock timeout of the migrating session.
+fn set_lock_timeout_sql(timeout: Duration) -> String {
+    format!("SET lock_timeout = {}", timeout.as_millis())
+}
+
+/// The name is a validated identifier (spec::is_schema_name), so quoting it is enough.
+fn create_schema_sql(schema: &str) -> String {
+    format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"")
+}
+
+/// Every statement of this file prepared against the migrated schema, for
+/// [`super::statements`].
+pub(super) fn statements() -> Vec<(&'static str, &'static str)> {
+    named_statements![APPLIED_VERSIONS, MIGRATIONS_TABLE_EXISTS, APPLIED_MIGRATIONS]
+}
+
+/// The statements of this file that are not prepared, for
+/// [`super::unprepared_statements`]: the text of a named const, or the shape
+/// of a statement built at run time.
+pub(super) fn unprepared_statements() -> Vec<(&'static str, &'static str)> {
+    vec![
+        // A session setting of the migrating connection (a custom GUC), not a query of the schema.
+        ("SET_DROP_RESEND_AUDIT", SET_DROP_RESEND_AUDIT),
+        // A session setting whose value is the configured migration timeout.
+        ("set_statement_timeout_sql", "SET statement_timeout = <milliseconds>"),
+        // A session setting whose value is MIGRATION_LOCK_TIMEOUT.
+        ("set_lock_timeout_sql", "SET lock_timeout = <milliseconds>"),
+        // DDL run before the schema is migrated (it may not exist yet), on the relay's own schema name.
+        ("create_schema_sql", "CREATE SCHEMA IF NOT EXISTS \"<schema>\""),
+        // Not listed: sqlx's own migrator statements (its advisory lock, `_sqlx_migrations`
+        // bookkeeping) and the migrations' SQL in migrations/*.sql, which the store does not write.
+    ]
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct MigrationStatus {
@@ -66,10 +115,7 @@ impl Store {
     /// Whether this schema has every embedded migration applied (a missing
     /// table, or any error, reads as "maybe not": the locked path decides).
     async fn nothing_pending(&self, connection: &mut sqlx::PgConnection) -> bool {
-        let applied: Vec<i64> = match sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
-            .fetch_all(connection)
-            .await
-        {
+        let applied: Vec<i64> = match sqlx::query_scalar(APPLIED_VERSIONS).fetch_all(connection).await {
             Ok(applied) => applied,
             Err(_) => return false,
         };
@@ -82,7 +128,7 @@ impl Store {
         // never handed back to the pool with them.
         connection.close_on_drop();
         let failed = |e: sqlx::Error| MigrationTry::Failed(e.into());
-        let timeout = format!("SET statement_timeout = {}", self.migration_timeout.as_millis());
+        let timeout = set_statement_timeout_sql(self.migration_timeout);
         sqlx::raw_sql(sqlx::AssertSqlSafe(timeout)).execute(&mut *connection).await.map_err(failed)?;
         // Nothing to do (every embedded migration applied): no lock. Every
         // relay of a database otherwise queues through one lock at each
@@ -99,7 +145,7 @@ impl Store {
             use sqlx::migrate::Migrate;
             connection.lock().await.map_err(|e| MigrationTry::Failed(StoreError::Migration(e.to_string())))?;
         }
-        let lock_timeout = format!("SET lock_timeout = {}", MIGRATION_LOCK_TIMEOUT.as_millis());
+        let lock_timeout = set_lock_timeout_sql(MIGRATION_LOCK_TIMEOUT);
         sqlx::raw_sql(sqlx::AssertSqlSafe(lock_timeout)).execute(&mut *connection).await.map_err(failed)?;
         // The server's timeouts should fire first; this bounds a network
         // that stopped answering.
@@ -149,10 +195,10 @@ impl Store {
         // Session settings (the permission, the migration's own timeout)
         // must never go back to the pool with this connection.
         connection.close_on_drop();
-        let timeout = format!("SET statement_timeout = {}", self.migration_timeout.as_millis());
+        let timeout = set_statement_timeout_sql(self.migration_timeout);
         sqlx::raw_sql(sqlx::AssertSqlSafe(timeout)).execute(&mut *connection).await?;
         if drop_resend_audit {
-            sqlx::query("SET txrelay.drop_resend_audit = on").execute(&mut *connection).await?;
+            sqlx::query(SET_DROP_RESEND_AUDIT).execute(&mut *connection).await?;
         }
         let undone = migrator().undo(&mut *connection, target).await;
         undone.map_err(|e| StoreError::Migration(e.to_string()))?;
@@ -161,15 +207,9 @@ impl Store {
 
     /// Every known migration with the time it was applied, if it was.
     pub async fn status(&self) -> Result<Vec<MigrationStatus>> {
-        let table_exists: bool =
-            sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL").fetch_one(self.pool()).await?;
-        let applied: Vec<(i64, DateTime<Utc>)> = if table_exists {
-            sqlx::query_as("SELECT version, installed_on FROM _sqlx_migrations WHERE success ORDER BY version")
-                .fetch_all(self.pool())
-                .await?
-        } else {
-            Vec::new()
-        };
+        let table_exists: bool = sqlx::query_scalar(MIGRATIONS_TABLE_EXISTS).fetch_one(self.pool()).await?;
+        let applied: Vec<(i64, DateTime<Utc>)> =
+            if table_exists { sqlx::query_as(APPLIED_MIGRATIONS).fetch_all(self.pool()).await? } else { Vec::new() };
         Ok(migrator()
             .iter()
             .filter(|m| m.migration_type.is_up_migration())
@@ -182,8 +222,7 @@ impl Store {
     }
 
     async fn create_schema(&self) -> Result<()> {
-        // The name is a validated identifier (spec::is_schema_name), so quoting it is enough.
-        let sql = format!("CREATE SCHEMA IF NOT EXISTS \"{}\"", self.schema());
+        let sql = create_schema_sql(self.schema());
         sqlx::query(sqlx::AssertSqlSafe(sql)).execute(self.pool()).await?;
         Ok(())
     }

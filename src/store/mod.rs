@@ -144,10 +144,48 @@ macro_rules! columns {
     };
 }
 
+/// `(name, text)` for each named statement, the name being the const's own
+/// identifier: what [`statements`] lists.
+macro_rules! named_statements {
+    ($($name:ident),* $(,)?) => {
+        vec![$((stringify!($name), $name)),*]
+    };
+}
+
 pub(crate) use {
-    columns, dead_lettered, due_at, first_of_its_wallet, follow, follow_columns, holds_its_wallet, not_held, not_sent,
-    sent, unsent,
+    columns, dead_lettered, due_at, first_of_its_wallet, follow, follow_columns, holds_its_wallet, named_statements,
+    not_held, not_sent, sent, unsent,
 };
+
+const PING: &str = "SELECT 1";
+
+const TLS_IN_USE: &str = "SELECT coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)";
+
+const SCHEMA_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)";
+
+const NOTIFY_DUE: &str = "SELECT pg_notify($1, '')";
+
+/// Every statement the store can run, by name, exactly as PostgreSQL
+/// receives it: each variant of those chosen at run time (each claim mode,
+/// FIFO or standard) is listed on its own. The integration tests prepare
+/// every one against a migrated schema (tests/integration/statements.rs),
+/// and check that no statement is written inline in `src/store/` and that
+/// every named statement is listed here or in [`unprepared_statements`].
+pub fn statements() -> Vec<(&'static str, String)> {
+    let mut all: Vec<(&'static str, &'static str)> = named_statements![PING, TLS_IN_USE, SCHEMA_EXISTS, NOTIFY_DUE];
+    all.extend(outbox::statements());
+    all.extend(transactions::statements());
+    all.extend(resend::statements());
+    all.extend(migrations::statements());
+    all.into_iter().map(|(name, sql)| (name, sql.to_owned())).collect()
+}
+
+/// The statements the store runs that are not prepared against the
+/// migrated schema (session settings, DDL), by name, with their text or,
+/// for those built at run time, its shape (see `store/migrations.rs`).
+pub fn unprepared_statements() -> Vec<(&'static str, &'static str)> {
+    migrations::unprepared_statements()
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -528,26 +566,24 @@ impl Store {
     pub async fn ping_within(&self, limit: Duration) -> Result<()> {
         let mut connection = self.on(&self.health).await?;
         connection.limit = limit;
-        connection.run(|c| sqlx::query("SELECT 1").execute(c)).await.map(|_| ())
+        connection.run(|c| sqlx::query(PING).execute(c)).await.map(|_| ())
     }
 
     /// Whether this connection to the database is encrypted (`doctor`).
     pub async fn tls_in_use(&self) -> Result<bool> {
-        let sql = "SELECT coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)";
-        self.on(self.pool()).await?.run(|c| sqlx::query_scalar(sql).fetch_one(c)).await
+        self.on(self.pool()).await?.run(|c| sqlx::query_scalar(TLS_IN_USE).fetch_one(c)).await
     }
 
     /// Whether the relay's schema exists (`doctor`).
     pub async fn schema_exists(&self) -> Result<bool> {
-        let sql = "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)";
         let schema = self.schema.clone();
-        self.on(self.pool()).await?.run(|c| sqlx::query_scalar(sql).bind(schema).fetch_one(c)).await
+        self.on(self.pool()).await?.run(|c| sqlx::query_scalar(SCHEMA_EXISTS).bind(schema).fetch_one(c)).await
     }
 
     /// Tells every relay listening on this schema to look for due rows.
     pub async fn notify_due(&self) -> Result<()> {
         let channel = self.due_channel();
-        self.on(self.pool()).await?.run(|c| sqlx::query("SELECT pg_notify($1, '')").bind(channel).execute(c)).await?;
+        self.on(self.pool()).await?.run(|c| sqlx::query(NOTIFY_DUE).bind(channel).execute(c)).await?;
         Ok(())
     }
 

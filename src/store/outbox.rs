@@ -8,7 +8,7 @@ use sqlx::{FromRow, Row};
 
 use super::{
     Result, Store, StoreError, columns, dead_lettered, due_at, first_of_its_wallet, follow, follow_columns,
-    holds_its_wallet, not_held, not_sent, sent, unsent,
+    holds_its_wallet, named_statements, not_held, not_sent, sent, unsent,
 };
 use crate::transaction::Transaction;
 
@@ -400,6 +400,73 @@ const SKIP: &str = concat!(
     " RETURNING wallet_address"
 );
 
+/// Whether a row is dead-lettered, and skipped: why [`SKIP`] left it alone.
+const SKIP_STATE: &str = "SELECT failed_at IS NOT NULL, skipped_at IS NOT NULL FROM transactions WHERE id = $1";
+
+/// Deletes up to `$2` sent rows created and sent more than `$1` ms ago,
+/// keeping the compact record of those created within `$3` ms.
+const DELETE_SENT: &str = concat!(
+    // The outer predicate is checked again on a row changed
+    // meanwhile: a row un-sent by hand is never deleted.
+    "WITH gone AS (DELETE FROM transactions WHERE ",
+    sent!("transactions"),
+    " AND id IN (SELECT id FROM transactions WHERE ",
+    sent!("transactions"),
+    " AND queue_sent_at < now() - $1 * interval '1 millisecond' \
+     AND created_at < now() - $1 * interval '1 millisecond' ORDER BY created_at LIMIT $2) \
+     RETURNING idempotency_key, id, reference, wallet_address, \
+     encode(sha256(convert_to(payload::text, 'UTF8')), 'hex') AS payload_digest, message_id, \
+     queue_sent_at, created_at), \
+     kept AS (INSERT INTO retired_transactions (idempotency_key, id, reference, wallet_address, \
+     payload_digest, message_id, queue_sent_at, created_at) SELECT * FROM gone \
+     WHERE created_at >= now() - $3 * interval '1 millisecond' ON CONFLICT (idempotency_key) DO NOTHING) \
+     SELECT count(*) FROM gone",
+);
+
+/// Forgets up to `$2` retired keys created more than `$1` ms ago.
+const EXPIRE_RETIRED: &str = "DELETE FROM retired_transactions WHERE idempotency_key = ANY (ARRAY(SELECT \
+     idempotency_key FROM retired_transactions WHERE created_at < now() - $1 * interval '1 millisecond' ORDER BY \
+     created_at LIMIT $2))";
+
+/// The newest row of wallet `$1` older than `$2` that is unsent, or
+/// dead-lettered and unresolved: what a FIFO retry must wait for.
+const OLDER_OF_WALLET: &str = concat!(
+    "SELECT max(id) FROM (SELECT id FROM unsent_transactions WHERE wallet_address = $1 AND id < $2 \
+     UNION ALL SELECT d.id FROM transactions d WHERE d.wallet_address = $1 AND d.id < $2 AND ",
+    holds_its_wallet!("d"),
+    ") AS older"
+);
+
+const CLAIMED_UNTIL: &str = "SELECT claimed_until FROM transactions WHERE id = $1";
+
+/// Every statement of this file, for [`super::statements`]: each claim mode
+/// with a FIFO and a standard queue, and both waits for the next due row.
+pub(super) fn statements() -> Vec<(&'static str, &'static str)> {
+    named_statements![
+        CLAIM_DUE,
+        CLAIM_DUE_FIFO,
+        CLAIM_FORCE,
+        CLAIM_FORCE_FIFO,
+        CLAIM_REVIVE,
+        CLAIM_ONE,
+        RECORD_SENT,
+        RECORD_FAILURES,
+        HOLD,
+        RELEASE,
+        GAUGES,
+        NEXT_DUE,
+        NEXT_DUE_FIFO,
+        REPAIR_DRIFT,
+        COUNT_DRIFT,
+        SKIP,
+        SKIP_STATE,
+        DELETE_SENT,
+        EXPIRE_RETIRED,
+        OLDER_OF_WALLET,
+        CLAIMED_UNTIL,
+    ]
+}
+
 impl Store {
     /// One bounded step of the drift reconciliation: the next `batch` ids
     /// after `after` (see [`REPAIR_DRIFT`]).
@@ -425,15 +492,8 @@ impl Store {
         if let Some(wallet) = skipped {
             return Ok(wallet);
         }
-        let state: Option<(bool, bool)> = self
-            .on(self.pool())
-            .await?
-            .run(|c| {
-                sqlx::query_as("SELECT failed_at IS NOT NULL, skipped_at IS NOT NULL FROM transactions WHERE id = $1")
-                    .bind(id)
-                    .fetch_optional(c)
-            })
-            .await?;
+        let state: Option<(bool, bool)> =
+            self.on(self.pool()).await?.run(|c| sqlx::query_as(SKIP_STATE).bind(id).fetch_optional(c)).await?;
         Err(match state {
             None => SkipError::NotFound(id),
             Some((true, true)) => SkipError::AlreadySkipped(id),
@@ -566,27 +626,11 @@ impl Store {
             .on(self.bookkeeping())
             .await?
             .run(|c| {
-                sqlx::query_scalar(concat!(
-                    // The outer predicate is checked again on a row changed
-                    // meanwhile: a row un-sent by hand is never deleted.
-                    "WITH gone AS (DELETE FROM transactions WHERE ",
-                    sent!("transactions"),
-                    " AND id IN (SELECT id FROM transactions WHERE ",
-                    sent!("transactions"),
-                    " AND queue_sent_at < now() - $1 * interval '1 millisecond' \
-                     AND created_at < now() - $1 * interval '1 millisecond' ORDER BY created_at LIMIT $2) \
-                     RETURNING idempotency_key, id, reference, wallet_address, \
-                     encode(sha256(convert_to(payload::text, 'UTF8')), 'hex') AS payload_digest, message_id, \
-                     queue_sent_at, created_at), \
-                     kept AS (INSERT INTO retired_transactions (idempotency_key, id, reference, wallet_address, \
-                     payload_digest, message_id, queue_sent_at, created_at) SELECT * FROM gone \
-                     WHERE created_at >= now() - $3 * interval '1 millisecond' ON CONFLICT (idempotency_key) DO NOTHING) \
-                     SELECT count(*) FROM gone",
-                ))
-                .bind(millis(age))
-                .bind(i64::from(batch))
-                .bind(millis(window))
-                .fetch_one(c)
+                sqlx::query_scalar(DELETE_SENT)
+                    .bind(millis(age))
+                    .bind(i64::from(batch))
+                    .bind(millis(window))
+                    .fetch_one(c)
             })
             .await?;
         Ok(u64::try_from(deleted).unwrap_or(0))
@@ -598,16 +642,7 @@ impl Store {
         let result = self
             .on(self.bookkeeping())
             .await?
-            .run(|c| {
-                sqlx::query(
-                    "DELETE FROM retired_transactions WHERE idempotency_key = ANY (ARRAY(SELECT idempotency_key \
-                     FROM retired_transactions WHERE created_at < now() - $1 * interval '1 millisecond' \
-                     ORDER BY created_at LIMIT $2))",
-                )
-                .bind(millis(window))
-                .bind(i64::from(batch))
-                .execute(c)
-            })
+            .run(|c| sqlx::query(EXPIRE_RETIRED).bind(millis(window)).bind(i64::from(batch)).execute(c))
             .await?;
         Ok(result.rows_affected())
     }
@@ -637,17 +672,7 @@ impl Store {
         let older: Option<i64> = self
             .on(self.pool())
             .await?
-            .run(|c| {
-                sqlx::query_scalar(concat!(
-                    "SELECT max(id) FROM (SELECT id FROM unsent_transactions WHERE wallet_address = $1 AND id < $2 \
-                     UNION ALL SELECT d.id FROM transactions d WHERE d.wallet_address = $1 AND d.id < $2 AND ",
-                    holds_its_wallet!("d"),
-                    ") AS older"
-                ))
-                .bind(&existing.wallet_address)
-                .bind(id)
-                .fetch_one(c)
-            })
+            .run(|c| sqlx::query_scalar(OLDER_OF_WALLET).bind(&existing.wallet_address).bind(id).fetch_one(c))
             .await?;
         match older {
             Some(older) if fifo => Err(RetryOneError::WaitsForOlder { id, older }),
@@ -655,9 +680,7 @@ impl Store {
                 let until: Option<DateTime<Utc>> = self
                     .on(self.pool())
                     .await?
-                    .run(|c| {
-                        sqlx::query_scalar("SELECT claimed_until FROM transactions WHERE id = $1").bind(id).fetch_one(c)
-                    })
+                    .run(|c| sqlx::query_scalar(CLAIMED_UNTIL).bind(id).fetch_one(c))
                     .await?;
                 Err(RetryOneError::Held { id, until: until.unwrap_or_else(Utc::now) })
             }

@@ -8,7 +8,7 @@ use sqlx::{FromRow, Row};
 
 use super::{
     ClaimRef, Result, Store, StoreError, columns, dead_lettered, due_at, follow, follow_columns, holds_its_wallet,
-    not_sent, sent, unsent,
+    named_statements, not_sent, sent, unsent,
 };
 use crate::transaction::{NewTransaction, Transaction};
 
@@ -180,6 +180,16 @@ const LIST: &str = concat!(
     ") AND id > $8 ORDER BY id LIMIT $9"
 );
 
+/// A retired key's compact record (see [`RetiredTransaction`]).
+const FIND_RETIRED: &str = "SELECT id, reference, idempotency_key, wallet_address, message_id, queue_sent_at, \
+     created_at, true AS retired, payload_digest FROM retired_transactions WHERE idempotency_key = $1";
+
+const FIND_BY_REFERENCE: &str = concat!("SELECT ", columns!(), " FROM transactions WHERE reference = $1");
+
+const FIND_BY_ID: &str = concat!("SELECT ", columns!(), " FROM transactions WHERE id = $1");
+
+const COUNT_BY_STATUS: &str = "SELECT status, count(*) FROM transactions GROUP BY status ORDER BY status";
+
 #[cfg(test)]
 pub(crate) const STATS_SQL: &str = STATS;
 
@@ -192,6 +202,20 @@ const STATS: &str = concat!(
     dead_lettered!("transactions"),
     ") AS failed FROM transactions"
 );
+
+/// Every statement of this file, for [`super::statements`].
+pub(super) fn statements() -> Vec<(&'static str, &'static str)> {
+    named_statements![
+        INSERT_MANY,
+        FIND_CONFLICT,
+        FIND_RETIRED,
+        FIND_BY_REFERENCE,
+        FIND_BY_ID,
+        LIST,
+        STATS,
+        COUNT_BY_STATUS
+    ]
+}
 
 /// What becomes of a new row once it is committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -355,14 +379,7 @@ impl Store {
         let retired: Option<RetiredTransaction> = self
             .on(self.pool())
             .await?
-            .run(|c| {
-                sqlx::query_as(
-                    "SELECT id, reference, idempotency_key, wallet_address, message_id, queue_sent_at, created_at, \
-                     true AS retired, payload_digest FROM retired_transactions WHERE idempotency_key = $1",
-                )
-                .bind(&tx.idempotency_key)
-                .fetch_optional(c)
-            })
+            .run(|c| sqlx::query_as(FIND_RETIRED).bind(&tx.idempotency_key).fetch_optional(c))
             .await?;
         Ok(retired.map(|retired| {
             if retired.payload_digest == Identity::of(tx).payload_digest && retired.wallet_address == tx.wallet_address
@@ -375,13 +392,11 @@ impl Store {
     }
 
     pub async fn find_by_reference(&self, reference: &str) -> Result<Option<Transaction>> {
-        let sql = concat!("SELECT ", columns!(), " FROM transactions WHERE reference = $1");
-        self.on(self.pool()).await?.run(|c| sqlx::query_as(sql).bind(reference).fetch_optional(c)).await
+        self.on(self.pool()).await?.run(|c| sqlx::query_as(FIND_BY_REFERENCE).bind(reference).fetch_optional(c)).await
     }
 
     pub async fn find_by_id(&self, id: i64) -> Result<Option<Transaction>> {
-        let sql = concat!("SELECT ", columns!(), " FROM transactions WHERE id = $1");
-        self.on(self.pool()).await?.run(|c| sqlx::query_as(sql).bind(id).fetch_optional(c)).await
+        self.on(self.pool()).await?.run(|c| sqlx::query_as(FIND_BY_ID).bind(id).fetch_optional(c)).await
     }
 
     /// Keyset pagination by id: rows after `after_id`, oldest first.
@@ -418,13 +433,8 @@ impl Store {
 
     pub async fn stats(&self) -> Result<Stats> {
         let mut stats = self.counts().await?;
-        let by_status: Vec<(String, i64)> = self
-            .on(self.pool())
-            .await?
-            .run(|c| {
-                sqlx::query_as("SELECT status, count(*) FROM transactions GROUP BY status ORDER BY status").fetch_all(c)
-            })
-            .await?;
+        let by_status: Vec<(String, i64)> =
+            self.on(self.pool()).await?.run(|c| sqlx::query_as(COUNT_BY_STATUS).fetch_all(c)).await?;
         stats.by_status = by_status.into_iter().collect();
         Ok(stats)
     }

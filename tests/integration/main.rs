@@ -18,4 +18,5 @@ mod real_cluster;
 mod resend;
 mod security;
 mod shutdown;
+mod statements;
 mod store;

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::{Value, json};
-use txrelay::config::Manifest;
+use txrelay::runtime::config::Manifest;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -98,6 +98,16 @@ fn the_checked_in_crd_is_what_the_code_generates() {
     let generated = txrelay::operator::crd_yaml().unwrap();
     let checked_in = std::fs::read_to_string(root().join("crds/transactionrelays.relay.mykobo.io.yaml")).unwrap();
     assert!(generated == checked_in, "crds/ is stale: run `just generate`");
+}
+
+#[test]
+fn the_checked_in_crd_reference_is_what_the_code_generates() {
+    let generated = txrelay::operator::crd_reference();
+    let checked_in = std::fs::read_to_string(root().join("docs/reference/crd.md")).unwrap_or_default();
+    assert!(generated == checked_in, "docs/reference/crd.md is stale: run `just generate`");
+    for field in ["spec.queue.roleArn", "spec.claimLease", "status.oldestUnsentTime", "status.conditions[].reason"] {
+        assert!(generated.contains(&format!("`{field}`")), "{field} is missing from the reference");
+    }
 }
 
 #[test]

@@ -6,8 +6,8 @@ use aws_sdk_sqs::types::QueueAttributeName;
 use axum::http::StatusCode;
 use serde_json::json;
 use tokio::sync::watch;
-use txrelay::directory::Relays;
 use txrelay::http::{AppState, HttpOptions, ops_router};
+use txrelay::runtime::registry::Registry;
 use txrelay::store::ClaimMode;
 
 use crate::common::proxy::{SqsMode, SqsProxy};
@@ -56,7 +56,7 @@ async fn metrics_after_accepted_sent_failed_and_dead_lettered() {
     assert_eq!((report.sent, report.dead_lettered), (1, 1));
     app.relay.outbox().refresh_gauges().await.unwrap();
 
-    let relays = std::sync::Arc::new(Relays::new(None));
+    let relays = std::sync::Arc::new(Registry::new(None));
     let ops = ops_router(AppState::new(relays, app.metrics.clone(), HttpOptions::default()));
     let response =
         tower::ServiceExt::oneshot(ops, axum::http::Request::get("/metrics").body(axum::body::Body::empty()).unwrap())

@@ -160,7 +160,7 @@ async fn postgres_tls_is_taken_from_the_url() {
 }
 
 /// An API over `relays` with the default options.
-fn api_over(relays: std::sync::Arc<txrelay::directory::Relays>, options: HttpOptions) -> axum::Router {
+fn api_over(relays: std::sync::Arc<txrelay::runtime::registry::Registry>, options: HttpOptions) -> axum::Router {
     txrelay::http::api_router(txrelay::http::AppState::new(relays, txrelay::metrics::Metrics::new(), options))
 }
 
@@ -168,7 +168,7 @@ fn api_over(relays: std::sync::Arc<txrelay::directory::Relays>, options: HttpOpt
 async fn a_relay_that_is_not_running_yet_answers_503_not_404() {
     let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
     let running = RelayBuilder::new(&db, &queue);
-    let relays = std::sync::Arc::new(txrelay::directory::Relays::new(None));
+    let relays = std::sync::Arc::new(txrelay::runtime::registry::Registry::new(None));
     relays.insert(running.handle(&txrelay::metrics::Metrics::new()).await);
     relays.set_not_ready(&RelayId::new("payments", "dapp"), "DatabaseUnreachable");
     let app = TestApp {
@@ -189,7 +189,7 @@ async fn a_relay_that_is_not_running_yet_answers_503_not_404() {
 async fn without_a_valid_token_no_answer_tells_which_relays_exist() {
     let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
     let builder = RelayBuilder::new(&db, &queue);
-    let relays = std::sync::Arc::new(txrelay::directory::Relays::new(None));
+    let relays = std::sync::Arc::new(txrelay::runtime::registry::Registry::new(None));
     relays.insert(builder.handle(&txrelay::metrics::Metrics::new()).await);
     relays.set_not_ready(&RelayId::new("payments", "starting"), "SecretNotFound");
     let app = TestApp {
@@ -221,7 +221,7 @@ async fn insecure_no_auth_opens_new_only_and_reads_stay_closed() {
     handle.admin_tokens = txrelay::auth::TokenSet::parse("");
     handle.ingest_required = false;
     let relay = handle.relay.clone();
-    let relays = std::sync::Arc::new(txrelay::directory::Relays::new(None));
+    let relays = std::sync::Arc::new(txrelay::runtime::registry::Registry::new(None));
     relays.insert(handle);
     let options = HttpOptions { insecure_no_auth: true, ..HttpOptions::default() };
     let app = TestApp { router: api_over(relays, options), relay, metrics: Default::default() };

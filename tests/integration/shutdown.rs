@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use serde_json::{Value, json};
-use txrelay::directory::Relays;
 use txrelay::http::{self, AppState, HttpOptions};
-use txrelay::lifecycle::Supervisor;
 use txrelay::metrics::Metrics;
+use txrelay::runtime::lifecycle::Supervisor;
+use txrelay::runtime::registry::Registry;
 
 use crate::common::proxy::SqsProxy;
 use crate::common::*;
@@ -20,9 +20,9 @@ use crate::common::*;
 /// real router, so that `stop_all` stops it exactly as SIGTERM does.
 async fn supervised(builder: &RelayBuilder) -> (Arc<Supervisor>, TestApp) {
     let metrics = Metrics::new();
-    let relays = Arc::new(Relays::new(None));
+    let relays = Arc::new(Registry::new(None));
     let supervisor = Arc::new(Supervisor::standalone(relays.clone(), metrics.clone(), Duration::from_secs(10), true));
-    let (_, handle) = supervisor.ensure(&builder.settings(), 0).await.expect("relay starts");
+    let (_, handle) = supervisor.ensure(&builder.settings()).await.expect("relay starts");
     let router = http::api_router(AppState::new(relays, metrics.clone(), HttpOptions::default()));
     (supervisor, TestApp { router, relay: handle.relay, metrics })
 }

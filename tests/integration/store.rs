@@ -7,7 +7,7 @@ use txrelay::spec::QueueKind;
 use txrelay::store::{ClaimMode, ClaimRef, Conflict, FailedSend, InsertOutcome, Intake, Store};
 use txrelay::transaction::limits;
 
-use crate::common::{TestDb, insert_created, new_tx, unique, wait_until};
+use crate::common::{TestDb, insert_created, new_tx, raw_insert, unique, wait_until};
 
 /// sqlx-core 0.9.0 left Nagle's algorithm on: a group INSERT's last segment
 /// then waited for PostgreSQL's delayed ACK, ~40 ms, on about one group in
@@ -570,14 +570,7 @@ async fn a_row_written_while_the_migration_runs_is_listed() {
     revert_to_before_unsent_transactions(&db).await;
     // A relay still on the earlier schema, mid-transaction.
     let mut writer = db.psql.begin().await.unwrap();
-    sqlx::query(
-        "INSERT INTO transactions (reference, external_reference, idempotency_key, transaction_type, status, \
-         source, instruction_type, incoming_currency, outgoing_currency, value, fee, wallet_address, payload) \
-         VALUES ('during', 'e-during', 'k-during', 'DEPOSIT', 'P', 'S', 'T', 'EUR', 'EUR', 1, 0, 'w', '{}')",
-    )
-    .execute(&mut *writer)
-    .await
-    .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(raw_insert("during", "w", &[]))).execute(&mut *writer).await.unwrap();
     let store = db.store.clone();
     let migration = tokio::spawn(async move { store.migrate().await });
     wait_until(Duration::from_secs(10), "the migration waits for the writer", || async {
@@ -634,12 +627,7 @@ async fn a_migration_waiting_for_a_lock_lets_writers_through_and_tries_again() {
     // migration until the reader ends.
     // (A plain session, as the release before this migration writes: this
     // binary's INSERT needs the tables the migration adds.)
-    let insert = sqlx::query(
-        "INSERT INTO transactions (reference, external_reference, idempotency_key, transaction_type, status, \
-         source, instruction_type, incoming_currency, outgoing_currency, value, fee, wallet_address, payload) \
-         VALUES ('meanwhile', 'e-meanwhile', 'k-meanwhile', 'DEPOSIT', 'P', 'S', 'T', 'EUR', 'EUR', 1, 0, 'w', '{}')",
-    )
-    .execute(&db.psql);
+    let insert = sqlx::query(sqlx::AssertSqlSafe(raw_insert("meanwhile", "w", &[]))).execute(&db.psql);
     // At most the migration's 2 s lock timeout (plus scheduling), well under
     // the reader's hold: the writer never waits for the reader's end.
     let written = tokio::time::timeout(Duration::from_secs(3), insert).await;

@@ -64,6 +64,39 @@ pub struct ResendRequest {
     pub budget: Option<Duration>,
 }
 
+/// A resend request that cannot be taken, naming the field (as the HTTP
+/// body names it; the CLI turns `dead_only` into `--dead-only`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct RequestError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl ResendRequest {
+    /// The one check of a request, for every way in (HTTP and CLI), before
+    /// anything is read, stored or sent.
+    pub fn validate(&self) -> Result<(), RequestError> {
+        let invalid = |field, message: &str| Err(RequestError { field, message: message.to_owned() });
+        for (field, value) in [("wallet", &self.filter.wallet), ("error", &self.filter.error)] {
+            // PostgreSQL text cannot hold one: the query would fail halfway.
+            if value.as_deref().is_some_and(|v| v.contains('\0')) {
+                return invalid(field, "must not contain a NUL character");
+            }
+        }
+        if self.filter.include_dead && self.filter.dead_only {
+            return invalid("dead_only", "include_dead and dead_only exclude each other");
+        }
+        if self.rate.is_some_and(|rate| !(rate.is_finite() && rate > 0.0)) {
+            return invalid("rate", "must be a positive number of messages per second");
+        }
+        if self.limit == Some(0) {
+            return invalid("limit", "must be at least 1");
+        }
+        Ok(())
+    }
+}
+
 /// Why a resend by hand was refused before it began.
 #[derive(Debug, thiserror::Error)]
 pub enum ResendError {

@@ -13,13 +13,13 @@ use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use txrelay::auth::TokenSet;
-use txrelay::directory::Relays;
 use txrelay::duration::HumanDuration;
 use txrelay::http::{self, AppState, HttpOptions};
 use txrelay::metrics::Metrics;
 use txrelay::relay::{Relay, listen_for_due_rows, run_loop};
+use txrelay::runtime::registry::Registry;
+use txrelay::runtime::settings::{QueueSecrets, RelayHandle, RelaySettings};
 use txrelay::secret::Secret;
-use txrelay::settings::{QueueSecrets, RelayHandle, RelaySettings};
 use txrelay::spec::RelayId;
 use txrelay::spec::{DatabaseSpec, QueueSpec, SecretKeyRef, SecretRef, TransactionRelaySpec};
 
@@ -59,6 +59,26 @@ pub async fn insert_created(
         txrelay::store::InsertOutcome::Created { transaction, .. } => transaction,
         other => panic!("expected a new row, got {other:?}"),
     }
+}
+
+/// SQL for a row written by hand (psql, a bulk fix, an older release), past
+/// the store: the required columns for `reference` and `wallet`, plus
+/// `extra` columns given as SQL expressions.
+pub fn raw_insert(reference: &str, wallet: &str, extra: &[(&str, &str)]) -> String {
+    let mut columns = String::from(
+        "reference, external_reference, idempotency_key, transaction_type, status, source, instruction_type, \
+         incoming_currency, outgoing_currency, value, fee, wallet_address, payload",
+    );
+    let mut values = format!(
+        "'{reference}', 'e-{reference}', 'k-{reference}', 'DEPOSIT', 'P', 'S', 'T', 'EUR', 'EUR', 1, 0, '{wallet}', '{{}}'"
+    );
+    for (column, value) in extra {
+        columns.push_str(", ");
+        columns.push_str(column);
+        values.push_str(", ");
+        values.push_str(value);
+    }
+    format!("INSERT INTO transactions ({columns}) VALUES ({values})")
 }
 
 /// Stores a new unsent transaction of `wallet`; returns its id.
@@ -144,7 +164,6 @@ impl RelayBuilder {
             id: self.id.clone(),
             spec: self.spec.clone(),
             database_url: Secret::new(&self.database_url),
-            database_pool_size: 8,
             queue: QueueSecrets {
                 queue_url: self.queue_url.clone(),
                 region: REGION.into(),
@@ -161,7 +180,7 @@ impl RelayBuilder {
     }
 
     pub async fn handle(&self, metrics: &Metrics) -> RelayHandle {
-        let mut handle = self.settings().build(metrics).await.expect("relay builds");
+        let mut handle = self.settings().build(metrics, 8).await.expect("relay builds");
         if let Some(seed) = self.seed {
             let relay = Arc::try_unwrap(handle.relay).expect("fresh relay");
             handle.relay = Arc::new(relay.with_seed(seed));
@@ -201,7 +220,7 @@ impl TestApp {
         let metrics = Metrics::new();
         let handle = builder.handle(&metrics).await;
         let relay = handle.relay.clone();
-        let relays = Arc::new(Relays::new(None));
+        let relays = Arc::new(Registry::new(None));
         relays.insert(handle);
         let router = http::api_router(AppState::new(relays, metrics.clone(), options));
         Self { router, relay, metrics }

@@ -13,6 +13,8 @@ pub struct Metrics {
     unsent: IntGaugeVec,
     dead_lettered: IntGaugeVec,
     oldest_unsent_age: prometheus::GaugeVec,
+    unsent_dead_tuples: IntGaugeVec,
+    oldest_xmin_age: prometheus::GaugeVec,
     accepted: IntCounterVec,
     sent: IntCounterVec,
     send_failures: IntCounterVec,
@@ -92,6 +94,22 @@ impl Metrics {
             .expect("valid metric"),
             oldest_unsent_age: prometheus::GaugeVec::new(
                 Opts::new("txrelay_oldest_unsent_age_seconds", "Age of the oldest unsent transaction (0 when none)"),
+                relay,
+            )
+            .expect("valid metric"),
+            unsent_dead_tuples: IntGaugeVec::new(
+                Opts::new(
+                    "txrelay_unsent_table_dead_tuples",
+                    "Dead tuples in unsent_transactions, as PostgreSQL's statistics last counted them",
+                ),
+                relay,
+            )
+            .expect("valid metric"),
+            oldest_xmin_age: prometheus::GaugeVec::new(
+                Opts::new(
+                    "txrelay_database_oldest_xmin_age_seconds",
+                    "Age of the oldest transaction holding back VACUUM's horizon in the relay's database (0 when none)",
+                ),
                 relay,
             )
             .expect("valid metric"),
@@ -222,6 +240,8 @@ impl Metrics {
             Box::new(self.unsent.clone()),
             Box::new(self.dead_lettered.clone()),
             Box::new(self.oldest_unsent_age.clone()),
+            Box::new(self.unsent_dead_tuples.clone()),
+            Box::new(self.oldest_xmin_age.clone()),
             Box::new(self.accepted.clone()),
             Box::new(self.sent.clone()),
             Box::new(self.send_failures.clone()),
@@ -299,6 +319,14 @@ impl RelayMetrics {
         m.oldest_unsent_age.with_label_values(&[&self.relay]).set(oldest_unsent_age_seconds);
     }
 
+    /// What VACUUM can reclaim in the bookkeeping table, and how long the
+    /// oldest open transaction has been stopping it.
+    pub fn set_vacuum(&self, unsent_dead_tuples: i64, oldest_xmin_age_seconds: f64) {
+        let m = &self.metrics;
+        m.unsent_dead_tuples.with_label_values(&[&self.relay]).set(unsent_dead_tuples);
+        m.oldest_xmin_age.with_label_values(&[&self.relay]).set(oldest_xmin_age_seconds);
+    }
+
     pub fn accepted(&self, outcome: Accepted) {
         let label = match outcome {
             Accepted::Created => "created",
@@ -373,6 +401,8 @@ impl RelayMetrics {
         let _ = m.unsent.remove_label_values(&relay);
         let _ = m.dead_lettered.remove_label_values(&relay);
         let _ = m.oldest_unsent_age.remove_label_values(&relay);
+        let _ = m.unsent_dead_tuples.remove_label_values(&relay);
+        let _ = m.oldest_xmin_age.remove_label_values(&relay);
         let _ = m.queue_reachable.remove_label_values(&relay);
         let _ = m.relay_ready.remove_label_values(&relay);
         let _ = m.send_outcome_unknown.remove_label_values(&relay);

@@ -114,9 +114,9 @@ pub struct TransactionRelaySpec {
     #[schemars(length(max = 64))]
     #[x_kube(validation = Rule::new("self.matches('^([0-9]{1,9}(ms|s|m|h|d)){1,5}$')").message("at most 5 parts of at most 9 digits each, such as 90s or 1h30m"))]
     pub inline_send_timeout: HumanDuration,
-    /// Delete sent rows older than this; unset keeps every row. Deleted in
-    /// batches of 500 every 10 minutes; unsent and dead-lettered rows are
-    /// never deleted.
+    /// Delete sent rows older than this; unset keeps every row. Checked at
+    /// most every 10 minutes, after a sweep (so not while suspended), in
+    /// batches of 500; unsent and dead-lettered rows are never deleted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
     #[x_kube(validation = Rule::new("self.matches('^([0-9]{1,9}(ms|s|m|h|d)){1,5}$')").message("at most 5 parts of at most 9 digits each, such as 90s or 1h30m"))]

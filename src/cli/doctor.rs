@@ -197,6 +197,7 @@ async fn migrations(store: &Store, report: &mut Report) {
             if pending.is_empty() {
                 report.pass(format!("schema {schema} exists, every migration applied ({})", status.len()));
                 drift(store, report).await;
+                vacuum(store, report).await;
             } else {
                 report.fail(
                     format!("schema {schema}: migrations pending: {}", pending.join(", ")),
@@ -219,6 +220,42 @@ async fn drift(store: &Store, report: &mut Report) {
              within its reconciliation bound (docs/delivery.md#drift), or restart it to do so at once",
         ),
         Err(error) => report.fail(format!("drift check: {error}"), "check the database user's permissions"),
+    }
+}
+
+/// How long a transaction may hold back VACUUM's horizon before doctor (and
+/// the TransactionRelayVacuumHeldBack alert) calls it a problem: well past
+/// any request or migration step of the relay's own, well before the dead
+/// tuples of a busy relay's bookkeeping table cost it throughput
+/// (BENCHMARKS.md, sustained load with a transaction held).
+const XMIN_AGE_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Whether VACUUM can keep `unsent_transactions` small: a transaction held
+/// open for long (an analytics query, a session left `idle in transaction`)
+/// stops it, and dead tuples pile up under every claim.
+async fn vacuum(store: &Store, report: &mut Report) {
+    let gauges = match store.gauges().await {
+        Ok(gauges) => gauges,
+        Err(error) => return report.fail(format!("vacuum check: {error}"), "check the database user's permissions"),
+    };
+    let age = std::time::Duration::from_secs_f64(gauges.oldest_xmin_age_seconds.max(0.0));
+    let dead = gauges.unsent_dead_tuples;
+    if age > XMIN_AGE_LIMIT {
+        report.fail(
+            format!(
+                "a transaction open for {} s holds back VACUUM in this database; unsent_transactions has {dead} dead \
+                 tuples",
+                age.as_secs()
+            ),
+            "find it with `SELECT pid, usename, state, xact_start, query FROM pg_stat_activity WHERE backend_xmin IS \
+             NOT NULL ORDER BY xact_start` and end it (docs/troubleshoot.md#transactionrelayvacuumheldback)",
+        );
+    } else {
+        report.pass(format!(
+            "VACUUM's horizon is {} s old (limit {} s); unsent_transactions has {dead} dead tuples",
+            age.as_secs(),
+            XMIN_AGE_LIMIT.as_secs()
+        ));
     }
 }
 

@@ -55,7 +55,7 @@ pub struct SqsQueue {
 
 impl SqsQueue {
     pub async fn new(settings: &SqsSettings) -> Result<Self, SqsConfigError> {
-        let fifo = settings.queue_url.ends_with(".fifo");
+        let fifo = crate::spec::QueueKind::of_url(&settings.queue_url).is_fifo();
         if fifo && settings.delay_seconds > 0 {
             return Err(SqsConfigError::Invalid(
                 "spec.delaySeconds must be 0 for a FIFO queue (set the delay on the queue instead)",

@@ -110,6 +110,7 @@ impl Outbox {
         self.metrics.set_backlog(gauges.unsent, gauges.failed, gauges.oldest_unsent_age_seconds);
         // Only a FIFO queue holds a wallet behind its dead letter.
         self.metrics.set_held_wallets(if self.is_fifo() { gauges.dead_wallets } else { 0 });
+        self.metrics.set_vacuum(gauges.unsent_dead_tuples, gauges.oldest_xmin_age_seconds);
         self.health.seen.send_modify(|h| h.gauges = Some(gauges));
         Ok(gauges)
     }

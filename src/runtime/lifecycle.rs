@@ -221,6 +221,10 @@ impl Supervisor {
                 }
             }
         }
+        // Under the lock `ensure` holds from reading the newest tokens to
+        // putting its relay in the registry: a read that lands in between
+        // is applied to the new relay, never to the one it replaces.
+        let _changes = self.changes.lock().await;
         let revoked = self.relays.update(id, |current| {
             let before = (current.handle.ingest_tokens.clone(), current.handle.admin_tokens.clone());
             self.latest_tokens(&mut current.handle);

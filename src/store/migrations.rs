@@ -10,7 +10,7 @@ use super::{Result, Store, StoreError, named_statements};
 
 /// The embedded migrations. A schema with migrations this binary does not
 /// know (a newer release applied them) is accepted: every migration is
-/// written so that the release before it keeps working (docs/upgrading.md),
+/// written so that the release before it keeps working (docs/upgrade.md),
 /// so an older binary must not refuse to start, or a rollback would wedge.
 fn migrator() -> Migrator {
     let mut migrator = sqlx::migrate!("./migrations");

@@ -119,6 +119,12 @@ pub struct Gauges {
     pub oldest_unsent_age_seconds: f64,
     /// When the oldest unsent row was created (none when nothing waits).
     pub oldest_unsent_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Dead tuples in `unsent_transactions` (PostgreSQL's statistics).
+    pub unsent_dead_tuples: i64,
+    /// How long the oldest transaction that holds back VACUUM's horizon in
+    /// this database has been open (0 when none does). Sessions of other
+    /// roles count only when the relay's role may see them (`pg_monitor`).
+    pub oldest_xmin_age_seconds: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -294,7 +300,17 @@ const GAUGES: &str = concat!(
      (SELECT count(DISTINCT d.wallet_address) FROM transactions d WHERE ",
     holds_its_wallet!("d"),
     " AND EXISTS (SELECT 1 FROM unsent_transactions w WHERE w.wallet_address = d.wallet_address \
-     AND w.id > d.id)) AS dead_wallets \
+     AND w.id > d.id)) AS dead_wallets, \
+     (SELECT coalesce(max(s.n_dead_tup), 0) FROM pg_stat_user_tables s \
+     WHERE s.relid = 'unsent_transactions'::regclass) AS dead_tuples, ",
+    // VACUUM cannot remove a row version an open transaction may still
+    // see: the oldest such transaction in this database (or a prepared
+    // one) is what lets dead tuples pile up under load.
+    "(SELECT coalesce(extract(epoch FROM now() - min(x.since)), 0)::float8 FROM ( \
+     SELECT a.xact_start AS since FROM pg_stat_activity a \
+     WHERE a.backend_xmin IS NOT NULL AND a.datname = current_database() AND a.pid <> pg_backend_pid() \
+     UNION ALL SELECT p.prepared FROM pg_prepared_xacts p WHERE p.database = current_database()) AS x) \
+     AS oldest_xmin_age \
      FROM unsent_transactions"
 );
 
@@ -604,6 +620,8 @@ impl Store {
             dead_wallets: row.try_get("dead_wallets")?,
             oldest_unsent_age_seconds: row.try_get("oldest_age")?,
             oldest_unsent_at: row.try_get("oldest_at")?,
+            unsent_dead_tuples: row.try_get("dead_tuples")?,
+            oldest_xmin_age_seconds: row.try_get("oldest_xmin_age")?,
         })
     }
 

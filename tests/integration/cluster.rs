@@ -209,6 +209,7 @@ async fn doctor_passes_a_healthy_relay_and_names_each_broken_dependency_with_a_f
         "✓ Secrets dapp-db and dapp-sqs resolve",
         "✓ database reachable, ", // over TLS or not, as the server and sslmode decide
         &format!("✓ schema {} exists, every migration applied", db.schema),
+        "✓ VACUUM's horizon is ",
         "✓ queue URL well formed",
         "✓ queue answers (GetQueueAttributes)",
         "✓ test message sent, message id ",

@@ -177,7 +177,7 @@ fn kustomize(dir: &str) -> Vec<Value> {
 }
 
 /// The install's variants: deploy/ with these components of
-/// deploy/components/, as docs/operator.md shows them combined.
+/// deploy/components/, as docs/install.md shows them combined.
 pub const VARIANTS: &[(&str, &[&str])] = &[
     ("default", &[]),
     ("namespaced", &["namespaced"]),
@@ -568,6 +568,7 @@ fn the_dashboard_and_alerts_use_only_exported_metrics() {
     relay.commit_outcome_unknown();
     relay.unsent_drift_repaired(1);
     relay.set_held_wallets(1);
+    relay.set_vacuum(1, 1.0);
     metrics.observe_http("/new", 201, 0.01);
     metrics.observe_http("/new", 401, 0.01);
     metrics.reconcile_total.inc();

@@ -83,6 +83,9 @@ async fn metrics_after_accepted_sent_failed_and_dead_lettered() {
     assert_eq!(get(r#"txrelay_unsent_transactions{relay="RELAY"}"#), 0.0);
     assert_eq!(get(r#"txrelay_dead_lettered_transactions{relay="RELAY"}"#), 1.0);
     assert_eq!(get(r#"txrelay_oldest_unsent_age_seconds{relay="RELAY"}"#), 0.0);
+    // Other tests share the database: only that both are published.
+    assert!(get(r#"txrelay_unsent_table_dead_tuples{relay="RELAY"}"#) >= 0.0);
+    assert!(get(r#"txrelay_database_oldest_xmin_age_seconds{relay="RELAY"}"#) >= 0.0);
     assert_eq!(get(r#"txrelay_sweep_duration_seconds_count{relay="RELAY"}"#), 1.0);
     // Two inline calls of one entry each (the first row, the refused one),
     // then the sweep's batch of two, which the poison row made fail as a

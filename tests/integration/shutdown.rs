@@ -167,3 +167,36 @@ async fn cli_retry_all_on_sigint_or_sigterm_records_what_it_sent_releases_its_cl
         assert_recorded_and_released(&db, &queue).await;
     }
 }
+
+/// A revocation read while a relay is being rebuilt (a reconfiguration)
+/// reaches the relay that takes over, whichever finishes first: the new
+/// relay never serves with tokens older than the newest read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_during_a_reconfiguration_is_applied_to_the_relay_that_takes_over() {
+    let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
+    let supervisor =
+        Arc::new(Supervisor::standalone(Arc::new(Registry::new(None)), Metrics::new(), Duration::from_secs(2), true));
+    let builder = RelayBuilder::new(&db, &queue);
+    let mut settings = builder.settings();
+    let id = settings.id.clone();
+    supervisor.ensure(&settings).await.expect("relay starts");
+    for round in 0..20_u32 {
+        // Tokens back, then a new configuration and a revocation at once.
+        let read = supervisor.token_read();
+        supervisor.set_tokens(&id, read, Some(settings.ingest_tokens.clone()), None).await;
+        settings.spec.batch_size = 10 + round;
+        let revoke = {
+            let supervisor = supervisor.clone();
+            let id = id.clone();
+            async move {
+                let read = supervisor.token_read();
+                supervisor.set_tokens(&id, read, Some(txrelay::auth::TokenSet::default()), None).await;
+            }
+        };
+        let (started, ()) = tokio::join!(supervisor.ensure(&settings), revoke);
+        started.expect("reconfigured");
+        let serving = supervisor.get(&id).expect("served");
+        assert!(serving.ingest_tokens.is_empty(), "round {round}: the revoked tokens still open /new");
+    }
+    supervisor.stop_all().await;
+}

@@ -244,6 +244,7 @@ async fn a_rollback_never_drops_the_resend_audit_silently() {
     let db = TestDb::new().await;
     let audit = txrelay::store::ResendAudit { actor: "ops".into(), via: "cli", command: "retry" };
     db.store.begin_resend(&audit, &serde_json::json!({"id": 1}), &[1]).await.unwrap();
+    assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261204000001));
     assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261203000002));
     assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261203000001));
     let refused = db.store.revert_last_migration().await.expect_err("records would be dropped");
@@ -586,6 +587,7 @@ async fn a_row_written_while_the_migration_runs_is_listed() {
 
 /// Reverts the migrations down to (and including) unsent_transactions.
 async fn revert_to_before_unsent_transactions(db: &TestDb) {
+    assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261204000001), "sustained load");
     assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261203000002), "trace context");
     assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261203000001), "ambiguous outcomes");
     assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261201000003), "the resend audit");
@@ -613,6 +615,9 @@ async fn a_schema_with_newer_migrations_does_not_stop_this_binary() {
 #[tokio::test]
 async fn a_migration_waiting_for_a_lock_lets_writers_through_and_tries_again() {
     let db = TestDb::new().await;
+    // The trace-context migration adds columns (an exclusive lock); the one
+    // after it only sets storage parameters, which waits for no reader.
+    assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261204000001));
     assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261203000002));
     let mut reader = db.psql.begin().await.unwrap();
     sqlx::query("SELECT count(*) FROM transactions").execute(&mut *reader).await.unwrap();
@@ -635,8 +640,11 @@ async fn a_migration_waiting_for_a_lock_lets_writers_through_and_tries_again() {
     reader.commit().await.unwrap();
     migration.await.unwrap().expect("the migration is applied once the lock is free");
     assert_eq!(
-        db.scalar_i64("SELECT count(*) FROM _sqlx_migrations WHERE version = 20261203000002 AND success").await,
-        1
+        db.scalar_i64(
+            "SELECT count(*) FROM _sqlx_migrations WHERE version IN (20261203000002, 20261204000001) AND success"
+        )
+        .await,
+        2
     );
 }
 
@@ -670,4 +678,75 @@ async fn a_migrated_schema_starts_without_waiting_for_the_migration_lock() {
 /// The test database's store, for a relay with a FIFO queue.
 fn fifo_store(db: &TestDb) -> Store {
     db.store.clone().for_queue(QueueKind::Fifo)
+}
+
+/// `unsent_transactions` is vacuumed on a fixed threshold, whatever its
+/// size, with no cost delay (the defaults wait for 20 % of the table to be
+/// dead), and `transactions` keeps room on each page for its rows' updates;
+/// reverting the migration gives both tables the server's defaults back.
+#[tokio::test]
+async fn the_bookkeeping_table_is_vacuumed_on_a_fixed_threshold_and_the_migration_reverts() {
+    let db = TestDb::new().await;
+    let options = || async {
+        sqlx::query_scalar::<_, Option<Vec<String>>>(
+            "SELECT reloptions FROM pg_class WHERE oid = 'unsent_transactions'::regclass",
+        )
+        .fetch_one(db.store.pool())
+        .await
+        .unwrap()
+        .unwrap_or_default()
+    };
+    let set = options().await;
+    for option in [
+        "autovacuum_vacuum_scale_factor=0",
+        "autovacuum_vacuum_threshold=1000",
+        "autovacuum_vacuum_cost_delay=0",
+        "autovacuum_analyze_scale_factor=0",
+        "autovacuum_analyze_threshold=1000",
+    ] {
+        assert!(set.iter().any(|o| o == option), "{option} missing from {set:?}");
+    }
+    let fillfactor = || async {
+        sqlx::query_scalar::<_, Option<Vec<String>>>(
+            "SELECT reloptions FROM pg_class WHERE oid = 'transactions'::regclass",
+        )
+        .fetch_one(db.store.pool())
+        .await
+        .unwrap()
+        .unwrap_or_default()
+    };
+    assert_eq!(fillfactor().await, ["fillfactor=50"], "room for each row's update beside it (a HOT update)");
+    assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261204000001));
+    assert!(options().await.is_empty(), "the server's defaults again");
+    assert!(fillfactor().await.is_empty());
+    db.store.migrate().await.unwrap();
+    assert_eq!(options().await.len(), 5);
+}
+
+/// The gauges say how long an open transaction has held back VACUUM (an
+/// analytics session in REPEATABLE READ, here) and how many dead tuples
+/// the bookkeeping table holds, so both can be alerted on before the
+/// relay slows down.
+#[tokio::test]
+async fn the_gauges_show_a_transaction_holding_back_vacuum_and_the_dead_tuples() {
+    let db = TestDb::new().await;
+    let mut held = db.psql.begin().await.unwrap();
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ").execute(&mut *held).await.unwrap();
+    sqlx::query("SELECT count(*) FROM transactions").execute(&mut *held).await.unwrap();
+    for _ in 0..20 {
+        insert_created(&db, &new_tx(unique(), "w")).await;
+    }
+    // Sent: their entries in unsent_transactions are deleted, and stay as
+    // dead tuples while the snapshot above may still see them.
+    db.execute("UPDATE transactions SET message_id = 'm-' || id, queue_sent_at = now()").await;
+    wait_until(Duration::from_secs(15), "the statistics count the dead tuples", || async {
+        db.store.gauges().await.unwrap().unsent_dead_tuples >= 20
+    })
+    .await;
+    // Polled: the age is the database clock's, whole seconds apart.
+    wait_until(Duration::from_secs(10), "the held transaction's age reads at least 1 s", || async {
+        db.store.gauges().await.unwrap().oldest_xmin_age_seconds >= 1.0
+    })
+    .await;
+    held.commit().await.unwrap();
 }

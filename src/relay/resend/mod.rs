@@ -3,6 +3,7 @@
 //! never take a row a running relay holds.
 
 mod one;
+mod run;
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -15,6 +16,8 @@ use super::drain::Drain;
 use crate::store::{ClaimMode, ResendAudit, ResendFilter, ResendRow, StoreError};
 
 pub use one::RetryError;
+use run::ResendRun;
+pub use run::pace;
 
 type ResendHook = Box<dyn Fn(&ResendNotice) + Send + Sync>;
 
@@ -107,61 +110,6 @@ pub enum ResendError {
     Store(#[from] StoreError),
 }
 
-/// The state of one `retry-all` run across its pages.
-struct ResendRun<'a> {
-    request: &'a ResendRequest,
-    stop: watch::Receiver<bool>,
-    budget_ends: Option<Instant>,
-    started: Instant,
-    /// Rows claimed so far, for the rate.
-    attempted: usize,
-    audit_id: Option<i64>,
-    /// Ids written to the audit record.
-    ids: usize,
-}
-
-impl ResendRun<'_> {
-    fn why_stop(&self) -> Option<String> {
-        if *self.stop.borrow() {
-            return Some(
-                "interrupted (a signal, or the relay is stopping); the rows not yet taken were left as they were \
-                 (a dead-lettered row revived in the last round stays revived, and the relay sends it)"
-                    .to_owned(),
-            );
-        }
-        let budget = self.request.budget.unwrap_or_default();
-        self.budget_ends.filter(|end| Instant::now() >= *end).map(|_| {
-            format!(
-                "the time budget of {} s was used up at the rate asked; the rows not yet taken were left as they \
-                 were (the relay sends unsent ones itself; call again or use the CLI for the rest)",
-                budget.as_secs()
-            )
-        })
-    }
-
-    /// Waits for the rate, or less when a stop or the end of the budget
-    /// comes first.
-    async fn pace(&mut self, rate: f64) {
-        let wait = pace(rate, self.attempted, self.started.elapsed());
-        // An absurdly low rate waits "forever": only a stop or the budget ends it.
-        let until = match (Instant::now().checked_add(wait), self.budget_ends) {
-            (Some(paced), Some(budget)) => Some(paced.min(budget)),
-            (paced, budget) => paced.or(budget),
-        };
-        let mut stop = self.stop.clone();
-        let waited = async {
-            match until {
-                Some(until) => tokio::time::sleep_until(until.into()).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            () = waited => {}
-            _ = stop.wait_for(|stop| *stop) => {}
-        }
-    }
-}
-
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct RetryAllReport {
     /// The audit record of this resend (none for a dry run or no rows).
@@ -180,15 +128,6 @@ pub struct RetryAllReport {
     /// The rows chosen, for a dry run.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub rows: Vec<ResendRow>,
-}
-
-/// How long to wait before the next message so that `sent` messages in
-/// `elapsed` stay within `rate` per second.
-pub fn pace(rate: f64, sent: usize, elapsed: Duration) -> Duration {
-    if !(rate.is_finite() && rate > 0.0) {
-        return Duration::ZERO;
-    }
-    Duration::try_from_secs_f64(sent as f64 / rate).unwrap_or(Duration::MAX).saturating_sub(elapsed)
 }
 
 impl Resend {
@@ -393,22 +332,5 @@ impl Resend {
             failed,
             outcome,
         });
-    }
-}
-
-#[cfg(test)]
-mod pace_tests {
-    use super::pace;
-    use std::time::Duration;
-
-    #[test]
-    fn a_rate_spaces_messages_evenly_from_the_start() {
-        assert_eq!(pace(2.0, 0, Duration::ZERO), Duration::ZERO, "the first goes at once");
-        assert_eq!(pace(2.0, 4, Duration::from_millis(500)), Duration::from_millis(1500));
-        assert_eq!(pace(2.0, 4, Duration::from_secs(3)), Duration::ZERO, "behind schedule: no wait");
-        assert_eq!(pace(0.5, 1, Duration::ZERO), Duration::from_secs(2));
-        assert_eq!(pace(0.0, 10, Duration::ZERO), Duration::ZERO, "no rate: no pacing");
-        assert_eq!(pace(f64::NAN, 10, Duration::ZERO), Duration::ZERO);
-        assert_eq!(pace(1e-300, 10, Duration::ZERO), Duration::MAX, "no panic on an absurd rate");
     }
 }

@@ -79,6 +79,38 @@ class Session:
         self.process.wait()
 
 
+class HeldSnapshot:
+    """A psql session in `BEGIN ISOLATION LEVEL REPEATABLE READ`, its
+    snapshot taken by a first SELECT and held until close(): the backend's
+    xmin then keeps every row version deleted or updated since from being
+    vacuumed away in this database (a long report, a forgotten psql)."""
+
+    def __init__(self, url=DB_URL):
+        self.process = subprocess.Popen(["psql", "-qtAX", "-v", "ON_ERROR_STOP=1", url], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.process.stdin.write("BEGIN ISOLATION LEVEL REPEATABLE READ;\nSELECT pg_backend_pid();\n")
+        self.process.stdin.flush()
+        self.pid = int(self.process.stdout.readline().strip())
+
+    def close(self):
+        """Ends the transaction; returns how long it was held, in seconds
+        (None if the session did not survive until now)."""
+        held = None
+        try:
+            self.process.stdin.write("SELECT extract(epoch FROM clock_timestamp() - now());\nCOMMIT;\n")
+            self.process.stdin.flush()
+            line = self.process.stdout.readline().strip()
+            held = float(line) if line else None
+            self.process.stdin.close()
+        except (BrokenPipeError, ValueError):
+            pass
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        return held
+
+
 def txrelay(*args, schema):
     env = dict(os.environ, DATABASE_URL=DB_URL, TXRELAY_SCHEMA=schema)
     subprocess.run([str(BINARY), *args], check=True, env=env, capture_output=True)
@@ -210,11 +242,17 @@ def machine():
     return f"{os.cpu_count()} cores ({cpu}), {mem} GiB RAM, {platform.system()} {platform.release()}, PostgreSQL {pg}"
 
 
-def drain(processes, rustack, queue_name, manifest, schema=None):
-    """Rows wait while the queue is down; the queue comes back; time until every row is sent."""
+def drain(processes, rustack, queue_name, manifest, schema=None, rows=None, fill=None, held=False):
+    """Rows wait while the queue is down; the queue comes back; time until every row is sent.
+
+    `rows` and `fill` (default DRAIN_ROWS, fill_unsent) pick the backlog;
+    `held` keeps a REPEATABLE READ transaction open from before the relays
+    start until they stop (sustained mode)."""
     schema = schema or f"drain{processes}"
+    rows = rows or DRAIN_ROWS
     txrelay("migrate", schema=schema)
-    fill_unsent(schema, DRAIN_ROWS)
+    (fill or fill_unsent)(schema, rows)
+    snapshot = HeldSnapshot() if held else None
     rustack.stop()
     queue_url = f"{rustack.endpoint}/000000000000/{queue_name}"
     relays = [Relay(schema, queue_url, rustack.endpoint, manifest, f"drain{processes}-{i}") for i in range(processes)]
@@ -246,8 +284,10 @@ def drain(processes, rustack, queue_name, manifest, schema=None):
     last = float(psql(f"SELECT extract(epoch FROM max(queue_sent_at)) FROM {schema}.transactions"))
     for relay in relays:
         relay.stop()
-    return {"seconds": last - up, "rows_per_s": DRAIN_ROWS / (last - up), "first_delivery_s": first - up,
-            "pg_cpu_ms_per_row": pg_cpu / DRAIN_ROWS * 1000}
+    if snapshot:
+        snapshot.close()
+    return {"seconds": last - up, "rows_per_s": rows / (last - up), "first_delivery_s": first - up,
+            "pg_cpu_ms_per_row": pg_cpu / rows * 1000}
 
 
 def drain_only():
@@ -441,8 +481,353 @@ def render(r):
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------
+# Sustained mode: `scripts/bench.sh sustained` (or TXRELAY_BENCH_MODE=sustained).
+#
+# Ten minutes of POST /new at 32 connections, reported per minute (req/s,
+# p50, p99, and the bookkeeping table's dead tuples, size and autovacuums);
+# the same with a REPEATABLE READ transaction held open from the start; a
+# 50,000-row backlog drained with and without that transaction; and, in the
+# same run, the baselines the ratios are taken against: pgbench single-row
+# INSERT and bench/claim_mark.sql (the least SQL a correct relay runs per
+# batch). PostgreSQL at its defaults: the run refuses a server with
+# autovacuum, fsync or synchronous_commit off.
+
+SUSTAINED_SECONDS = int(os.environ.get("TXRELAY_BENCH_SUSTAINED_SECONDS", "600"))
+SUSTAINED_WINDOW = int(os.environ.get("TXRELAY_BENCH_SUSTAINED_WINDOW", "60"))
+SUSTAINED_CONNECTIONS = int(os.environ.get("TXRELAY_BENCH_SUSTAINED_CONNECTIONS", "32"))
+SUSTAINED_DRAIN_ROWS = int(os.environ.get("TXRELAY_BENCH_SUSTAINED_DRAIN_ROWS", "50000"))
+# pgbench clients for the claim+mark baseline, and its sessions'
+# synchronous_commit: `off` is what the relay's own bookkeeping connections
+# set for claims and results (src/store/mod.rs), so the ratio is taken
+# against those; `on` (the server's default) is shown beside them.
+CLAIM_MARK_CLIENTS = [int(c) for c in os.environ.get("TXRELAY_BENCH_CLAIM_MARK_CLIENTS", "1,4").split(",")]
+CLAIM_MARK_SYNC = os.environ.get("TXRELAY_BENCH_CLAIM_MARK_SYNC", "off,on").split(",")
+SETTINGS = ("autovacuum", "fsync", "synchronous_commit", "autovacuum_vacuum_scale_factor",
+            "autovacuum_vacuum_cost_delay", "shared_buffers", "max_connections")
+MUST_BE_ON = ("autovacuum", "fsync", "synchronous_commit")
+TARGETS = {"steady": 0.90, "p99_ms": 15.0, "held_steady": 0.70, "held_drain": 0.60, "baseline_drain": 0.50,
+           "ingest_vs_insert": 0.80}
+
+
+def server_settings():
+    """`SHOW` of the settings the issue names, with where each value comes from."""
+    names = ",".join(f"'{n}'" for n in SETTINGS)
+    rows = psql(f"SELECT name, current_setting(name), source FROM pg_settings WHERE name IN ({names})")
+    found = {name: (value, source) for name, value, source in (line.split("|") for line in rows.splitlines())}
+    return {name: {"value": found[name][0], "source": found[name][1]} for name in SETTINGS}
+
+
+def fill_unsent_fast(schema, rows, prefix="fill"):
+    """`rows` unsent rows in both tables in one statement (bench/fill_unsent.sql), then VACUUM ANALYZE."""
+    subprocess.run(["psql", "-qX", "-v", "ON_ERROR_STOP=1", "-v", f"schema={schema}", "-v", f"rows={rows}",
+                    "-v", f"prefix={prefix}", "-f", str(ROOT / "bench/fill_unsent.sql"), DB_URL],
+                   check=True, capture_output=True, text=True)
+
+
+def table_stats(session, schema):
+    """The bookkeeping table as pg_stat_user_tables sees it, the backlog, and
+    the oldest snapshot and transaction in this database (this session's own
+    excluded) and in the whole cluster."""
+    line = session.query(f"""
+        SELECT s.n_dead_tup, s.n_live_tup, pg_total_relation_size(s.relid), s.autovacuum_count,
+            coalesce(to_char(s.last_autovacuum, 'HH24:MI:SS'), '-'),
+            (SELECT count(*) FROM {schema}.unsent_transactions),
+            (SELECT n_dead_tup FROM pg_stat_user_tables WHERE schemaname = '{schema}' AND relname = 'transactions'),
+            (SELECT coalesce(max(age(backend_xmin)), 0) FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()),
+            (SELECT coalesce(extract(epoch FROM now() - min(xact_start)), 0)::float8 FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()),
+            (SELECT coalesce(max(age(backend_xmin)), 0) FROM pg_stat_activity WHERE pid <> pg_backend_pid())
+        FROM pg_stat_user_tables s WHERE s.schemaname = '{schema}' AND s.relname = 'unsent_transactions'""")
+    f = line.split("|")
+    return {"dead_tup": int(f[0]), "live_tup": int(f[1]), "size_bytes": int(f[2]), "autovacuum_count": int(f[3]),
+            "last_autovacuum": f[4], "backlog": int(f[5]), "transactions_dead_tup": int(f[6] or 0),
+            "xmin_age": int(f[7]), "oldest_xact_s": float(f[8]), "cluster_xmin_age": int(f[9])}
+
+
+def purge_queue(rustack, queue_url):
+    """Empties the emulator's queue so ten minutes of messages do not pile
+    up in its memory (and slow it) during the measurement. Best effort."""
+    body = json.dumps({"QueueUrl": queue_url}).encode()
+    request = urllib.request.Request(rustack.endpoint + "/", data=body, method="POST", headers={
+        "Content-Type": "application/x-amz-json-1.0", "X-Amz-Target": "AmazonSQS.PurgeQueue"})
+    try:
+        with urllib.request.urlopen(request, timeout=5):
+            return True
+    except Exception as error:  # noqa: BLE001 - an emulator without PurgeQueue only keeps the messages
+        log(f"  (PurgeQueue refused: {error})")
+        return False
+
+
+def steady(rustack, manifest, held):
+    """SUSTAINED_SECONDS of POST /new at SUSTAINED_CONNECTIONS, one wrk per window."""
+    schema = "steadyheld" if held else "steady"
+    txrelay("migrate", schema=schema)
+    queue = rustack.create_queue(schema)
+    relay = Relay(schema, queue, rustack.endpoint, manifest, schema)
+    time.sleep(2)
+    url = f"http://127.0.0.1:{relay.api}/new"
+    env = {"BENCH_TOKEN": TOKEN}
+    count = max(1, round(SUSTAINED_SECONDS / SUSTAINED_WINDOW))
+    session = Session()
+    # Held from the start: opened before the first request.
+    snapshot = HeldSnapshot() if held else None
+    windows = {}
+    try:
+        wrk(url, ROOT / "bench/new.lua", SUSTAINED_CONNECTIONS, WARMUP, dict(env, BENCH_PREFIX=f"{schema}-warm"))
+        purging = True
+        for i in range(1, count + 1):
+            run = wrk(url, ROOT / "bench/new.lua", SUSTAINED_CONNECTIONS, SUSTAINED_WINDOW,
+                      dict(env, BENCH_PREFIX=f"{schema}-{i}"))
+            run.update(table_stats(session, schema))
+            windows[i] = run
+            log(f"  {schema} window {i}/{count}: {run['rps']:.0f} req/s, p50 {run['p50_us'] / 1000:.1f} ms, "
+                f"p99 {run['p99_us'] / 1000:.1f} ms, dead {run['dead_tup']}, {run['size_bytes'] / 1048576:.1f} MiB, "
+                f"autovacuums {run['autovacuum_count']}, xmin age {run['xmin_age']}")
+            if purging:
+                purging = purge_queue(rustack, queue)
+    finally:
+        # NaN, not None, when the held session died: medians sort these.
+        held_s = (snapshot.close() or float("nan")) if snapshot else None
+        session.close()
+        relay.stop()
+    psql(f"DROP SCHEMA {schema} CASCADE")
+    requests = sum(w["requests"] for w in windows.values())
+    seconds = sum(w["duration_us"] for w in windows.values()) / 1e6
+    return {"windows": windows, "last_over_first": windows[count]["rps"] / windows[1]["rps"],
+            "worst_p99_us": max(w["p99_us"] for w in windows.values()), "mean_rps": requests / seconds,
+            "errors": sum(w["errors"] for w in windows.values()), "held_s": held_s}
+
+
+def drain_backlog(rustack, manifest, held):
+    """SUSTAINED_DRAIN_ROWS loaded by SQL, drained by one relay (the default drain)."""
+    schema = "backlogheld" if held else "backlog"
+    result = drain(1, rustack, schema, manifest, schema, rows=SUSTAINED_DRAIN_ROWS,
+                   fill=lambda s, rows: fill_unsent_fast(s, rows, s), held=held)
+    session = Session()
+    stats = table_stats(session, schema)
+    session.close()
+    result.update({k: stats[k] for k in ("dead_tup", "size_bytes", "autovacuum_count", "transactions_dead_tup")})
+    psql(f"DROP SCHEMA {schema} CASCADE")
+    return result
+
+
+def claim_mark_baseline(rows, clients, sync):
+    """bench/claim_mark.sql on `rows` pre-filled rows until none is unsent:
+    rows / (last mark - start), and 100 x the transactions/s pgbench counts."""
+    schema = "claimmark"
+    psql(f"TRUNCATE {schema}.transactions")
+    fill_unsent_fast(schema, rows, f"c{clients}{sync}")
+    env = {**os.environ, "PGOPTIONS": f"-c search_path={schema} -c txrelay.relay_writes=on -c synchronous_commit={sync}"}
+    start = time.time()
+    remaining = rows
+    tps = None
+    for _ in range(10):
+        per_client = -(-remaining // (100 * clients)) + 2
+        out = subprocess.run(["pgbench", "-n", "-M", "prepared", "-c", str(clients), "-j", str(min(clients, 2)),
+                              "-t", str(per_client), "-f", str(ROOT / "bench/claim_mark.sql"), DB_URL],
+                             check=True, capture_output=True, text=True, env=env)
+        if tps is None:
+            tps = next(float(l.split()[2]) for l in out.stdout.splitlines() if l.startswith("tps = "))
+        remaining = int(psql(f"SELECT count(*) FROM {schema}.unsent_transactions"))
+        if remaining == 0:
+            break
+    else:
+        raise RuntimeError(f"claim_mark.sql left {remaining} rows unsent")
+    last, sent, most = psql(f"SELECT extract(epoch FROM max(queue_sent_at)), count(*) FILTER (WHERE message_id IS NOT NULL), "
+                            f"max(attempts) FROM {schema}.transactions").split("|")
+    if int(sent) != rows or int(most) != 1:
+        raise RuntimeError(f"claim_mark.sql: {sent} of {rows} rows sent, up to {most} attempts")
+    return {"seconds": float(last) - start, "rows_per_s": rows / (float(last) - start), "pgbench_rows_per_s": tps * 100,
+            "clients": clients, "sync": sync}
+
+
+def sustained_measure(options, manifest):
+    psql(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)", ADMIN_URL)
+    psql(f"CREATE DATABASE {DATABASE}", ADMIN_URL)
+    results = {"machine": machine(), "settings": server_settings(), "load_before": os.getloadavg()}
+    log("PostgreSQL: " + ", ".join(f"{k} = {v['value']} ({v['source']})" for k, v in results["settings"].items()))
+    off = [n for n in MUST_BE_ON if results["settings"][n]["value"] != "on"]
+    if off and os.environ.get("TXRELAY_BENCH_ALLOW_NONDEFAULT") != "1":
+        sys.exit(f"{', '.join(off)} off on this server: the sustained bench runs at the server's defaults "
+                 "(unset TXRELAY_BENCH_ADMIN_URL for the private cluster, or TXRELAY_BENCH_ALLOW_NONDEFAULT=1)")
+    variants = [v for v in (False, True) if (v and not options.unheld) or (not v and not options.held)]
+    rustack = Rustack()
+    rustack.start()
+    try:
+        if not options.no_baselines:
+            log(f"baseline: pgbench single-row INSERT, {SUSTAINED_CONNECTIONS} clients, {SECONDS} s")
+            txrelay("migrate", schema="pgbench_ref")
+            psql("CREATE SEQUENCE pgbench_ref.bench_seq")
+            results["pgbench_insert"] = pgbench(ROOT / "bench/insert.sql", SUSTAINED_CONNECTIONS, SECONDS)
+            psql("DROP SCHEMA pgbench_ref CASCADE")
+            txrelay("migrate", schema="claimmark")
+            results["claim_mark"] = {}
+            for sync in CLAIM_MARK_SYNC:
+                for clients in CLAIM_MARK_CLIENTS:
+                    log(f"baseline: claim_mark.sql draining {SUSTAINED_DRAIN_ROWS} rows, {clients} clients, "
+                        f"synchronous_commit={sync}")
+                    run = claim_mark_baseline(SUSTAINED_DRAIN_ROWS, clients, sync)
+                    results["claim_mark"][f"c{clients} sync={sync}"] = run
+                    log(f"  {run['rows_per_s']:.0f} rows/s ({run['seconds']:.2f} s)")
+            psql("DROP SCHEMA claimmark CASCADE")
+        for held in variants if not options.no_steady else ():
+            log(f"steady: {SUSTAINED_SECONDS} s of POST /new at {SUSTAINED_CONNECTIONS} connections, "
+                f"{SUSTAINED_WINDOW} s windows{', REPEATABLE READ transaction held' if held else ''}")
+            results["steady_held" if held else "steady"] = steady(rustack, manifest, held)
+            rustack.stop()  # a fresh emulator for what follows
+            rustack.start()
+        for held in variants if not options.no_drain else ():
+            log(f"drain: {SUSTAINED_DRAIN_ROWS} rows{', REPEATABLE READ transaction held' if held else ''}")
+            results["drain_held" if held else "drain"] = run = drain_backlog(rustack, manifest, held)
+            log(f"  {run['rows_per_s']:.0f} rows/s ({run['seconds']:.2f} s), dead {run['dead_tup']}")
+    finally:
+        rustack.stop()
+    results["load_after"] = os.getloadavg()
+    sustained_ratios(results)
+    return results
+
+
+def sustained_ratios(r):
+    """The six figures the issue sets targets for, per run (medians are taken of these)."""
+    ratios = {}
+    if "steady" in r:
+        ratios["steady"] = r["steady"]["last_over_first"]
+        ratios["p99_ms"] = r["steady"]["worst_p99_us"] / 1000
+    if "steady_held" in r:
+        ratios["held_steady"] = r["steady_held"]["last_over_first"]
+    if "drain" in r and "drain_held" in r:
+        ratios["held_drain"] = r["drain_held"]["rows_per_s"] / r["drain"]["rows_per_s"]
+    if "drain" in r and r.get("claim_mark"):
+        # Against the best baseline whose sessions commit as the relay's
+        # bookkeeping does (synchronous_commit off), else the best of all.
+        same = {k: v for k, v in r["claim_mark"].items() if k.endswith("sync=off")} or r["claim_mark"]
+        best = max(same, key=lambda k: same[k]["rows_per_s"])
+        r["claim_mark_best"] = best
+        ratios["baseline_drain"] = r["drain"]["rows_per_s"] / same[best]["rows_per_s"]
+    if "steady" in r and "pgbench_insert" in r:
+        ratios["ingest_vs_insert"] = r["steady"]["mean_rps"] / r["pgbench_insert"]
+    r["ratios"] = ratios
+
+
+def sustained_render(r, options):
+    def span(d, key, scale=1.0, fmt="{:.0f}"):
+        low, high = d.get(f"{key}_range", (d[key], d[key]))
+        if fmt.format(low / scale) == fmt.format(high / scale):
+            return fmt.format(d[key] / scale)
+        return f"{fmt.format(d[key] / scale)} [{fmt.format(low / scale)}-{fmt.format(high / scale)}]"
+
+    settings = ", ".join(f"{k} = {v['value']}" + ("" if v["source"] == "default" else f" ({v['source']})")
+                         for k, v in r["settings"].items())
+    lines = [
+        f"Machine: {r['machine']}",
+        f"PostgreSQL settings (SHOW): {settings}.",
+        "The relay's own bookkeeping connections (claims, results) set synchronous_commit = off per session; "
+        "its /new INSERTs commit at the server's setting.",
+        f"Load average (1/5/15 min) before / after: {' '.join(f'{x:.2f}' for x in r['load_before'])} / "
+        f"{' '.join(f'{x:.2f}' for x in r['load_after'])} (a build or test beside the bench shows here).",
+        f"POST /new at {SUSTAINED_CONNECTIONS} connections for {SUSTAINED_SECONDS} s in {SUSTAINED_WINDOW} s windows "
+        f"(one wrk per window, after a {WARMUP} s warm-up); drains of {SUSTAINED_DRAIN_ROWS} rows loaded by SQL; "
+        f"every figure is the median of {r['runs']} whole runs, [min-max] beside it.",
+        "",
+    ]
+    for key, title in (("steady", "Sustained POST /new"),
+                       ("steady_held", "Sustained POST /new, REPEATABLE READ transaction held from the start")):
+        if key not in r:
+            continue
+        s = r[key]
+        lines += [
+            f"| {title} | req/s | p50 | p99 | errors | backlog | dead tuples | live tuples | size | "
+            "autovacuums (last) | xmin age | oldest xact |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for i, w in s["windows"].items():
+            if not isinstance(w, dict):
+                continue
+            lines.append(
+                f"| {(i - 1) * SUSTAINED_WINDOW}-{i * SUSTAINED_WINDOW} s | {span(w, 'rps')} | "
+                f"{span(w, 'p50_us', 1000, '{:.1f}')} ms | {span(w, 'p99_us', 1000, '{:.1f}')} ms | {w['errors']} | "
+                f"{w['backlog']} | {span(w, 'dead_tup')} | {w['live_tup']} | {w['size_bytes'] / 1048576:.1f} MiB | "
+                f"{w['autovacuum_count']} ({w['last_autovacuum']}) | {w['xmin_age']} | {w['oldest_xact_s']:.0f} s |")
+        held = f"; transaction held {s['held_s']:.0f} s" if s.get("held_s") else ""
+        lines += [f"Whole run: {s['mean_rps']:.0f} req/s, {s['errors']} errors{held}.", ""]
+    if "claim_mark" in r or "drain" in r or "drain_held" in r:
+        lines += ["| Drain of a backlog | time | rows/s | dead tuples after | size after |", "|---|---:|---:|---:|---:|"]
+        for key, label in (("drain", "txrelay, 1 process"), ("drain_held", "txrelay, 1 process, transaction held")):
+            if key in r:
+                d = r[key]
+                lines.append(f"| {label} | {d['seconds']:.2f} s | {span(d, 'rows_per_s')} | {d['dead_tup']} | "
+                             f"{d['size_bytes'] / 1048576:.1f} MiB |")
+        for d in r.get("claim_mark", {}).values():
+            lines.append(f"| bench/claim_mark.sql, pgbench, {d['clients']} client(s), synchronous_commit "
+                         f"{d['sync']} | {d['seconds']:.2f} s | {span(d, 'rows_per_s')} "
+                         f"(pgbench's count: {d['pgbench_rows_per_s']:.0f}) | | |")
+        lines.append("")
+    if "pgbench_insert" in r:
+        lines += [f"pgbench single-row INSERT (bench/insert.sql), {SUSTAINED_CONNECTIONS} clients, {r['seconds']} s: "
+                  f"{r['pgbench_insert']:.0f} inserts/s.", ""]
+    labels = {
+        "steady": "last ÷ first window req/s, c=32",
+        "p99_ms": "worst per-window p99, c=32",
+        "held_steady": "last ÷ first window req/s, transaction held",
+        "held_drain": "drain rows/s, held ÷ not held",
+        "baseline_drain": f"drain rows/s ÷ claim+mark baseline ({r.get('claim_mark_best', '?')})",
+        "ingest_vs_insert": "whole-run /new req/s ÷ pgbench single-row INSERT (32)",
+    }
+    lines += ["| Target | value | target | met |", "|---|---:|---:|:---:|"]
+    ratios = r.get("ratios", {})
+    for key, label in labels.items():
+        if key not in ratios:
+            lines.append(f"| {label} | n/a | | |")
+            continue
+        value, target = ratios[key], TARGETS[key]
+        if key == "p99_ms":
+            lines.append(f"| {label} | {span(ratios, key, 1, '{:.1f}')} ms | ≤ {target:.0f} ms | "
+                         f"{'yes' if value <= target else 'no'} |")
+        else:
+            lines.append(f"| {label} | {span(ratios, key, 0.01, '{:.0f}')} % | ≥ {target * 100:.0f} % | "
+                         f"{'yes' if value >= target else 'no'} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def sustained_main(argv):
+    import argparse
+    parser = argparse.ArgumentParser(prog="bench.py sustained", description=(
+        "Sustained ingest, a held snapshot and a drain against its baseline. Environment: "
+        "TXRELAY_BENCH_SUSTAINED_SECONDS (600), TXRELAY_BENCH_SUSTAINED_WINDOW (60), "
+        "TXRELAY_BENCH_SUSTAINED_CONNECTIONS (32), TXRELAY_BENCH_SUSTAINED_DRAIN_ROWS (50000), "
+        "TXRELAY_BENCH_CLAIM_MARK_CLIENTS (1,4), TXRELAY_BENCH_CLAIM_MARK_SYNC (off,on), TXRELAY_BENCH_RUNS (3)."))
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--held", action="store_true", help="only the variants with the REPEATABLE READ transaction held")
+    which.add_argument("--unheld", action="store_true", help="only the variants without it")
+    parser.add_argument("--no-steady", action="store_true", help="skip the sustained POST /new runs")
+    parser.add_argument("--no-drain", action="store_true", help="skip the relay drains")
+    parser.add_argument("--no-baselines", action="store_true", help="skip pgbench INSERT and claim_mark.sql")
+    options = parser.parse_args(argv)
+    if not BINARY.exists() or not RUSTACK.exists():
+        sys.exit(f"missing {BINARY} or {RUSTACK}: run `scripts/bench.sh sustained`, which builds them")
+    RUN.mkdir(parents=True, exist_ok=True)
+    manifest = ROOT / "bench" / "relay.yaml"
+    runs = []
+    for n in range(RUNS):
+        log(f"sustained run {n + 1} of {RUNS}")
+        runs.append(sustained_measure(options, manifest))
+    results = median_of(runs)
+    results["runs"] = RUNS
+    results["seconds"] = SECONDS
+    (RUN / "sustained.json").write_text(json.dumps({"median": results, "runs": runs}, indent=2, default=str))
+    table = sustained_render(results, options)
+    (RUN / "sustained.md").write_text(table)
+    print(table)
+
+
+
 if __name__ == "__main__":
     if os.environ.get("TXRELAY_BENCH_ONLY") == "drain":
         drain_only()
+    elif sys.argv[1:2] == ["sustained"] or os.environ.get("TXRELAY_BENCH_MODE") == "sustained":
+        sustained_main([a for a in sys.argv[1:] if a != "sustained"])
     else:
         main()

@@ -782,7 +782,14 @@ mod sql_tests {
              AND transactions.skipped_at IS NULL) AS failed, \
              (SELECT count(DISTINCT d.wallet_address) FROM transactions d WHERE d.failed_at IS NOT NULL \
              AND d.skipped_at IS NULL AND EXISTS (SELECT 1 FROM unsent_transactions w \
-             WHERE w.wallet_address = d.wallet_address AND w.id > d.id)) AS dead_wallets FROM unsent_transactions"
+             WHERE w.wallet_address = d.wallet_address AND w.id > d.id)) AS dead_wallets, \
+             (SELECT coalesce(max(s.n_dead_tup), 0) FROM pg_stat_user_tables s \
+             WHERE s.relid = 'unsent_transactions'::regclass) AS dead_tuples, \
+             (SELECT coalesce(extract(epoch FROM now() - min(x.since)), 0)::float8 FROM ( \
+             SELECT a.xact_start AS since FROM pg_stat_activity a WHERE a.backend_xmin IS NOT NULL \
+             AND a.datname = current_database() AND a.pid <> pg_backend_pid() \
+             UNION ALL SELECT p.prepared FROM pg_prepared_xacts p WHERE p.database = current_database()) AS x) \
+             AS oldest_xmin_age FROM unsent_transactions"
         );
         assert_eq!(
             crate::store::transactions::STATS_SQL,

@@ -52,7 +52,10 @@ async fn two_replicas_drain_one_backlog_sending_every_row_exactly_once() {
     });
     let start = || RelayProcess::start(command(&db.url, &db.schema, &queue.url, &queue.endpoint), Some(&config));
     let (first, second) = tokio::join!(start(), start());
-    let messages = queue.receive_concurrently(2000, Duration::from_secs(240), 6).await;
+    // The bound is for a loaded CI machine, where the real-cluster tier runs
+    // beside this test: alone it takes about 20 s, and once 1,993 of the
+    // 2,000 had arrived at 240 s.
+    let messages = queue.receive_concurrently(2000, Duration::from_secs(420), 6).await;
     // A send is told apart from a redelivery by its message id: concurrent
     // receivers may be handed the same message twice (SQS standard queues
     // are at-least-once too), but a second send gets a message id of its own.
@@ -63,7 +66,10 @@ async fn two_replicas_drain_one_backlog_sending_every_row_exactly_once() {
     }
     let duplicates: Vec<_> = per_key.iter().filter(|(_, ids)| ids.len() > 1).collect();
     assert!(duplicates.is_empty(), "sent twice: {duplicates:?}");
-    assert_eq!(per_key.len(), 2000, "every row delivered");
+    if per_key.len() != 2000 {
+        let states = db.scalar_i64("SELECT count(*) FROM transactions WHERE message_id IS NULL").await;
+        panic!("{} of 2000 rows delivered; {states} rows still unsent in the database", per_key.len());
+    }
     wait_until(Duration::from_secs(10), "all recorded as sent", || async { sent(&db).await == 2000 }).await;
     assert!(queue.receive(1, Duration::from_secs(2)).await.is_empty(), "nothing more arrives");
     let (first_logs, second_logs) = (first.logs(), second.logs());

@@ -236,7 +236,7 @@ async fn on_a_fifo_queue_a_dead_letter_holds_its_wallet_until_retried_or_skipped
 }
 
 /// A row written by hand (psql, a bulk fix), as the old tools write it.
-fn raw_insert(n: u64, wallet: &str) -> String {
+fn raw_ledger_insert(n: u64, wallet: &str) -> String {
     let payload = body(n, wallet)["ledger_payload"].to_string().replace('\'', "''");
     format!(
         "INSERT INTO transactions (reference, external_reference, idempotency_key, transaction_type, status, source, \
@@ -255,7 +255,7 @@ async fn rows_written_around_the_triggers_are_listed_counted_and_delivered() {
     let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
     let (replica, disabled) = (unique(), unique());
     let mut session = db.psql.begin().await.unwrap();
-    for sql in ["SET LOCAL session_replication_role = replica".to_owned(), raw_insert(replica, "w")] {
+    for sql in ["SET LOCAL session_replication_role = replica".to_owned(), raw_ledger_insert(replica, "w")] {
         sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut *session).await.unwrap();
     }
     session.commit().await.unwrap();
@@ -265,7 +265,7 @@ async fn rows_written_around_the_triggers_are_listed_counted_and_delivered() {
         "the triggers fire under the replica role"
     );
     db.execute("ALTER TABLE transactions DISABLE TRIGGER unsent_transactions_follow").await;
-    db.execute(&raw_insert(disabled, "w")).await;
+    db.execute(&raw_ledger_insert(disabled, "w")).await;
     db.execute("ALTER TABLE transactions ENABLE ALWAYS TRIGGER unsent_transactions_follow").await;
     assert_eq!(db.store.count_unsent_drift().await.unwrap(), 1, "doctor's check sees the drift");
 

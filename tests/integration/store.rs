@@ -675,6 +675,16 @@ async fn a_migrated_schema_starts_without_waiting_for_the_migration_lock() {
     assert!(started.is_ok_and(|r| r.is_ok()), "a migrated schema does not queue behind another migration");
 }
 
+/// A table's storage parameters (`ALTER TABLE … SET (…)`), as PostgreSQL lists them.
+async fn reloptions(db: &TestDb, table: &str) -> Vec<String> {
+    sqlx::query_scalar::<_, Option<Vec<String>>>("SELECT reloptions FROM pg_class WHERE oid = $1::regclass")
+        .bind(table)
+        .fetch_one(db.store.pool())
+        .await
+        .unwrap()
+        .unwrap_or_default()
+}
+
 /// The test database's store, for a relay with a FIFO queue.
 fn fifo_store(db: &TestDb) -> Store {
     db.store.clone().for_queue(QueueKind::Fifo)
@@ -687,15 +697,7 @@ fn fifo_store(db: &TestDb) -> Store {
 #[tokio::test]
 async fn the_bookkeeping_table_is_vacuumed_on_a_fixed_threshold_and_the_migration_reverts() {
     let db = TestDb::new().await;
-    let options = || async {
-        sqlx::query_scalar::<_, Option<Vec<String>>>(
-            "SELECT reloptions FROM pg_class WHERE oid = 'unsent_transactions'::regclass",
-        )
-        .fetch_one(db.store.pool())
-        .await
-        .unwrap()
-        .unwrap_or_default()
-    };
+    let options = || reloptions(&db, "unsent_transactions");
     let set = options().await;
     for option in [
         "autovacuum_vacuum_scale_factor=0",
@@ -706,15 +708,7 @@ async fn the_bookkeeping_table_is_vacuumed_on_a_fixed_threshold_and_the_migratio
     ] {
         assert!(set.iter().any(|o| o == option), "{option} missing from {set:?}");
     }
-    let fillfactor = || async {
-        sqlx::query_scalar::<_, Option<Vec<String>>>(
-            "SELECT reloptions FROM pg_class WHERE oid = 'transactions'::regclass",
-        )
-        .fetch_one(db.store.pool())
-        .await
-        .unwrap()
-        .unwrap_or_default()
-    };
+    let fillfactor = || reloptions(&db, "transactions");
     assert_eq!(fillfactor().await, ["fillfactor=50"], "room for each row's update beside it (a HOT update)");
     assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261204000001));
     assert!(options().await.is_empty(), "the server's defaults again");

@@ -64,19 +64,8 @@ async fn leader_election_judges_expiry_by_the_local_clock_not_the_holders() {
 #[tokio::test]
 async fn leadership_moves_status_writing_with_it_and_a_replica_without_the_api_server_keeps_relaying() {
     let (db, queue) = (TestDb::new().await, TestQueue::standard().await);
-    let api = FakeApiServer::start();
     let (leading_tx, leading) = watch::channel(false);
-    let metrics = Metrics::new();
-    let relays = Arc::new(Registry::new(None));
-    let (supervisor, writer) = txrelay::operator::supervisor(
-        api.client.clone(),
-        relays.clone(),
-        metrics.clone(),
-        leading,
-        Duration::from_secs(5),
-    );
-    let recorder = Recorder::new(api.client.clone(), Reporter { controller: "txrelay-test".into(), instance: None });
-    let ctx = Arc::new(Context::new(api.client.clone(), supervisor, writer, recorder, metrics, false));
+    let Operator { api, ctx, relays, .. } = operator_following(FakeApiServer::start(), leading);
     let elector =
         LeaderElector::new(api.client.clone(), "txrelay-system", "txrelay-operator", "pod-a", Duration::from_secs(3));
     let (stop, stopped) = watch::channel(false);

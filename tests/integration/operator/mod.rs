@@ -42,11 +42,16 @@ pub(crate) struct Operator {
 }
 
 pub(crate) fn operator(leading: bool) -> Operator {
-    let api = FakeApiServer::start();
-    let metrics = Metrics::new();
-    let relays = Arc::new(Registry::new(None));
     let (_keep, leading) = watch::channel(leading);
     std::mem::forget(_keep);
+    operator_following(FakeApiServer::start(), leading)
+}
+
+/// An operator whose leadership follows `leading` (a test's own, or an
+/// elector's).
+pub(crate) fn operator_following(api: FakeApiServer, leading: watch::Receiver<bool>) -> Operator {
+    let metrics = Metrics::new();
+    let relays = Arc::new(Registry::new(None));
     let (supervisor, writer) = txrelay::operator::supervisor(
         api.client.clone(),
         relays.clone(),

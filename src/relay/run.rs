@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 use super::core::Outbox;
 use super::drain::{Drain, SweepReport};
 use super::upkeep::{Upkeep, keep_health_fresh};
-use crate::store::{ClaimMode, StoreError};
+use crate::store::{ClaimMode, DueFloor, StoreError};
 
 /// While the queue refuses calls, the oldest due batch is sent this often
 /// as the probe, so delivery resumes within about this long after the
@@ -151,8 +151,14 @@ impl Drain {
             return self.sweep(ClaimMode::Due, limit, stop).await;
         }
         let started = Instant::now();
+        // This turn's claims each start where the latest began, not at the
+        // head of the due index, which holds a dead entry for every row
+        // drained while a transaction holds back VACUUM. A row left behind
+        // (given back, or committed late) waits for the next turn's first
+        // claim, which starts at the head: at most about `DRAIN_TURN`.
+        let floor = DueFloor::default();
         let mut sweeps: FuturesUnordered<_> =
-            (0..DRAIN_OVERLAP).map(|_| self.sweep(ClaimMode::Due, limit, stop)).collect();
+            (0..DRAIN_OVERLAP).map(|_| self.sweep(ClaimMode::Drain(&floor), limit, stop)).collect();
         let mut drained = SweepReport { claimed: limit as usize, ..SweepReport::default() };
         let mut failed = None;
         while let Some(sweep) = sweeps.next().await {
@@ -176,7 +182,7 @@ impl Drain {
                 && !*stop.borrow()
                 && started.elapsed() < DRAIN_TURN;
             if go_on {
-                sweeps.push(self.sweep(ClaimMode::Due, limit, stop));
+                sweeps.push(self.sweep(ClaimMode::Drain(&floor), limit, stop));
             }
         }
         match failed {

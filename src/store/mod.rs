@@ -13,7 +13,9 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 pub use migrations::MigrationStatus;
-pub use outbox::{Claim, ClaimMode, ClaimRef, ClaimedRow, DriftScan, FailedSend, Gauges, RetryOneError, SkipError};
+pub use outbox::{
+    Claim, ClaimMode, ClaimRef, ClaimedRow, DriftScan, DueFloor, FailedSend, Gauges, RetryOneError, SkipError,
+};
 pub use resend::{ResendAudit, ResendFilter, ResendRow};
 pub use transactions::{Conflict, InsertOutcome, Intake, ListFilter, RetiredTransaction, Stats};
 
@@ -117,7 +119,8 @@ macro_rules! follow_columns {
 /// `unsent_transactions` as it now is, and a row sent or dead-lettered is
 /// taken out. The relay's connections skip the triggers that do the same for
 /// every other writer (`txrelay.relay_writes`), so this is the only place the
-/// relay does it. Each writer locks a row of `transactions` before its row of
+/// relay does it, but for the claims (`claim_sql!`), whose rows are all
+/// still unsent and listed. Each writer locks a row of `transactions` before its row of
 /// `unsent_transactions`, so they never wait on each other in a cycle.
 macro_rules! follow {
     () => {

@@ -50,6 +50,10 @@ impl ClaimedRow {
 pub enum ClaimMode<'a> {
     /// Rows whose backoff has passed and that nobody holds: the sweep.
     Due,
+    /// As `Due`, for one of the claims that drain a backlog together: on a
+    /// standard queue each starts its walk of the due index where the
+    /// latest of them began (see [`DueFloor`]).
+    Drain(&'a DueFloor),
     /// The unsent rows of `only` not held by a process, ignoring backoff,
     /// except those in `skip` (already tried in this run): `retry-all`.
     Force { skip: &'a [i64], only: &'a [i64] },
@@ -58,6 +62,43 @@ pub enum ClaimMode<'a> {
     /// except those in `skip` (tried in this run, and dead-lettered again):
     /// `retry-all --include-dead / --dead-only`.
     Revive { skip: &'a [i64], only: &'a [i64] },
+}
+
+/// Where the claims of one drain start their walk of
+/// `unsent_transactions_due_idx`: the first row (by `due_at`, then id) the
+/// latest of them locked.
+///
+/// Every claimed row leaves a dead entry at the head of that index (its
+/// listing moves to the end of its lease, then is deleted once sent).
+/// VACUUM cannot remove entries an open transaction may still see, so
+/// while one is held (an analytics query, an `idle in transaction`
+/// session) a claim that starts at the beginning walks every row drained
+/// since: 30,000 dead entries cost a claim 4.4 ms of its 5 ms, and one
+/// started at the floor 0.1 ms (BENCHMARKS.md).
+///
+/// A row can sit below the floor while due: given back by this or another
+/// process (a release, a refused call), or committed late with an older
+/// `due_at`. Such a row waits for the next claim that starts at the
+/// beginning: a floor lives for one drain turn (the relay loop's
+/// `DRAIN_TURN`, 1 s), and every sweep outside a drain is such a claim.
+/// On a FIFO queue the floor is never used: a row waiting behind an older
+/// row of its wallet sits below the rows claimed past it, and becomes
+/// claimable as soon as that row is sent.
+#[derive(Debug, Default)]
+pub struct DueFloor(std::sync::Mutex<Option<(DateTime<Utc>, i64)>>);
+
+impl DueFloor {
+    fn get(&self) -> Option<(DateTime<Utc>, i64)> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Overlapping claims report in any order: the floor only moves up.
+    fn raise(&self, head: (DateTime<Utc>, i64)) {
+        let mut floor = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if floor.is_none_or(|current| head > current) {
+            *floor = Some(head);
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -153,7 +194,7 @@ macro_rules! claim_sql {
             // a writer that locks in the other order. The ids as arrays keep
             // the plan an index lookup whatever the planner guesses for LIMIT
             // (a join here turns generic plans into a sequential scan).
-            "WITH candidates AS MATERIALIZED (SELECT u.id FROM unsent_transactions u WHERE ",
+            "WITH candidates AS MATERIALIZED (SELECT u.id, u.due_at FROM unsent_transactions u WHERE ",
             $unsent_filter,
             " ORDER BY ",
             $order,
@@ -166,19 +207,30 @@ macro_rules! claim_sql {
             " AND ",
             $filter,
             " FOR UPDATE SKIP LOCKED)) \
-             RETURNING id, reference, idempotency_key, wallet_address, source, attempts, payload::text AS payload, traceparent, tracestate, ",
-            follow_columns!(),
-            "), ",
+             RETURNING id, reference, idempotency_key, wallet_address, source, attempts, payload::text AS payload, traceparent, tracestate, \
+             transactions.claimed_until AS lease_until, ",
+            due_at!("transactions"),
+            " AS lease_due_at), ",
             // A listed row whose transaction is gone or no longer unsent (a
             // writer that raced the listing) would hold its place, its
             // wallet's FIFO turn and the backlog gauge forever: the claim
-            // that meets it takes it out.
-            "strays AS (DELETE FROM unsent_transactions stray USING candidates \
-             WHERE stray.id = candidates.id AND NOT EXISTS (SELECT 1 FROM transactions t WHERE t.id = stray.id AND ",
+            // that meets it takes it out. Only the candidates the claim left
+            // are looked up (none, as a rule), not all of them.
+            "strays AS (DELETE FROM unsent_transactions stray WHERE stray.id = ANY (ARRAY(SELECT c.id FROM candidates c \
+             WHERE NOT EXISTS (SELECT 1 FROM changed WHERE changed.id = c.id))) \
+             AND NOT EXISTS (SELECT 1 FROM transactions t WHERE t.id = stray.id AND ",
             unsent!("t"),
             ")), ",
-            follow!(),
-            " SELECT * FROM changed"
+            // Every claimed row is still unsent and its listing is locked by
+            // this statement (`candidates`): a plain UPDATE keeps it in step.
+            // `follow!`'s upsert did the same at a fifth of the claim's cost
+            // (a speculative insert per row; BENCHMARKS.md).
+            "leased AS (UPDATE unsent_transactions listed SET claimed_until = changed.lease_until, \
+             due_at = changed.lease_due_at FROM changed WHERE listed.id = changed.id) ",
+            // The first row this claim locked: a drain's next claim starts
+            // there (`DueFloor`).
+            "SELECT changed.*, head.due_at AS head_due_at, head.id AS head_id FROM changed \
+             LEFT JOIN (SELECT c.due_at, c.id FROM candidates c ORDER BY c.due_at, c.id LIMIT 1) AS head ON true"
         )
     };
 }
@@ -199,9 +251,18 @@ macro_rules! not_held_nor_skipped {
     };
 }
 
-const CLAIM_DUE: &str = claim_sql!("u.due_at <= now()", "u.due_at, u.id", due!());
+/// Due rows from `($4, $5)` on in the index's order (`due_at`, id): from
+/// the beginning when both are NULL, else from a drain's [`DueFloor`].
+macro_rules! due_from_floor {
+    () => {
+        "(u.due_at, u.id) >= (coalesce($4::timestamptz, '-infinity'::timestamptz), coalesce($5::bigint, 0)) \
+         AND u.due_at <= now()"
+    };
+}
+
+const CLAIM_DUE: &str = claim_sql!(due_from_floor!(), "u.due_at, u.id", due!());
 const CLAIM_DUE_FIFO: &str =
-    claim_sql!(concat!("u.due_at <= now() AND ", first_of_its_wallet!("u")), "u.due_at, u.id", due!());
+    claim_sql!(concat!(due_from_floor!(), " AND ", first_of_its_wallet!("u")), "u.due_at, u.id", due!());
 const CLAIM_FORCE: &str = claim_sql!(not_held_nor_skipped!(), "u.id", not_held!("t"));
 const CLAIM_FORCE_FIFO: &str =
     claim_sql!(concat!(not_held_nor_skipped!(), " AND ", first_of_its_wallet!("u")), "u.id", not_held!("t"));
@@ -346,7 +407,8 @@ const CLAIM_REVIVE: &str = and_follow!(
         ") ORDER BY t.id LIMIT $1 FOR UPDATE SKIP LOCKED))"
     ),
     "id, reference, idempotency_key, wallet_address, source, attempts, payload::text AS payload, traceparent, tracestate",
-    "SELECT * FROM changed"
+    // Read as a claim's rows are (`Listed`); a revival has no floor.
+    "SELECT *, NULL::timestamptz AS head_due_at, NULL::bigint AS head_id FROM changed"
 );
 
 const CLAIM_ONE: &str = and_follow!(
@@ -455,6 +517,15 @@ const OLDER_OF_WALLET: &str = concat!(
 
 const CLAIMED_UNTIL: &str = "SELECT claimed_until FROM transactions WHERE id = $1";
 
+/// A row of a claim (`claim_sql!`), with the first row the claim locked.
+#[derive(FromRow)]
+struct Listed {
+    #[sqlx(flatten)]
+    row: ClaimedRow,
+    head_due_at: Option<DateTime<Utc>>,
+    head_id: Option<i64>,
+}
+
 /// Every statement of this file, for [`super::statements`]: each claim mode
 /// with a FIFO and a standard queue, and both waits for the next due row.
 pub(super) fn statements() -> Vec<(&'static str, &'static str)> {
@@ -523,20 +594,30 @@ impl Store {
         let fifo = self.fifo();
         let lease_ms = millis(lease);
         let token = new_token();
+        // A FIFO queue never starts at a floor (see `DueFloor`).
+        let floor = match mode {
+            ClaimMode::Drain(floor) if !fifo => Some(floor),
+            _ => None,
+        };
+        let start = floor.and_then(DueFloor::get);
         let query = match (mode, fifo) {
-            (ClaimMode::Due, false) => sqlx::query_as(CLAIM_DUE),
-            (ClaimMode::Due, true) => sqlx::query_as(CLAIM_DUE_FIFO),
+            (ClaimMode::Due | ClaimMode::Drain(_), false) => sqlx::query_as(CLAIM_DUE),
+            (ClaimMode::Due | ClaimMode::Drain(_), true) => sqlx::query_as(CLAIM_DUE_FIFO),
             (ClaimMode::Force { .. }, false) => sqlx::query_as(CLAIM_FORCE),
             (ClaimMode::Force { .. }, true) => sqlx::query_as(CLAIM_FORCE_FIFO),
             (ClaimMode::Revive { .. }, _) => sqlx::query_as(CLAIM_REVIVE),
         };
         let mut query = query.bind(i64::from(limit)).bind(lease_ms).bind(token);
         match mode {
-            ClaimMode::Due => {}
+            ClaimMode::Due | ClaimMode::Drain(_) => query = query.bind(start.map(|s| s.0)).bind(start.map(|s| s.1)),
             ClaimMode::Force { skip, only } => query = query.bind(skip).bind(only),
             ClaimMode::Revive { skip, only } => query = query.bind(only).bind(fifo).bind(skip),
         }
-        let mut rows: Vec<ClaimedRow> = self.on(self.bookkeeping()).await?.run(|c| query.fetch_all(c)).await?;
+        let listed: Vec<Listed> = self.on(self.bookkeeping()).await?.run(|c| query.fetch_all(c)).await?;
+        if let (Some(floor), Some(Listed { head_due_at: Some(at), head_id: Some(id), .. })) = (floor, listed.first()) {
+            floor.raise((*at, *id));
+        }
+        let mut rows: Vec<ClaimedRow> = listed.into_iter().map(|l| l.row).collect();
         rows.sort_by_key(|row| row.id);
         Ok(Claim { rows, lease, token })
     }
@@ -736,16 +817,23 @@ mod sql_tests {
                       WHERE gone.id = changed.id AND NOT changed.follow_unsent)";
         let claim = |unsent_filter: &str, order: &str, filter: &str| {
             format!(
-                "WITH candidates AS MATERIALIZED (SELECT u.id FROM unsent_transactions u WHERE {unsent_filter} \
+                "WITH candidates AS MATERIALIZED (SELECT u.id, u.due_at FROM unsent_transactions u WHERE {unsent_filter} \
                  ORDER BY {order} LIMIT $1 FOR UPDATE SKIP LOCKED), \
                  changed AS (UPDATE transactions SET claimed_until = now() + $2 * interval '1 millisecond', \
                  claim_token = $3, updated_at = clock_timestamp() \
                  WHERE id = ANY (ARRAY(SELECT t.id FROM transactions t WHERE t.id = ANY (ARRAY(SELECT id FROM candidates)) \
                  AND t.message_id IS NULL AND t.failed_at IS NULL AND {filter} FOR UPDATE SKIP LOCKED)) \
                  RETURNING id, reference, idempotency_key, wallet_address, source, attempts, payload::text AS payload, traceparent, tracestate, \
-                 {follow_columns}), strays AS (DELETE FROM unsent_transactions stray USING candidates \
-                 WHERE stray.id = candidates.id AND NOT EXISTS (SELECT 1 FROM transactions t WHERE t.id = stray.id \
-                 AND t.message_id IS NULL AND t.failed_at IS NULL)), {follow} SELECT * FROM changed"
+                 transactions.claimed_until AS lease_until, greatest(transactions.next_attempt_at, \
+                 coalesce(transactions.claimed_until, transactions.next_attempt_at)) AS lease_due_at), \
+                 strays AS (DELETE FROM unsent_transactions stray WHERE stray.id = ANY (ARRAY(SELECT c.id FROM candidates c \
+                 WHERE NOT EXISTS (SELECT 1 FROM changed WHERE changed.id = c.id))) \
+                 AND NOT EXISTS (SELECT 1 FROM transactions t WHERE t.id = stray.id \
+                 AND t.message_id IS NULL AND t.failed_at IS NULL)), \
+                 leased AS (UPDATE unsent_transactions listed SET claimed_until = changed.lease_until, \
+                 due_at = changed.lease_due_at FROM changed WHERE listed.id = changed.id) \
+                 SELECT changed.*, head.due_at AS head_due_at, head.id AS head_id FROM changed \
+                 LEFT JOIN (SELECT c.due_at, c.id FROM candidates c ORDER BY c.due_at, c.id LIMIT 1) AS head ON true"
             )
         };
         let not_held = |t: &str| format!("({t}.claimed_until IS NULL OR {t}.claimed_until <= now())");
@@ -754,10 +842,12 @@ mod sql_tests {
                                    WHERE d.wallet_address = u.wallet_address AND d.id < u.id \
                                    AND d.failed_at IS NOT NULL AND d.skipped_at IS NULL)";
         let due = format!("t.next_attempt_at <= now() AND {}", not_held("t"));
-        assert_eq!(super::CLAIM_DUE, claim("u.due_at <= now()", "u.due_at, u.id", &due));
+        let due_from = "(u.due_at, u.id) >= (coalesce($4::timestamptz, '-infinity'::timestamptz), \
+                        coalesce($5::bigint, 0)) AND u.due_at <= now()";
+        assert_eq!(super::CLAIM_DUE, claim(due_from, "u.due_at, u.id", &due));
         assert_eq!(
             super::CLAIM_DUE_FIFO,
-            claim(&format!("u.due_at <= now() AND {first_of_its_wallet}"), "u.due_at, u.id", &due)
+            claim(&format!("{due_from} AND {first_of_its_wallet}"), "u.due_at, u.id", &due)
         );
         let not_held_nor_skipped = format!("u.id = ANY ($5::bigint[]) AND {} AND NOT (u.id = ANY($4))", not_held("u"));
         assert_eq!(super::CLAIM_FORCE, claim(&not_held_nor_skipped, "u.id", &not_held("t")));

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use txrelay::spec::QueueKind;
-use txrelay::store::{ClaimMode, ClaimRef, Conflict, FailedSend, InsertOutcome, Intake, Store};
+use txrelay::store::{ClaimMode, ClaimRef, Conflict, DueFloor, FailedSend, InsertOutcome, Intake, Store};
 use txrelay::transaction::limits;
 
 use crate::common::{TestDb, insert_created, new_tx, raw_insert, unique, wait_until};
@@ -743,4 +743,114 @@ async fn the_gauges_show_a_transaction_holding_back_vacuum_and_the_dead_tuples()
     })
     .await;
     held.commit().await.unwrap();
+}
+
+/// A drain's claims start where the latest of them began (`DueFloor`): a
+/// row given back below that point waits for a claim that starts at the
+/// head of the due index (every sweep outside a drain, and each drain
+/// turn's first), and a FIFO queue never starts past the head.
+#[tokio::test]
+async fn a_drain_claim_starts_at_its_floor_and_a_sweep_finds_the_row_it_passed() {
+    let db = TestDb::new().await;
+    let lease = Duration::from_secs(30);
+    let mut ids = Vec::new();
+    for wallet in ["w1", "w2", "w3", "w4"] {
+        ids.push(insert_created(&db, &new_tx(unique(), wallet)).await.id);
+    }
+    let claimed = |claim: &txrelay::store::Claim| claim.rows.iter().map(|row| row.id).collect::<Vec<_>>();
+    let floor = DueFloor::default();
+    let first = db.store.claim(ClaimMode::Drain(&floor), 1, lease).await.unwrap();
+    assert_eq!(claimed(&first), [ids[0]]);
+    let second = db.store.claim(ClaimMode::Drain(&floor), 1, lease).await.unwrap();
+    assert_eq!(claimed(&second), [ids[1]]);
+    // Given back: due again, at its place, now below the floor.
+    assert_eq!(db.store.release(&[first.row_ref(ids[0])]).await.unwrap(), 1);
+    let third = db.store.claim(ClaimMode::Drain(&floor), 10, lease).await.unwrap();
+    assert_eq!(claimed(&third), [ids[2], ids[3]], "the drain's claim starts at its floor");
+
+    let fifo = fifo_store(&db).claim(ClaimMode::Drain(&floor), 10, lease).await.unwrap();
+    assert_eq!(claimed(&fifo), [ids[0]], "a FIFO queue's claim starts at the head");
+    assert_eq!(db.store.release(&[fifo.row_ref(ids[0])]).await.unwrap(), 1);
+    let sweep = db.store.claim(ClaimMode::Due, 10, lease).await.unwrap();
+    assert_eq!(claimed(&sweep), [ids[0]], "a sweep starts at the head");
+}
+
+/// While a transaction holds back VACUUM, every row drained leaves a dead
+/// entry at the head of the due index that no scan can skip. A drain's
+/// claim starts at its floor instead of walking them: counted in buffers
+/// (what the claim reads), not in time.
+#[tokio::test]
+async fn under_a_held_snapshot_a_drain_claim_does_not_walk_the_rows_drained_before_it() {
+    let db = TestDb::new().await;
+    for i in 0..1500 {
+        insert_created(&db, &new_tx(unique(), &format!("w{}", i % 50))).await;
+    }
+    let mut held = db.psql.begin().await.unwrap();
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ").execute(&mut *held).await.unwrap();
+    sqlx::query("SELECT count(*) FROM transactions").execute(&mut *held).await.unwrap();
+    let lease = Duration::from_secs(30);
+    let floor = DueFloor::default();
+    for _ in 0..14 {
+        let claim = db.store.claim(ClaimMode::Drain(&floor), 100, lease).await.unwrap();
+        let sent: Vec<_> = claim.rows.iter().map(|row| (claim.row_ref(row.id), format!("m-{}", row.id))).collect();
+        assert_eq!(db.store.record_sent(&sent).await.unwrap().len(), 100);
+    }
+    let (due_at, id): (chrono::DateTime<chrono::Utc>, i64) =
+        sqlx::query_as("SELECT due_at, id FROM unsent_transactions ORDER BY due_at, id LIMIT 1")
+            .fetch_one(&db.psql)
+            .await
+            .unwrap();
+    let claim_due = txrelay::store::statements()
+        .into_iter()
+        .find_map(|(name, sql)| (name == "CLAIM_DUE").then_some(sql))
+        .expect("the due claim is a named statement");
+    let read = |from: Option<(chrono::DateTime<chrono::Utc>, i64)>| {
+        let explain = format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {claim_due}");
+        let db = &db;
+        async move {
+            // Run, counted, and rolled back; planned as the relay's
+            // bookkeeping connections plan it (a scan of the due index).
+            let mut tx = db.store.pool().begin().await.unwrap();
+            sqlx::query("SET LOCAL enable_seqscan = off").execute(&mut *tx).await.unwrap();
+            sqlx::query("SET LOCAL enable_bitmapscan = off").execute(&mut *tx).await.unwrap();
+            let plan: serde_json::Value = sqlx::query_scalar(sqlx::AssertSqlSafe(explain))
+                .bind(100_i64)
+                .bind(30_000_i64)
+                .bind(7_i64)
+                .bind(from.map(|f| f.0))
+                .bind(from.map(|f| f.1))
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap();
+            tx.rollback().await.unwrap();
+            let candidates = find_plan_node(&plan[0]["Plan"], &|node| node["Subplan Name"] == "CTE candidates")
+                .expect("the claim lists its candidates");
+            // The scan of the due index visits the heap for each entry it
+            // meets: counted in the buffers it reads (the claim then locks
+            // those it takes).
+            let scan = find_plan_node(candidates, &|node| node["Index Name"] == "unsent_transactions_due_idx")
+                .expect("the candidates come from the due index");
+            scan["Shared Hit Blocks"].as_i64().unwrap() + scan["Shared Read Blocks"].as_i64().unwrap()
+        }
+    };
+    let from_head = read(None).await;
+    let from_floor = read(Some((due_at, id))).await;
+    held.commit().await.unwrap();
+    assert!(
+        from_floor * 4 < from_head,
+        "listing the candidates reads {from_floor} buffers from the floor and {from_head} from the head: the 1,400 \
+         dead entries before the floor are walked"
+    );
+}
+
+/// The first node of an `EXPLAIN (FORMAT JSON)` plan, depth first, that
+/// `matches`.
+fn find_plan_node<'a>(
+    node: &'a serde_json::Value,
+    matches: &dyn Fn(&serde_json::Value) -> bool,
+) -> Option<&'a serde_json::Value> {
+    if matches(node) {
+        return Some(node);
+    }
+    node["Plans"].as_array()?.iter().find_map(|child| find_plan_node(child, matches))
 }

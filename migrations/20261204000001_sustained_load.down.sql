@@ -6,4 +6,6 @@ ALTER TABLE unsent_transactions RESET (
     autovacuum_analyze_threshold
 );
 
-ALTER TABLE transactions RESET (fillfactor);
+-- Back to the fillfactor the table was created with
+-- (20261126000001_create_transactions), not the server's default of 100.
+ALTER TABLE transactions SET (fillfactor = 80);

@@ -155,7 +155,8 @@ impl Drain {
         // head of the due index, which holds a dead entry for every row
         // drained while a transaction holds back VACUUM. A row left behind
         // (given back, or committed late) waits for the next turn's first
-        // claim, which starts at the head: at most about `DRAIN_TURN`.
+        // claim, which starts at the head: `DRAIN_TURN` plus the sweeps in
+        // flight when it ends.
         let floor = DueFloor::default();
         let mut sweeps: FuturesUnordered<_> =
             (0..DRAIN_OVERLAP).map(|_| self.sweep(ClaimMode::Drain(&floor), limit, stop)).collect();

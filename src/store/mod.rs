@@ -119,8 +119,8 @@ macro_rules! follow_columns {
 /// `unsent_transactions` as it now is, and a row sent or dead-lettered is
 /// taken out. The relay's connections skip the triggers that do the same for
 /// every other writer (`txrelay.relay_writes`), so this is the only place the
-/// relay does it, but for the claims (`claim_sql!`), whose rows are all
-/// still unsent and listed. Each writer locks a row of `transactions` before its row of
+/// relay does it, except in the claims (`claim_sql!`), which update the
+/// listing rows they locked with a plain UPDATE. Each writer locks a row of `transactions` before its row of
 /// `unsent_transactions`, so they never wait on each other in a cycle.
 macro_rules! follow {
     () => {

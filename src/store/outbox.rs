@@ -65,22 +65,23 @@ pub enum ClaimMode<'a> {
 }
 
 /// Where the claims of one drain start their walk of
-/// `unsent_transactions_due_idx`: the first row (by `due_at`, then id) the
-/// latest of them locked.
+/// `unsent_transactions_due_idx`: the highest first row (by `due_at`, then
+/// id) any of them locked so far.
 ///
 /// Every claimed row leaves a dead entry at the head of that index (its
 /// listing moves to the end of its lease, then is deleted once sent).
 /// VACUUM cannot remove entries an open transaction may still see, so
 /// while one is held (an analytics query, an `idle in transaction`
 /// session) a claim that starts at the beginning walks every row drained
-/// since: 30,000 dead entries cost a claim 4.4 ms of its 5 ms, and one
-/// started at the floor 0.1 ms (BENCHMARKS.md).
+/// since: with 30,000 dead entries, listing a claim's 100 candidates took
+/// 4.4 ms from the head and 0.1 ms from the floor (BENCHMARKS.md).
 ///
 /// A row can sit below the floor while due: given back by this or another
 /// process (a release, a refused call), or committed late with an older
 /// `due_at`. Such a row waits for the next claim that starts at the
 /// beginning: a floor lives for one drain turn (the relay loop's
-/// `DRAIN_TURN`, 1 s), and every sweep outside a drain is such a claim.
+/// `DRAIN_TURN`, 1 s, plus the sweeps then in flight), and every sweep
+/// outside a drain is such a claim.
 /// On a FIFO queue the floor is never used: a row waiting behind an older
 /// row of its wallet sits below the rows claimed past it, and becomes
 /// claimable as soon as that row is sent.
@@ -223,13 +224,15 @@ macro_rules! claim_sql {
             ")), ",
             // Every claimed row is still unsent and its listing is locked by
             // this statement (`candidates`): a plain UPDATE keeps it in step.
-            // `follow!`'s upsert did the same at a fifth of the claim's cost
-            // (a speculative insert per row; BENCHMARKS.md).
+            // `follow!`'s upsert did the same with an arbiter-index probe and
+            // a conflict lock per row: a 100-row claim took 4.1 ms with it
+            // and 3.2 ms without (BENCHMARKS.md).
             "leased AS (UPDATE unsent_transactions listed SET claimed_until = changed.lease_until, \
              due_at = changed.lease_due_at FROM changed WHERE listed.id = changed.id) ",
             // The first row this claim locked: a drain's next claim starts
-            // there (`DueFloor`).
-            "SELECT changed.*, head.due_at AS head_due_at, head.id AS head_id FROM changed \
+            // there (`DueFloor`). A `due_at` of -infinity (set by hand) is
+            // the head anyway, and has no chrono value: no floor then.
+            "SELECT changed.*, nullif(head.due_at, '-infinity') AS head_due_at, head.id AS head_id FROM changed \
              LEFT JOIN (SELECT c.due_at, c.id FROM candidates c ORDER BY c.due_at, c.id LIMIT 1) AS head ON true"
         )
     };
@@ -255,7 +258,7 @@ macro_rules! not_held_nor_skipped {
 /// the beginning when both are NULL, else from a drain's [`DueFloor`].
 macro_rules! due_from_floor {
     () => {
-        "(u.due_at, u.id) >= (coalesce($4::timestamptz, '-infinity'::timestamptz), coalesce($5::bigint, 0)) \
+        "(u.due_at, u.id) >= (coalesce($4::timestamptz, '-infinity'::timestamptz), coalesce($5::bigint, -9223372036854775808)) \
          AND u.due_at <= now()"
     };
 }
@@ -832,7 +835,7 @@ mod sql_tests {
                  AND t.message_id IS NULL AND t.failed_at IS NULL)), \
                  leased AS (UPDATE unsent_transactions listed SET claimed_until = changed.lease_until, \
                  due_at = changed.lease_due_at FROM changed WHERE listed.id = changed.id) \
-                 SELECT changed.*, head.due_at AS head_due_at, head.id AS head_id FROM changed \
+                 SELECT changed.*, nullif(head.due_at, '-infinity') AS head_due_at, head.id AS head_id FROM changed \
                  LEFT JOIN (SELECT c.due_at, c.id FROM candidates c ORDER BY c.due_at, c.id LIMIT 1) AS head ON true"
             )
         };
@@ -843,7 +846,7 @@ mod sql_tests {
                                    AND d.failed_at IS NOT NULL AND d.skipped_at IS NULL)";
         let due = format!("t.next_attempt_at <= now() AND {}", not_held("t"));
         let due_from = "(u.due_at, u.id) >= (coalesce($4::timestamptz, '-infinity'::timestamptz), \
-                        coalesce($5::bigint, 0)) AND u.due_at <= now()";
+                        coalesce($5::bigint, -9223372036854775808)) AND u.due_at <= now()";
         assert_eq!(super::CLAIM_DUE, claim(due_from, "u.due_at, u.id", &due));
         assert_eq!(
             super::CLAIM_DUE_FIFO,

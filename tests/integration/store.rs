@@ -712,7 +712,7 @@ async fn the_bookkeeping_table_is_vacuumed_on_a_fixed_threshold_and_the_migratio
     assert_eq!(fillfactor().await, ["fillfactor=50"], "room for each row's update beside it (a HOT update)");
     assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261204000001));
     assert!(options().await.is_empty(), "the server's defaults again");
-    assert!(fillfactor().await.is_empty());
+    assert_eq!(fillfactor().await, ["fillfactor=80"], "the fillfactor the table was created with");
     db.store.migrate().await.unwrap();
     assert_eq!(options().await.len(), 5);
 }
@@ -745,52 +745,80 @@ async fn the_gauges_show_a_transaction_holding_back_vacuum_and_the_dead_tuples()
     held.commit().await.unwrap();
 }
 
-/// A drain's claims start where the latest of them began (`DueFloor`): a
-/// row given back below that point waits for a claim that starts at the
-/// head of the due index (every sweep outside a drain, and each drain
-/// turn's first), and a FIFO queue never starts past the head.
+/// A drain's claims start at the highest first row any of them locked
+/// (`DueFloor`): the row there is still in reach, a row given back below
+/// it waits for a claim that starts at the head of the due index (every
+/// sweep outside a drain, and each drain turn's first), and a FIFO queue
+/// never starts past the head.
 #[tokio::test]
 async fn a_drain_claim_starts_at_its_floor_and_a_sweep_finds_the_row_it_passed() {
     let db = TestDb::new().await;
     let lease = Duration::from_secs(30);
     let mut ids = Vec::new();
-    for wallet in ["w1", "w2", "w3", "w4"] {
+    for wallet in ["w1", "w2", "w3", "w4", "w5"] {
         ids.push(insert_created(&db, &new_tx(unique(), wallet)).await.id);
     }
     let claimed = |claim: &txrelay::store::Claim| claim.rows.iter().map(|row| row.id).collect::<Vec<_>>();
     let floor = DueFloor::default();
+
+    // Another session holds the first row: the claim locks its listing but
+    // skips it, and its place is the floor, so the next claim still finds it.
+    let mut other = db.psql.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM transactions WHERE id = $1 FOR UPDATE").bind(ids[0]).execute(&mut *other).await.unwrap();
     let first = db.store.claim(ClaimMode::Drain(&floor), 1, lease).await.unwrap();
-    assert_eq!(claimed(&first), [ids[0]]);
+    assert!(claimed(&first).is_empty(), "the locked row is skipped: {:?}", first.rows);
+    other.rollback().await.unwrap();
+    let first = db.store.claim(ClaimMode::Drain(&floor), 1, lease).await.unwrap();
+    assert_eq!(claimed(&first), [ids[0]], "the floor's own row is in reach");
     let second = db.store.claim(ClaimMode::Drain(&floor), 1, lease).await.unwrap();
     assert_eq!(claimed(&second), [ids[1]]);
     // Given back: due again, at its place, now below the floor.
     assert_eq!(db.store.release(&[first.row_ref(ids[0])]).await.unwrap(), 1);
     let third = db.store.claim(ClaimMode::Drain(&floor), 10, lease).await.unwrap();
-    assert_eq!(claimed(&third), [ids[2], ids[3]], "the drain's claim starts at its floor");
+    assert_eq!(claimed(&third), [ids[2], ids[3], ids[4]], "the drain's claim starts at its floor");
+    db.assert_unsent_rows_followed().await;
 
     let fifo = fifo_store(&db).claim(ClaimMode::Drain(&floor), 10, lease).await.unwrap();
     assert_eq!(claimed(&fifo), [ids[0]], "a FIFO queue's claim starts at the head");
     assert_eq!(db.store.release(&[fifo.row_ref(ids[0])]).await.unwrap(), 1);
     let sweep = db.store.claim(ClaimMode::Due, 10, lease).await.unwrap();
     assert_eq!(claimed(&sweep), [ids[0]], "a sweep starts at the head");
+    db.assert_unsent_rows_followed().await;
+}
+
+/// `next_attempt_at = '-infinity'`, set by hand to say "at once", has no
+/// chrono value: a claim reading its place back as a floor would panic.
+#[tokio::test]
+async fn a_row_due_since_minus_infinity_is_claimed_by_a_drain() {
+    let db = TestDb::new().await;
+    db.execute(&raw_insert("forever", "w", &[("next_attempt_at", "'-infinity'")])).await;
+    let floor = DueFloor::default();
+    let claim = db.store.claim(ClaimMode::Drain(&floor), 10, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(claim.rows.iter().map(|row| row.reference.as_str()).collect::<Vec<_>>(), ["forever"]);
 }
 
 /// While a transaction holds back VACUUM, every row drained leaves a dead
 /// entry at the head of the due index that no scan can skip. A drain's
-/// claim starts at its floor instead of walking them: counted in buffers
-/// (what the claim reads), not in time.
+/// claim starts at its floor instead of walking them: counted in the
+/// buffers its scan of the index reads (not in time), with the generic plan
+/// the relay's connections use.
 #[tokio::test]
 async fn under_a_held_snapshot_a_drain_claim_does_not_walk_the_rows_drained_before_it() {
     let db = TestDb::new().await;
-    for i in 0..1500 {
-        insert_created(&db, &new_tx(unique(), &format!("w{}", i % 50))).await;
-    }
+    db.execute(
+        "INSERT INTO transactions (reference, external_reference, idempotency_key, transaction_type, status, source, \
+         instruction_type, incoming_currency, outgoing_currency, value, fee, wallet_address, payload) \
+         SELECT 'held-' || n, 'e-held-' || n, 'k-held-' || n, 'DEPOSIT', 'P', 'S', 'T', 'EUR', 'EUR', 1, 0, \
+         'w' || n % 100, '{}' FROM generate_series(1, 10000) AS n",
+    )
+    .await;
+    db.execute("ANALYZE transactions, unsent_transactions").await;
     let mut held = db.psql.begin().await.unwrap();
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ").execute(&mut *held).await.unwrap();
     sqlx::query("SELECT count(*) FROM transactions").execute(&mut *held).await.unwrap();
     let lease = Duration::from_secs(30);
     let floor = DueFloor::default();
-    for _ in 0..14 {
+    for _ in 0..99 {
         let claim = db.store.claim(ClaimMode::Drain(&floor), 100, lease).await.unwrap();
         let sent: Vec<_> = claim.rows.iter().map(|row| (claim.row_ref(row.id), format!("m-{}", row.id))).collect();
         assert_eq!(db.store.record_sent(&sent).await.unwrap().len(), 100);
@@ -804,41 +832,42 @@ async fn under_a_held_snapshot_a_drain_claim_does_not_walk_the_rows_drained_befo
         .into_iter()
         .find_map(|(name, sql)| (name == "CLAIM_DUE").then_some(sql))
         .expect("the due claim is a named statement");
-    let read = |from: Option<(chrono::DateTime<chrono::Utc>, i64)>| {
-        let explain = format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {claim_due}");
+    let read = |from: String| {
+        // Typed as the relay binds them.
+        let prepare = format!("PREPARE claim_due (int8, int8, int8, timestamptz, int8) AS {claim_due}");
         let db = &db;
         async move {
-            // Run, counted, and rolled back; planned as the relay's
-            // bookkeeping connections plan it (a scan of the due index).
-            let mut tx = db.store.pool().begin().await.unwrap();
-            sqlx::query("SET LOCAL enable_seqscan = off").execute(&mut *tx).await.unwrap();
-            sqlx::query("SET LOCAL enable_bitmapscan = off").execute(&mut *tx).await.unwrap();
-            let plan: serde_json::Value = sqlx::query_scalar(sqlx::AssertSqlSafe(explain))
-                .bind(100_i64)
-                .bind(30_000_i64)
-                .bind(7_i64)
-                .bind(from.map(|f| f.0))
-                .bind(from.map(|f| f.1))
-                .fetch_one(&mut *tx)
+            // Run, counted and rolled back, planned as on the relay's
+            // bookkeeping connections (a generic plan, no sequential scans).
+            let mut connection = db.store.pool().acquire().await.unwrap();
+            let mut tx = sqlx::Connection::begin(&mut *connection).await.unwrap();
+            sqlx::raw_sql("SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL enable_seqscan = off")
+                .execute(&mut *tx)
                 .await
                 .unwrap();
+            sqlx::raw_sql(sqlx::AssertSqlSafe(prepare)).execute(&mut *tx).await.unwrap();
+            let explain = format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE claim_due(100, 30000, 7, {from})");
+            let plan: serde_json::Value =
+                sqlx::query_scalar(sqlx::AssertSqlSafe(explain)).fetch_one(&mut *tx).await.unwrap();
+            // Prepared statements outlive a rollback: gone before the
+            // connection returns to the pool.
             tx.rollback().await.unwrap();
+            sqlx::raw_sql("DEALLOCATE claim_due").execute(&mut *connection).await.unwrap();
             let candidates = find_plan_node(&plan[0]["Plan"], &|node| node["Subplan Name"] == "CTE candidates")
                 .expect("the claim lists its candidates");
-            // The scan of the due index visits the heap for each entry it
-            // meets: counted in the buffers it reads (the claim then locks
-            // those it takes).
             let scan = find_plan_node(candidates, &|node| node["Index Name"] == "unsent_transactions_due_idx")
-                .expect("the candidates come from the due index");
+                .unwrap_or_else(|| panic!("the candidates come from the due index: {candidates}"));
+            let bound = scan["Index Cond"].as_str().unwrap_or_default();
+            assert!(bound.contains("ROW(due_at, id) >="), "the floor bounds the index scan: {bound}");
             scan["Shared Hit Blocks"].as_i64().unwrap() + scan["Shared Read Blocks"].as_i64().unwrap()
         }
     };
-    let from_head = read(None).await;
-    let from_floor = read(Some((due_at, id))).await;
+    let from_head = read("NULL, NULL".into()).await;
+    let from_floor = read(format!("'{}'::timestamptz, {id}", due_at.to_rfc3339())).await;
     held.commit().await.unwrap();
     assert!(
         from_floor * 4 < from_head,
-        "listing the candidates reads {from_floor} buffers from the floor and {from_head} from the head: the 1,400 \
+        "listing the candidates reads {from_floor} buffers from the floor and {from_head} from the head: the 9,900 \
          dead entries before the floor are walked"
     );
 }

@@ -838,7 +838,18 @@ def sustained_main(argv):
     parser.add_argument("--no-steady", action="store_true", help="skip the sustained POST /new runs")
     parser.add_argument("--no-drain", action="store_true", help="skip the relay drains")
     parser.add_argument("--no-baselines", action="store_true", help="skip pgbench INSERT and claim_mark.sql")
+    parser.add_argument("--render", metavar="JSON", help="measure nothing: recompute the ratios and tables of an "
+                        "earlier run's sustained.json (after a change to how they are taken)")
     options = parser.parse_args(argv)
+    if options.render:
+        runs = json.loads(pathlib.Path(options.render).read_text())["runs"]
+        for run in runs:
+            sustained_ratios(run)
+        results = median_of(runs)
+        results["runs"] = len(runs)
+        results["seconds"] = SECONDS
+        print(sustained_render(results, options))
+        return
     if not BINARY.exists() or not RUSTACK.exists():
         sys.exit(f"missing {BINARY} or {RUSTACK}: run `scripts/bench.sh sustained`, which builds them")
     RUN.mkdir(parents=True, exist_ok=True)

@@ -844,6 +844,9 @@ def sustained_main(argv):
     if options.render:
         runs = json.loads(pathlib.Path(options.render).read_text())["runs"]
         for run in runs:
+            for key in ("steady", "steady_held"):
+                if key in run:  # JSON made the window numbers strings
+                    run[key]["windows"] = {int(i): w for i, w in run[key]["windows"].items()}
             sustained_ratios(run)
         results = median_of(runs)
         results["runs"] = len(runs)

@@ -151,8 +151,8 @@ impl Drain {
             return self.sweep(ClaimMode::Due, limit, stop).await;
         }
         let started = Instant::now();
-        // This turn's claims each start where the latest began, not at the
-        // head of the due index, which holds a dead entry for every row
+        // This turn's claims each start at the highest first row any of
+        // them locked (`DueFloor`), not at the head of the due index, which holds a dead entry for every row
         // drained while a transaction holds back VACUUM. A row left behind
         // (given back, or committed late) waits for the next turn's first
         // claim, which starts at the head: `DRAIN_TURN` plus the sweeps in

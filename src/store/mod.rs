@@ -120,8 +120,9 @@ macro_rules! follow_columns {
 /// taken out. The relay's connections skip the triggers that do the same for
 /// every other writer (`txrelay.relay_writes`), so this is the only place the
 /// relay does it, except in the claims (`claim_sql!`), which update the
-/// listing rows they locked with a plain UPDATE. Each writer locks a row of `transactions` before its row of
-/// `unsent_transactions`, so they never wait on each other in a cycle.
+/// listing rows they locked with a plain UPDATE. Each writer locks a row of
+/// `transactions` before its row of `unsent_transactions`, so they never
+/// wait on each other in a cycle.
 macro_rules! follow {
     () => {
         "still_unsent AS (INSERT INTO unsent_transactions (id, wallet_address, created_at, claimed_until, due_at) \

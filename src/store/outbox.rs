@@ -51,8 +51,8 @@ pub enum ClaimMode<'a> {
     /// Rows whose backoff has passed and that nobody holds: the sweep.
     Due,
     /// As `Due`, for one of the claims that drain a backlog together: on a
-    /// standard queue each starts its walk of the due index where the
-    /// latest of them began (see [`DueFloor`]).
+    /// standard queue each starts its walk of the due index at the highest
+    /// first row any of them locked (see [`DueFloor`]).
     Drain(&'a DueFloor),
     /// The unsent rows of `only` not held by a process, ignoring backoff,
     /// except those in `skip` (already tried in this run): `retry-all`.
@@ -74,7 +74,8 @@ pub enum ClaimMode<'a> {
 /// while one is held (an analytics query, an `idle in transaction`
 /// session) a claim that starts at the beginning walks every row drained
 /// since: with 30,000 dead entries, listing a claim's 100 candidates took
-/// 4.4 ms from the head and 0.1 ms from the floor (BENCHMARKS.md).
+/// 4.4 ms from the head and 0.1 ms from the floor
+/// (docs/benchmarks-history.md).
 ///
 /// A row can sit below the floor while due: given back by this or another
 /// process (a release, a refused call), or committed late with an older
@@ -225,8 +226,8 @@ macro_rules! claim_sql {
             // Every claimed row is still unsent and its listing is locked by
             // this statement (`candidates`): a plain UPDATE keeps it in step.
             // `follow!`'s upsert did the same with an arbiter-index probe and
-            // a conflict lock per row: a 100-row claim took 4.1 ms with it
-            // and 3.2 ms without (BENCHMARKS.md).
+            // a conflict lock per row: a 100-row claim took about 4.2 ms
+            // with it and 3.3 ms without (docs/benchmarks-history.md).
             "leased AS (UPDATE unsent_transactions listed SET claimed_until = changed.lease_until, \
              due_at = changed.lease_due_at FROM changed WHERE listed.id = changed.id) ",
             // The first row this claim locked: a drain's next claim starts

@@ -825,6 +825,14 @@ def sustained_render(r, options):
     return "\n".join(lines)
 
 
+def sustained_medians(runs):
+    """The median of every figure across whole runs, as the report shows them."""
+    results = median_of(runs)
+    results["runs"] = len(runs)
+    results["seconds"] = SECONDS
+    return results
+
+
 def sustained_main(argv):
     import argparse
     parser = argparse.ArgumentParser(prog="bench.py sustained", description=(
@@ -848,10 +856,7 @@ def sustained_main(argv):
                 if key in run:  # JSON made the window numbers strings
                     run[key]["windows"] = {int(i): w for i, w in run[key]["windows"].items()}
             sustained_ratios(run)
-        results = median_of(runs)
-        results["runs"] = len(runs)
-        results["seconds"] = SECONDS
-        print(sustained_render(results, options))
+        print(sustained_render(sustained_medians(runs), options))
         return
     if not BINARY.exists() or not RUSTACK.exists():
         sys.exit(f"missing {BINARY} or {RUSTACK}: run `scripts/bench.sh sustained`, which builds them")
@@ -861,9 +866,7 @@ def sustained_main(argv):
     for n in range(RUNS):
         log(f"sustained run {n + 1} of {RUNS}")
         runs.append(sustained_measure(options, manifest))
-    results = median_of(runs)
-    results["runs"] = RUNS
-    results["seconds"] = SECONDS
+    results = sustained_medians(runs)
     (RUN / "sustained.json").write_text(json.dumps({"median": results, "runs": runs}, indent=2, default=str))
     table = sustained_render(results, options)
     (RUN / "sustained.md").write_text(table)

@@ -68,18 +68,44 @@ macro_rules! holds_its_wallet {
     };
 }
 
+/// `$o` is an older listed row of `$t`'s wallet. Written so that only
+/// `unsent_transactions_wallet_idx` can serve it: the wallet by equality,
+/// and the id inside a row comparison that starts with the wallet, which
+/// the primary key cannot use. As `o.id < t.id` it could: with the listing
+/// analyzed as almost empty under a held snapshot, the planner then prices
+/// a walk of every id below `t.id` (dead entries included) as one entry.
+macro_rules! listed_before {
+    ($o:literal, $t:literal) => {
+        concat!(
+            $o,
+            ".wallet_address = ",
+            $t,
+            ".wallet_address AND (",
+            $o,
+            ".wallet_address, ",
+            $o,
+            ".id) < (",
+            $t,
+            ".wallet_address, ",
+            $t,
+            ".id)"
+        )
+    };
+}
+
 /// On a FIFO queue a row waits while an older row of its wallet (its
 /// MessageGroupId) is unsent, whether pending, claimed or backing off, or
 /// is dead-lettered and unresolved. `unsent_transactions` holds exactly
-/// the unsent rows.
+/// the unsent rows. `OFFSET 0` keeps the listing's check a lookup per row
+/// (a subplan): as an anti-join, the planner may merge it with a walk of
+/// the whole wallet index, which it prices as nothing when the listing is
+/// analyzed as almost empty.
 macro_rules! first_of_its_wallet {
     ($t:literal) => {
         concat!(
-            "NOT EXISTS (SELECT 1 FROM unsent_transactions o WHERE o.wallet_address = ",
-            $t,
-            ".wallet_address AND o.id < ",
-            $t,
-            ".id) AND NOT EXISTS (SELECT 1 FROM transactions d WHERE d.wallet_address = ",
+            "NOT EXISTS (SELECT 1 FROM unsent_transactions o WHERE ",
+            listed_before!("o", $t),
+            " OFFSET 0) AND NOT EXISTS (SELECT 1 FROM transactions d WHERE d.wallet_address = ",
             $t,
             ".wallet_address AND d.id < ",
             $t,
@@ -123,14 +149,19 @@ macro_rules! follow_columns {
 /// listing rows they locked with a plain UPDATE. Each writer locks a row of
 /// `transactions` before its row of `unsent_transactions`, so they never
 /// wait on each other in a cycle.
+///
+/// The listings go by `id = ANY (ARRAY(…))`, never by a join with
+/// `changed`: every read of the listing names its rows by key, so no plan
+/// can walk it whole, whatever its statistics say (see
+/// `migrations/20261205000001_listing_lookups.up.sql`).
 macro_rules! follow {
     () => {
         "still_unsent AS (INSERT INTO unsent_transactions (id, wallet_address, created_at, claimed_until, due_at) \
          SELECT id, follow_wallet, follow_created_at, follow_claimed_until, follow_due_at FROM changed \
          WHERE follow_unsent ON CONFLICT (id) DO UPDATE SET claimed_until = EXCLUDED.claimed_until, \
          due_at = EXCLUDED.due_at), \
-         no_longer_unsent AS (DELETE FROM unsent_transactions gone USING changed \
-         WHERE gone.id = changed.id AND NOT changed.follow_unsent)"
+         no_longer_unsent AS (DELETE FROM unsent_transactions gone \
+         WHERE gone.id = ANY (ARRAY(SELECT id FROM changed WHERE NOT follow_unsent)))"
     };
 }
 
@@ -157,8 +188,8 @@ macro_rules! named_statements {
 }
 
 pub(crate) use {
-    columns, dead_lettered, due_at, first_of_its_wallet, follow, follow_columns, holds_its_wallet, named_statements,
-    not_held, not_sent, sent, unsent,
+    columns, dead_lettered, due_at, first_of_its_wallet, follow, follow_columns, holds_its_wallet, listed_before,
+    named_statements, not_held, not_sent, sent, unsent,
 };
 
 const PING: &str = "SELECT 1";

@@ -8,7 +8,7 @@ use sqlx::{FromRow, Row};
 
 use super::{
     Result, Store, StoreError, columns, dead_lettered, due_at, first_of_its_wallet, follow, follow_columns,
-    holds_its_wallet, named_statements, not_held, not_sent, sent, unsent,
+    holds_its_wallet, listed_before, named_statements, not_held, not_sent, sent, unsent,
 };
 use crate::transaction::Transaction;
 
@@ -227,9 +227,12 @@ macro_rules! claim_sql {
             // this statement (`candidates`): a plain UPDATE keeps it in step.
             // `follow!`'s upsert did the same with an arbiter-index probe and
             // a conflict lock per row: a 100-row claim took about 4.2 ms
-            // with it and 3.3 ms without (docs/benchmarks-history.md).
+            // with it and 3.3 ms without (docs/benchmarks-history.md). The
+            // ids as an array here too: joined on `changed` alone, the
+            // listing could be read whole for a merge join.
             "leased AS (UPDATE unsent_transactions listed SET claimed_until = changed.lease_until, \
-             due_at = changed.lease_due_at FROM changed WHERE listed.id = changed.id) ",
+             due_at = changed.lease_due_at FROM changed WHERE listed.id = ANY (ARRAY(SELECT id FROM changed)) \
+             AND listed.id = changed.id) ",
             // The first row this claim locked: a drain's next claim starts
             // there (`DueFloor`). A `due_at` of -infinity (set by hand) is
             // the head anyway, and has no chrono value: no floor then.
@@ -365,7 +368,7 @@ const GAUGES: &str = concat!(
      (SELECT count(DISTINCT d.wallet_address) FROM transactions d WHERE ",
     holds_its_wallet!("d"),
     " AND EXISTS (SELECT 1 FROM unsent_transactions w WHERE w.wallet_address = d.wallet_address \
-     AND w.id > d.id)) AS dead_wallets, \
+     AND (w.wallet_address, w.id) > (d.wallet_address, d.id))) AS dead_wallets, \
      (SELECT coalesce(max(s.n_dead_tup), 0) FROM pg_stat_user_tables s \
      WHERE s.relid = 'unsent_transactions'::regclass) AS dead_tuples, ",
     // VACUUM cannot remove a row version an open transaction may still
@@ -385,15 +388,19 @@ macro_rules! next_due_sql {
             // NULL when nothing waits (the loop then sleeps its longest);
             // `greatest(0, NULL)` would be 0, a busy loop on an idle relay.
             // An overdue row's negative wait reads as 0 in the caller.
+            // `due_at <= 'infinity'` holds for every row. It lets the
+            // planner use the due index (partial, `due_at IS NOT NULL`) for
+            // `min`: PostgreSQL 17 drops the `IS NOT NULL` that `min` adds
+            // on a NOT NULL column, and with it the proof.
             "SELECT (extract(epoch FROM min(u.due_at) - now()) * 1000)::bigint AS due_in_ms \
-             FROM unsent_transactions u",
+             FROM unsent_transactions u WHERE u.due_at <= 'infinity'::timestamptz",
             $filter
         )
     };
 }
 
 const NEXT_DUE: &str = next_due_sql!("");
-const NEXT_DUE_FIFO: &str = next_due_sql!(concat!(" WHERE ", first_of_its_wallet!("u")));
+const NEXT_DUE_FIFO: &str = next_due_sql!(concat!(" AND ", first_of_its_wallet!("u")));
 
 /// Dead-lettered rows of `$4`, revived and held by this claim at once. On
 /// a FIFO queue only a row with no older unsent row of its wallet.
@@ -441,7 +448,7 @@ const REPAIR_DRIFT: &str = concat!(
     due_at!("t"),
     " FROM transactions t WHERE t.id = ANY (ARRAY(SELECT id FROM scanned)) AND ",
     unsent!("t"),
-    " AND NOT EXISTS (SELECT 1 FROM unsent_transactions u WHERE u.id = t.id) \
+    " AND t.id <> ALL (ARRAY(SELECT u.id FROM unsent_transactions u WHERE u.id = ANY (ARRAY(SELECT id FROM scanned)))) \
      ON CONFLICT (id) DO NOTHING RETURNING id) \
      SELECT (SELECT max(id) FROM scanned) AS last_id, ARRAY(SELECT id FROM repaired ORDER BY id) AS repaired"
 );
@@ -513,7 +520,8 @@ const EXPIRE_RETIRED: &str = "DELETE FROM retired_transactions WHERE idempotency
 /// The newest row of wallet `$1` older than `$2` that is unsent, or
 /// dead-lettered and unresolved: what a FIFO retry must wait for.
 const OLDER_OF_WALLET: &str = concat!(
-    "SELECT max(id) FROM (SELECT id FROM unsent_transactions WHERE wallet_address = $1 AND id < $2 \
+    "SELECT max(id) FROM (SELECT id FROM unsent_transactions WHERE wallet_address = $1 \
+     AND (wallet_address, id) < ($1, $2) \
      UNION ALL SELECT d.id FROM transactions d WHERE d.wallet_address = $1 AND d.id < $2 AND ",
     holds_its_wallet!("d"),
     ") AS older"
@@ -817,8 +825,8 @@ mod sql_tests {
                       due_at) SELECT id, follow_wallet, follow_created_at, follow_claimed_until, follow_due_at \
                       FROM changed WHERE follow_unsent ON CONFLICT (id) DO UPDATE SET claimed_until = \
                       EXCLUDED.claimed_until, due_at = EXCLUDED.due_at), \
-                      no_longer_unsent AS (DELETE FROM unsent_transactions gone USING changed \
-                      WHERE gone.id = changed.id AND NOT changed.follow_unsent)";
+                      no_longer_unsent AS (DELETE FROM unsent_transactions gone \
+                      WHERE gone.id = ANY (ARRAY(SELECT id FROM changed WHERE NOT follow_unsent)))";
         let claim = |unsent_filter: &str, order: &str, filter: &str| {
             format!(
                 "WITH candidates AS MATERIALIZED (SELECT u.id, u.due_at FROM unsent_transactions u WHERE {unsent_filter} \
@@ -835,14 +843,16 @@ mod sql_tests {
                  AND NOT EXISTS (SELECT 1 FROM transactions t WHERE t.id = stray.id \
                  AND t.message_id IS NULL AND t.failed_at IS NULL)), \
                  leased AS (UPDATE unsent_transactions listed SET claimed_until = changed.lease_until, \
-                 due_at = changed.lease_due_at FROM changed WHERE listed.id = changed.id) \
+                 due_at = changed.lease_due_at FROM changed WHERE listed.id = ANY (ARRAY(SELECT id FROM changed)) \
+                 AND listed.id = changed.id) \
                  SELECT changed.*, nullif(head.due_at, '-infinity') AS head_due_at, head.id AS head_id FROM changed \
                  LEFT JOIN (SELECT c.due_at, c.id FROM candidates c ORDER BY c.due_at, c.id LIMIT 1) AS head ON true"
             )
         };
         let not_held = |t: &str| format!("({t}.claimed_until IS NULL OR {t}.claimed_until <= now())");
         let first_of_its_wallet = "NOT EXISTS (SELECT 1 FROM unsent_transactions o WHERE o.wallet_address = \
-                                   u.wallet_address AND o.id < u.id) AND NOT EXISTS (SELECT 1 FROM transactions d \
+                                   u.wallet_address AND (o.wallet_address, o.id) < (u.wallet_address, u.id) \
+                                   OFFSET 0) AND NOT EXISTS (SELECT 1 FROM transactions d \
                                    WHERE d.wallet_address = u.wallet_address AND d.id < u.id \
                                    AND d.failed_at IS NOT NULL AND d.skipped_at IS NULL)";
         let due = format!("t.next_attempt_at <= now() AND {}", not_held("t"));
@@ -876,7 +886,8 @@ mod sql_tests {
              AND transactions.skipped_at IS NULL) AS failed, \
              (SELECT count(DISTINCT d.wallet_address) FROM transactions d WHERE d.failed_at IS NOT NULL \
              AND d.skipped_at IS NULL AND EXISTS (SELECT 1 FROM unsent_transactions w \
-             WHERE w.wallet_address = d.wallet_address AND w.id > d.id)) AS dead_wallets, \
+             WHERE w.wallet_address = d.wallet_address AND (w.wallet_address, w.id) > (d.wallet_address, d.id))) \
+             AS dead_wallets, \
              (SELECT coalesce(max(s.n_dead_tup), 0) FROM pg_stat_user_tables s \
              WHERE s.relid = 'unsent_transactions'::regclass) AS dead_tuples, \
              (SELECT coalesce(extract(epoch FROM now() - min(x.since)), 0)::float8 FROM ( \

@@ -61,7 +61,7 @@ macro_rules! select {
             "SELECT t.id, t.reference, t.wallet_address, t.created_at, t.attempts, ",
             dead_lettered!("t"),
             " AS dead_lettered, t.last_error FROM transactions t \
-             WHERE t.id IN (SELECT id FROM unsent_transactions WHERE NOT $5 \
+             WHERE t.id IN (SELECT id FROM unsent_transactions WHERE NOT $5 AND id > $8 AND id <= $9 \
              UNION ALL SELECT id FROM transactions d WHERE ($5 OR $6) AND ",
             // Skipped dead letters were given up on by decision (`txrelay skip`):
             // a bulk resend never revives one behind its wallet's later rows.

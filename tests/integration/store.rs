@@ -7,7 +7,7 @@ use txrelay::spec::QueueKind;
 use txrelay::store::{ClaimMode, ClaimRef, Conflict, DueFloor, FailedSend, InsertOutcome, Intake, Store};
 use txrelay::transaction::limits;
 
-use crate::common::{TestDb, insert_created, new_tx, raw_insert, unique, wait_until};
+use crate::common::{TestDb, bulk_insert, insert_created, new_tx, raw_insert, unique, wait_until};
 
 /// sqlx-core 0.9.0 left Nagle's algorithm on: a group INSERT's last segment
 /// then waited for PostgreSQL's delayed ACK, ~40 ms, on about one group in
@@ -244,6 +244,7 @@ async fn a_rollback_never_drops_the_resend_audit_silently() {
     let db = TestDb::new().await;
     let audit = txrelay::store::ResendAudit { actor: "ops".into(), via: "cli", command: "retry" };
     db.store.begin_resend(&audit, &serde_json::json!({"id": 1}), &[1]).await.unwrap();
+    assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261205000001));
     assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261204000001));
     assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261203000002));
     assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261203000001));
@@ -587,6 +588,7 @@ async fn a_row_written_while_the_migration_runs_is_listed() {
 
 /// Reverts the migrations down to (and including) unsent_transactions.
 async fn revert_to_before_unsent_transactions(db: &TestDb) {
+    assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261205000001), "listing lookups");
     assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261204000001), "sustained load");
     assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261203000002), "trace context");
     assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261203000001), "ambiguous outcomes");
@@ -616,7 +618,10 @@ async fn a_schema_with_newer_migrations_does_not_stop_this_binary() {
 async fn a_migration_waiting_for_a_lock_lets_writers_through_and_tries_again() {
     let db = TestDb::new().await;
     // The trace-context migration adds columns (an exclusive lock); the one
-    // after it only sets storage parameters, which waits for no reader.
+    // after it only sets storage parameters, which waits for no reader, and
+    // the last rebuilds indexes of `unsent_transactions`, which it does not
+    // read.
+    assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261205000001));
     assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261204000001));
     assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261203000002));
     let mut reader = db.psql.begin().await.unwrap();
@@ -641,10 +646,11 @@ async fn a_migration_waiting_for_a_lock_lets_writers_through_and_tries_again() {
     migration.await.unwrap().expect("the migration is applied once the lock is free");
     assert_eq!(
         db.scalar_i64(
-            "SELECT count(*) FROM _sqlx_migrations WHERE version IN (20261203000002, 20261204000001) AND success"
+            "SELECT count(*) FROM _sqlx_migrations WHERE version IN (20261203000002, 20261204000001, 20261205000001) \
+             AND success"
         )
         .await,
-        2
+        3
     );
 }
 
@@ -710,11 +716,48 @@ async fn the_bookkeeping_table_is_vacuumed_on_a_fixed_threshold_and_the_migratio
     }
     let fillfactor = || reloptions(&db, "transactions");
     assert_eq!(fillfactor().await, ["fillfactor=50"], "room for each row's update beside it (a HOT update)");
+    assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261205000001));
     assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261204000001));
     assert!(options().await.is_empty(), "the server's defaults again");
     assert_eq!(fillfactor().await, ["fillfactor=80"], "the fillfactor the table was created with");
     db.store.migrate().await.unwrap();
     assert_eq!(options().await.len(), 5);
+}
+
+/// The listing's due and wallet indexes carry predicates that no lookup by
+/// id implies, so only the primary key can serve one (the plans are checked
+/// in `statements::with_the_listing_analyzed_as_empty_…`); reverting the
+/// migration gives back the plain indexes.
+#[tokio::test]
+async fn the_listing_indexes_serve_no_lookup_by_id_and_the_migration_reverts() {
+    let db = TestDb::new().await;
+    let definitions = || async {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT indexname::text, indexdef FROM pg_indexes WHERE schemaname = current_schema() \
+             AND tablename = 'unsent_transactions' AND indexname <> 'unsent_transactions_pkey' ORDER BY indexname",
+        )
+        .fetch_all(&db.psql)
+        .await
+        .unwrap();
+        rows.into_iter()
+            .map(|(name, definition)| format!("{name}: {}", definition.split(" USING ").nth(1).unwrap()))
+            .collect::<Vec<_>>()
+    };
+    let partial = [
+        "unsent_transactions_due_idx: btree (due_at, id) WHERE (due_at IS NOT NULL)",
+        "unsent_transactions_wallet_idx: btree (wallet_address, id) WHERE (wallet_address IS NOT NULL)",
+    ];
+    assert_eq!(definitions().await, partial);
+    assert_eq!(db.store.revert_last_migration().await.unwrap(), Some(20261205000001));
+    assert_eq!(
+        definitions().await,
+        [
+            "unsent_transactions_due_idx: btree (due_at, id)",
+            "unsent_transactions_wallet_idx: btree (wallet_address, id)"
+        ]
+    );
+    db.store.migrate().await.unwrap();
+    assert_eq!(definitions().await, partial);
 }
 
 /// The gauges say how long an open transaction has held back VACUUM (an
@@ -805,13 +848,7 @@ async fn a_row_due_since_minus_infinity_is_claimed_by_a_drain() {
 #[tokio::test]
 async fn under_a_held_snapshot_a_drain_claim_does_not_walk_the_rows_drained_before_it() {
     let db = TestDb::new().await;
-    db.execute(
-        "INSERT INTO transactions (reference, external_reference, idempotency_key, transaction_type, status, source, \
-         instruction_type, incoming_currency, outgoing_currency, value, fee, wallet_address, payload) \
-         SELECT 'held-' || n, 'e-held-' || n, 'k-held-' || n, 'DEPOSIT', 'P', 'S', 'T', 'EUR', 'EUR', 1, 0, \
-         'w' || n % 100, '{}' FROM generate_series(1, 10000) AS n",
-    )
-    .await;
+    db.execute(&bulk_insert("held", 10_000, 100)).await;
     db.execute("ANALYZE transactions, unsent_transactions").await;
     let mut held = db.psql.begin().await.unwrap();
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ").execute(&mut *held).await.unwrap();
@@ -828,38 +865,19 @@ async fn under_a_held_snapshot_a_drain_claim_does_not_walk_the_rows_drained_befo
             .fetch_one(&db.psql)
             .await
             .unwrap();
-    let claim_due = txrelay::store::statements()
-        .into_iter()
-        .find_map(|(name, sql)| (name == "CLAIM_DUE").then_some(sql))
-        .expect("the due claim is a named statement");
     let read = |from: String| {
-        // Typed as the relay binds them.
-        let prepare = format!("PREPARE claim_due (int8, int8, int8, timestamptz, int8) AS {claim_due}");
         let db = &db;
         async move {
-            // Run, counted and rolled back, planned as on the relay's
-            // bookkeeping connections (a generic plan, no sequential scans).
-            let mut connection = db.store.pool().acquire().await.unwrap();
-            let mut tx = sqlx::Connection::begin(&mut *connection).await.unwrap();
-            sqlx::raw_sql("SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL enable_seqscan = off")
-                .execute(&mut *tx)
-                .await
-                .unwrap();
-            sqlx::raw_sql(sqlx::AssertSqlSafe(prepare)).execute(&mut *tx).await.unwrap();
-            let explain = format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE claim_due(100, 30000, 7, {from})");
-            let plan: serde_json::Value =
-                sqlx::query_scalar(sqlx::AssertSqlSafe(explain)).fetch_one(&mut *tx).await.unwrap();
-            // Prepared statements outlive a rollback: gone before the
-            // connection returns to the pool.
-            tx.rollback().await.unwrap();
-            sqlx::raw_sql("DEALLOCATE claim_due").execute(&mut *connection).await.unwrap();
+            let arguments = format!("100, 30000, 7, {from}");
+            // Typed as the relay binds them.
+            let plan = explain_generic(db, "CLAIM_DUE", "int8, int8, int8, timestamptz, int8", &arguments).await;
             let candidates = find_plan_node(&plan[0]["Plan"], &|node| node["Subplan Name"] == "CTE candidates")
                 .expect("the claim lists its candidates");
             let scan = find_plan_node(candidates, &|node| node["Index Name"] == "unsent_transactions_due_idx")
                 .unwrap_or_else(|| panic!("the candidates come from the due index: {candidates}"));
             let bound = scan["Index Cond"].as_str().unwrap_or_default();
             assert!(bound.contains("ROW(due_at, id) >="), "the floor bounds the index scan: {bound}");
-            scan["Shared Hit Blocks"].as_i64().unwrap() + scan["Shared Read Blocks"].as_i64().unwrap()
+            buffers(scan)
         }
     };
     let from_head = read("NULL, NULL".into()).await;
@@ -870,6 +888,76 @@ async fn under_a_held_snapshot_a_drain_claim_does_not_walk_the_rows_drained_befo
         "listing the candidates reads {from_floor} buffers from the floor and {from_head} from the head: the 9,900 \
          dead entries before the floor are walked"
     );
+}
+
+/// While a transaction holds back VACUUM, recording a sent batch deletes
+/// its rows' listings, one dead entry each. After an ANALYZE that saw
+/// almost none of the listing alive, the planner priced a walk of a whole
+/// index as one entry, and the delete walked the `(wallet_address, id)`
+/// index once per row: 33,604 buffers for 31 rows, 100–240 ms a batch, in
+/// the held run's collapsed minute (docs/benchmarks-history.md). Counted in
+/// buffers, with the generic plan the relay's connections use.
+#[tokio::test]
+async fn under_a_held_snapshot_after_an_analyze_recording_a_sent_batch_reads_its_listings_by_key() {
+    let db = TestDb::new().await;
+    // The statistics are what this test is about: autovacuum would race it.
+    db.execute("ALTER TABLE unsent_transactions SET (autovacuum_enabled = false)").await;
+    db.execute(&bulk_insert("sent", 40_000, 100)).await;
+    let mut held = db.psql.begin().await.unwrap();
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ").execute(&mut *held).await.unwrap();
+    sqlx::query("SELECT count(*) FROM transactions").execute(&mut *held).await.unwrap();
+    db.execute("UPDATE transactions SET message_id = 'm-' || id, queue_sent_at = now()").await;
+    db.execute("ANALYZE unsent_transactions").await;
+    db.execute(&bulk_insert("batch", 31, 31)).await;
+    let claim = db.store.claim(ClaimMode::Due, 100, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(claim.rows.len(), 31);
+    let ids = claim.rows.iter().map(|row| row.id.to_string()).collect::<Vec<_>>().join(",");
+    let tokens = vec![claim.token.to_string(); claim.rows.len()].join(",");
+    let arguments = format!("'{{{ids}}}', '{{{tokens}}}', array_fill('m'::text, ARRAY[{}])", claim.rows.len());
+    let plan = explain_generic(&db, "RECORD_SENT", "int8[], int8[], text[]", &arguments).await;
+    held.commit().await.unwrap();
+    let delete = find_plan_node(&plan[0]["Plan"], &|node| {
+        node["Operation"] == "Delete" && node["Relation Name"] == "unsent_transactions"
+    })
+    .expect("the sent rows' listings are deleted");
+    let read = buffers(delete);
+    assert!(read < 31 * 5, "deleting 31 listings read {read} buffers, not 3 or 4 each by the primary key: {delete}");
+}
+
+/// Runs the named store statement once as the relay's bookkeeping
+/// connections plan it (a generic plan, no sequential scans), with its
+/// parameters typed as `types` and given as `arguments` (SQL literals),
+/// under `EXPLAIN (ANALYZE, BUFFERS)`, and rolls it back.
+async fn explain_generic(db: &TestDb, name: &str, types: &str, arguments: &str) -> serde_json::Value {
+    let sql = txrelay::store::statements()
+        .into_iter()
+        .find_map(|(listed, sql)| (listed == name).then_some(sql))
+        .unwrap_or_else(|| panic!("{name} is a named statement"));
+    let mut connection = db.store.pool().acquire().await.unwrap();
+    let mut tx = sqlx::Connection::begin(&mut *connection).await.unwrap();
+    sqlx::raw_sql(
+        "SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL enable_seqscan = off; \
+         SET LOCAL txrelay.relay_writes = on",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("PREPARE explained ({types}) AS {sql}")))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let explain = format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE explained({arguments})");
+    let plan = sqlx::query_scalar(sqlx::AssertSqlSafe(explain)).fetch_one(&mut *tx).await.unwrap();
+    // Prepared statements outlive a rollback: gone before the connection
+    // returns to the pool.
+    tx.rollback().await.unwrap();
+    sqlx::raw_sql("DEALLOCATE explained").execute(&mut *connection).await.unwrap();
+    plan
+}
+
+/// The shared buffers a plan node read, from cache or not.
+fn buffers(node: &serde_json::Value) -> i64 {
+    node["Shared Hit Blocks"].as_i64().unwrap() + node["Shared Read Blocks"].as_i64().unwrap()
 }
 
 /// The first node of an `EXPLAIN (FORMAT JSON)` plan, depth first, that

@@ -81,6 +81,18 @@ pub fn raw_insert(reference: &str, wallet: &str, extra: &[(&str, &str)]) -> Stri
     format!("INSERT INTO transactions ({columns}) VALUES ({values})")
 }
 
+/// Inserts `rows` unsent transactions in one statement, as another writer
+/// would (the triggers list them): references `{prefix}-1`…, spread over
+/// `wallets` wallets.
+pub fn bulk_insert(prefix: &str, rows: u32, wallets: u32) -> String {
+    format!(
+        "INSERT INTO transactions (reference, external_reference, idempotency_key, transaction_type, status, source, \
+         instruction_type, incoming_currency, outgoing_currency, value, fee, wallet_address, payload) \
+         SELECT '{prefix}-' || n, 'e-{prefix}-' || n, 'k-{prefix}-' || n, 'DEPOSIT', 'P', 'S', 'T', 'EUR', 'EUR', 1, 0, \
+         'w' || n % {wallets}, '{{}}' FROM generate_series(1, {rows}) AS n"
+    )
+}
+
 /// Stores a new unsent transaction of `wallet`; returns its id.
 pub async fn insert_unsent(db: &TestDb, wallet: &str) -> i64 {
     insert_created(db, &new_tx(unique(), wallet)).await.id
